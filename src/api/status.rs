@@ -1,0 +1,101 @@
+//! The one place broker errors become `tonic::Status`.
+//!
+//! Attestation failures → `Unauthenticated`; mapping and policy denials → `PermissionDenied`;
+//! bad input → `InvalidArgument` (over a size limit → `ResourceExhausted`, naming the limit);
+//! CA trouble → `Unavailable`. The caller gets a fixed, safe message; the detail goes to the
+//! audit log (denials) or the error log (internal failures).
+
+use tonic::Status;
+
+use crate::attest::AttestError;
+use crate::broker::BrokerError;
+use crate::ca::MintError;
+use crate::policy::MappingError;
+
+/// Maps a broker error to the status the caller sees.
+pub fn to_status(err: &BrokerError) -> Status {
+    match err {
+        BrokerError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+        BrokerError::Attest(AttestError::NoEvidence) => Status::unauthenticated(
+            "no evidence: call over the broker's Unix socket or present a credential",
+        ),
+        BrokerError::Attest(_) => Status::unauthenticated("attestation failed"),
+        BrokerError::Mapping(MappingError::NoMapping) => {
+            Status::permission_denied("no identity mapping")
+        }
+        BrokerError::Mapping(MappingError::NotMapped { .. }) => {
+            Status::permission_denied(err.to_string())
+        }
+        BrokerError::Mapping(MappingError::UnsafeClaimValue { .. }) => {
+            Status::permission_denied("identity mapping refused an attested claim")
+        }
+        BrokerError::Mint(m) => match m {
+            MintError::CsrTooLarge { .. } => Status::resource_exhausted(m.to_string()),
+            MintError::CsrMalformed(_)
+            | MintError::CsrSignature
+            | MintError::CsrRequestsCa
+            | MintError::CsrUnsupportedKey(_) => Status::invalid_argument(m.to_string()),
+            MintError::CaExpired => {
+                tracing::error!(error = %m, "cannot mint: CA expired");
+                Status::unavailable("the broker's CA cannot issue credentials now")
+            }
+            MintError::Signing(_) => {
+                tracing::error!(error = %m, "signing failed");
+                Status::internal("signing failed")
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::IdError;
+    use tonic::Code;
+
+    #[test]
+    fn codes() {
+        let rows: Vec<(BrokerError, Code)> = vec![
+            (
+                BrokerError::InvalidArgument {
+                    field: "ttl_seconds",
+                    source: IdError::ZeroTtl,
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                BrokerError::Attest(AttestError::NoEvidence),
+                Code::Unauthenticated,
+            ),
+            (
+                BrokerError::Mapping(MappingError::NoMapping),
+                Code::PermissionDenied,
+            ),
+            (
+                BrokerError::Mint(MintError::CsrTooLarge { size: 1, max: 0 }),
+                Code::ResourceExhausted,
+            ),
+            (
+                BrokerError::Mint(MintError::CsrSignature),
+                Code::InvalidArgument,
+            ),
+            (BrokerError::Mint(MintError::CaExpired), Code::Unavailable),
+            (
+                BrokerError::Mint(MintError::Signing("x".into())),
+                Code::Internal,
+            ),
+        ];
+        for (err, code) in rows {
+            assert_eq!(to_status(&err).code(), code, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn unsafe_claim_detail_is_not_shown_to_caller() {
+        let s = to_status(&BrokerError::Mapping(MappingError::UnsafeClaimValue {
+            claim: "repo".into(),
+            reason: "secret detail".into(),
+        }));
+        assert!(!s.message().contains("secret detail"));
+    }
+}

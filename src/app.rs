@@ -1,0 +1,293 @@
+//! Wires a broker from a validated [`Config`] and serves it: gRPC on TCP (TLS) and on a Unix
+//! socket, HTTP on TCP, until shutdown.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::api::broker::BrokerService;
+use crate::api::pb::v1::broker_server::BrokerServer;
+use crate::attest::Attestors;
+use crate::attest::unix::UnixAttestor;
+use crate::broker::{Broker, Limits};
+use crate::ca::{Ca, CaError, keys};
+use crate::clock::Clock;
+use crate::config::{Config, ServerName};
+use crate::endpoints::Endpoints;
+use crate::id::SpiffeId;
+use crate::policy::Mapper;
+
+/// Lifetime of the broker's own TLS serving certificate (capped by the CA's expiry).
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(90 * 86_400);
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The CA could not be loaded (missing, wrong modes, wrong trust domain...).
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Its address or path.
+        addr: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// Another broker is already serving on the socket.
+    #[error("another broker is already serving on {}", .0.display())]
+    SocketInUse(PathBuf),
+    /// TLS or server setup failed.
+    #[error("server setup failed: {0}")]
+    Setup(String),
+}
+
+impl StartError {
+    /// Whether this is the operator's configuration (exit 64) rather than a runtime failure.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            Self::Ca(
+                CaError::KeyFileMode { .. }
+                    | CaError::NotInitialized { .. }
+                    | CaError::TrustDomainMismatch { .. }
+                    | CaError::Invalid { .. }
+            )
+        )
+    }
+}
+
+/// A running broker.
+pub struct Running {
+    /// Where it can be reached.
+    pub endpoints: Endpoints,
+    /// The broker core, for in-process callers.
+    pub broker: Arc<Broker>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<(), String>>>,
+    data_dir: PathBuf,
+}
+
+impl Running {
+    /// Stops every listener gracefully and removes the socket and `endpoints.json`.
+    pub async fn shutdown(self) -> Result<(), String> {
+        let _ = self.shutdown.send(true);
+        let mut first_err = None;
+        for t in self.tasks {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e.to_string());
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.endpoints.broker_socket);
+        if Endpoints::read(&self.data_dir).is_ok_and(|e| e == self.endpoints) {
+            let _ = std::fs::remove_file(self.data_dir.join(crate::endpoints::FILE));
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Binds the Unix socket, replacing a stale socket file but never a live broker's.
+async fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
+    let bind_err = |source| StartError::Bind {
+        what: "unix socket",
+        addr: path.display().to_string(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(bind_err)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(StartError::SocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    // Any local process may connect: who it is gets decided by attestation, not file modes.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Starts a broker from `config`; the CA must already exist in the data directory.
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
+    let grpc_tcp = bind_tcp("grpc", config.grpc.listen).await?;
+    let http_tcp = bind_tcp("http", config.http.listen).await?;
+    let grpc_addr = grpc_tcp
+        .local_addr()
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    let http_addr = http_tcp
+        .local_addr()
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    let public_url = config
+        .http
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+
+    let ca = Arc::new(Ca::load(
+        &config.data_dir,
+        &config.trust_domain,
+        &public_url,
+        config.jwt_issuer.clone(),
+    )?);
+    let broker = Arc::new(Broker::new(
+        config.trust_domain.clone(),
+        Attestors::new(vec![Box::new(UnixAttestor::new())]),
+        Mapper::new(config.trust_domain.clone(), config.mappings.clone()),
+        ca.clone(),
+        clock.clone(),
+        Limits {
+            x509: config.x509_svid,
+            jwt: config.jwt_svid,
+        },
+    ));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let max_msg = config.grpc.max_message_bytes;
+    let routes = || -> Result<tonic::service::Routes, StartError> {
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Setup(e.to_string()))?;
+        let svc = BrokerServer::new(BrokerService::new(broker.clone()))
+            .max_decoding_message_size(max_msg);
+        tokio::spawn(async move {
+            health_reporter
+                .set_serving::<BrokerServer<BrokerService>>()
+                .await;
+        });
+        Ok(tonic::service::Routes::new(health)
+            .add_service(reflection)
+            .add_service(svc))
+    };
+
+    let mut tasks = Vec::new();
+
+    // gRPC over TCP: TLS with a serving certificate from our own CA, unless explicitly plaintext.
+    let mut tcp_server = Server::builder();
+    let scheme = if config.grpc.insecure_plaintext {
+        tracing::warn!(addr = %grpc_addr, "gRPC on TCP is plaintext (grpc.insecure_plaintext)");
+        "http"
+    } else {
+        let names = &config.grpc.server_names;
+        let dns: Vec<String> = names
+            .iter()
+            .filter_map(|n| match n {
+                ServerName::Dns(d) => Some(d.clone()),
+                ServerName::Ip(_) => None,
+            })
+            .collect();
+        let ips: Vec<IpAddr> = names
+            .iter()
+            .filter_map(|n| match n {
+                ServerName::Ip(ip) => Some(*ip),
+                ServerName::Dns(_) => None,
+            })
+            .collect();
+        let broker_id = SpiffeId::parse_in(
+            &format!("{}/ephemera/broker", config.trust_domain.id_uri()),
+            &config.trust_domain,
+        )
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+        let serving = ca
+            .x509
+            .serving_identity(&broker_id, &dns, &ips, clock.now(), SERVING_CERT_TTL)
+            .map_err(|e| StartError::Setup(format!("serving certificate: {e}")))?;
+        tcp_server = tcp_server
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(
+                serving.chain_pem,
+                serving.key_pem.expose(),
+            )))
+            .map_err(|e| StartError::Setup(format!("tls: {e}")))?;
+        "https"
+    };
+    let tcp_routes = routes()?;
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        tcp_server
+            .add_routes(tcp_routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_tcp), async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+            .map_err(|e| format!("grpc tcp server: {e}"))
+    }));
+
+    let socket_listener = bind_socket(&config.grpc.socket).await?;
+    let unix_routes = routes()?;
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        Server::builder()
+            .add_routes(unix_routes)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(socket_listener), async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+            .map_err(|e| format!("grpc unix server: {e}"))
+    }));
+
+    let app = crate::http::router(&broker, &public_url);
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        axum::serve(http_tcp, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+            .map_err(|e| format!("http server: {e}"))
+    }));
+
+    let endpoints = Endpoints {
+        trust_domain: config.trust_domain.to_string(),
+        grpc_addr: format!("{scheme}://{grpc_addr}"),
+        http_addr: public_url,
+        broker_socket: config.grpc.socket.clone(),
+        ca_bundle: config.data_dir.join(keys::BUNDLE),
+    };
+    endpoints
+        .write(&config.data_dir)
+        .map_err(|e| StartError::Setup(format!("writing endpoints.json: {e}")))?;
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        grpc = %endpoints.grpc_addr,
+        http = %endpoints.http_addr,
+        socket = %endpoints.broker_socket.display(),
+        "broker serving"
+    );
+    Ok(Running {
+        endpoints,
+        broker,
+        shutdown: shutdown_tx,
+        tasks,
+        data_dir: config.data_dir,
+    })
+}

@@ -1,0 +1,101 @@
+//! Attestation: turning the evidence on one request into an [`AttestedIdentity`].
+//!
+//! Each attestor verifies one kind of evidence. An attestor that finds no evidence of its kind
+//! on a request answers `Ok(None)` so the next one can try; one that finds evidence and rejects
+//! it answers an error, and the request is refused. Attestors never log token contents.
+
+pub mod unix;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use serde_json::{Map, Value};
+
+/// Names of the attestors identity-mapping rules may refer to.
+pub const ATTESTOR_NAMES: &[&str] = &[unix::NAME];
+
+/// A boxed future, so attestors can be stored as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The credentials of the process on the other end of a Unix socket, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixPeer {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id, when the kernel reports one.
+    pub pid: Option<i32>,
+}
+
+/// Everything a request brings that could prove who sent it.
+#[derive(Debug, Clone, Default)]
+pub struct Evidence {
+    /// Peer credentials, for requests on the Unix socket.
+    pub unix_peer: Option<UnixPeer>,
+    /// Remote address, for requests over TCP.
+    pub source: Option<SocketAddr>,
+}
+
+/// Who the caller was proven to be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttestedIdentity {
+    /// Name of the attestor that verified the evidence.
+    pub attestor: &'static str,
+    /// A short subject for logs (e.g. `uid:1000`).
+    pub subject: String,
+    /// Attested claims, for identity mapping and policy.
+    pub claims: Map<String, Value>,
+    /// When the evidence stops being valid, if it expires.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Why evidence was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// The request carried no evidence any configured attestor understands.
+    #[error("no evidence: call over the broker's Unix socket or present a credential")]
+    NoEvidence,
+    /// The peer process could not be inspected (it exited, or `/proc` refused).
+    #[error("cannot inspect peer process {pid}: {reason}")]
+    PeerUnreadable {
+        /// The peer's pid.
+        pid: i32,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Verifies one kind of evidence.
+pub trait Attestor: Send + Sync {
+    /// The attestor's name, as used in mapping rules and audit events.
+    fn name(&self) -> &'static str;
+
+    /// Attests `evidence`: `Ok(None)` when it holds nothing for this attestor.
+    fn attest<'a>(
+        &'a self,
+        evidence: &'a Evidence,
+    ) -> BoxFuture<'a, Result<Option<AttestedIdentity>, AttestError>>;
+}
+
+/// The configured attestors, tried in order.
+pub struct Attestors(Vec<Box<dyn Attestor>>);
+
+impl Attestors {
+    /// Attestors tried in the given order.
+    pub fn new(attestors: Vec<Box<dyn Attestor>>) -> Self {
+        Self(attestors)
+    }
+
+    /// The first identity any attestor proves from `evidence`.
+    pub async fn attest(&self, evidence: &Evidence) -> Result<AttestedIdentity, AttestError> {
+        for attestor in &self.0 {
+            if let Some(identity) = attestor.attest(evidence).await? {
+                return Ok(identity);
+            }
+        }
+        Err(AttestError::NoEvidence)
+    }
+}

@@ -1,0 +1,340 @@
+//! The request flow of every mint: attest → map identity → clamp TTL → mint → audit.
+//!
+//! Nothing is carried over between requests: each one is attested and mapped from its own
+//! evidence. Every decision, allow or deny, produces exactly one audit event on the
+//! `ephemera::audit` target; audit events never contain tokens, keys or CSR bytes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use uuid::Uuid;
+
+use crate::attest::{AttestError, AttestedIdentity, Attestors, Evidence};
+use crate::ca::jwt::JwtSvidClaims;
+use crate::ca::x509::{SubjectKey, X509Svid, parse_csr};
+use crate::ca::{Ca, MintError};
+use crate::clock::{Clock, unix_secs};
+use crate::config::TtlLimits;
+use crate::id::{Audience, IdError, SpiffeId, TrustDomain, Ttl};
+use crate::policy::{Mapper, MappingError};
+use crate::secret::Secret;
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A request field is invalid.
+    #[error("invalid {field}: {source}")]
+    InvalidArgument {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        source: IdError,
+    },
+    /// The caller could not be attested.
+    #[error(transparent)]
+    Attest(#[from] AttestError),
+    /// The caller's identity could not be mapped to a SPIFFE ID.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// The credential could not be minted.
+    #[error(transparent)]
+    Mint(#[from] MintError),
+}
+
+/// A request for an X.509-SVID.
+#[derive(Debug, Default)]
+pub struct X509Request {
+    /// A CSR (PEM or DER); `None` to have the broker generate the key.
+    pub csr: Option<Vec<u8>>,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Ttl>,
+    /// Which of the caller's identities to use; `None` for the first.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// A request for a JWT-SVID.
+#[derive(Debug)]
+pub struct JwtRequest {
+    /// Audiences, 1 to 16.
+    pub audiences: Vec<Audience>,
+    /// Requested lifetime; `None` for the default.
+    pub ttl: Option<Ttl>,
+    /// Which of the caller's identities to use; `None` for the first.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// A minted X.509-SVID with its trust bundle.
+#[derive(Debug)]
+pub struct MintedX509 {
+    /// The identity in the certificate.
+    pub spiffe_id: SpiffeId,
+    /// The certificate chain and, if generated, the key.
+    pub svid: X509Svid,
+    /// DER trust anchors.
+    pub bundle: Vec<Vec<u8>>,
+}
+
+/// A minted JWT-SVID.
+#[derive(Debug)]
+pub struct MintedJwt {
+    /// The identity in `sub`.
+    pub spiffe_id: SpiffeId,
+    /// The compact JWS.
+    pub token: Secret<String>,
+    /// `exp`, Unix seconds.
+    pub expires_at: i64,
+    /// `jti`.
+    pub jti: String,
+}
+
+/// Lifetime limits per credential kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// X.509-SVID lifetimes.
+    pub x509: TtlLimits,
+    /// JWT-SVID lifetimes.
+    pub jwt: TtlLimits,
+}
+
+/// The broker core.
+pub struct Broker {
+    trust_domain: TrustDomain,
+    attestors: Attestors,
+    mapper: Mapper,
+    ca: Arc<Ca>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+}
+
+/// One audit event, filled in as the request goes through the flow.
+struct Audit {
+    decision_id: Uuid,
+    action: &'static str,
+    source: Option<SocketAddr>,
+    resource: String,
+    requested_ttl_secs: Option<u64>,
+    attestor: &'static str,
+    subject: Option<String>,
+    spiffe_id: Option<String>,
+    granted_ttl_secs: Option<u64>,
+}
+
+impl Audit {
+    fn new(action: &'static str, evidence: &Evidence, resource: String, ttl: Option<Ttl>) -> Self {
+        Self {
+            decision_id: Uuid::now_v7(),
+            action,
+            source: evidence.source,
+            resource,
+            requested_ttl_secs: ttl.map(Ttl::as_secs),
+            attestor: "-",
+            subject: None,
+            spiffe_id: None,
+            granted_ttl_secs: None,
+        }
+    }
+
+    fn identified(&mut self, identity: &AttestedIdentity, spiffe_id: &SpiffeId) {
+        self.attestor = identity.attestor;
+        self.subject = Some(identity.subject.clone());
+        self.spiffe_id = Some(spiffe_id.to_string());
+    }
+
+    fn emit<T>(self, result: &Result<T, BrokerError>) {
+        let attestor = self.attestor;
+        let subject = self.subject.as_deref().unwrap_or("-");
+        let source = self.source.map(|s| s.to_string());
+        match result {
+            Ok(_) => tracing::info!(
+                target: "ephemera::audit",
+                decision_id = %self.decision_id,
+                action = self.action,
+                decision = "allow",
+                attestor,
+                subject,
+                spiffe_id = self.spiffe_id.as_deref(),
+                resource = %self.resource,
+                requested_ttl_secs = self.requested_ttl_secs,
+                granted_ttl_secs = self.granted_ttl_secs,
+                source = source.as_deref(),
+                "decision"
+            ),
+            Err(e) => tracing::info!(
+                target: "ephemera::audit",
+                decision_id = %self.decision_id,
+                action = self.action,
+                decision = "deny",
+                reason = %e,
+                attestor,
+                subject,
+                spiffe_id = self.spiffe_id.as_deref(),
+                resource = %self.resource,
+                requested_ttl_secs = self.requested_ttl_secs,
+                source = source.as_deref(),
+                "decision"
+            ),
+        }
+    }
+}
+
+impl Broker {
+    /// A broker over its parts.
+    pub fn new(
+        trust_domain: TrustDomain,
+        attestors: Attestors,
+        mapper: Mapper,
+        ca: Arc<Ca>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            trust_domain,
+            attestors,
+            mapper,
+            ca,
+            clock,
+            limits,
+        }
+    }
+
+    /// The broker's trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// The broker's clock.
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    /// Clamps a requested lifetime: min(requested or default, configured max, `cap`).
+    fn grant(
+        requested: Option<Ttl>,
+        limits: TtlLimits,
+        now: SystemTime,
+        cap: Option<SystemTime>,
+    ) -> Result<SystemTime, MintError> {
+        let ttl = requested.unwrap_or(limits.default_ttl).min(limits.max_ttl);
+        let mut not_after = now + ttl.duration();
+        if let Some(cap) = cap {
+            not_after = not_after.min(cap);
+        }
+        if not_after < now + Duration::from_secs(1) {
+            return Err(MintError::CaExpired);
+        }
+        Ok(not_after)
+    }
+
+    async fn identify(
+        &self,
+        evidence: &Evidence,
+        requested: Option<&SpiffeId>,
+    ) -> Result<(AttestedIdentity, SpiffeId), BrokerError> {
+        let identity = self.attestors.attest(evidence).await?;
+        let spiffe_id = self.mapper.select(&identity, requested)?;
+        Ok((identity, spiffe_id))
+    }
+
+    /// Attests the caller and mints an X.509-SVID.
+    pub async fn mint_x509(
+        &self,
+        evidence: &Evidence,
+        req: X509Request,
+    ) -> Result<MintedX509, BrokerError> {
+        let mut audit = Audit::new("MintX509Svid", evidence, "x509-svid".to_owned(), req.ttl);
+        let result = self.mint_x509_audited(evidence, req, &mut audit).await;
+        audit.emit(&result);
+        result
+    }
+
+    async fn mint_x509_audited(
+        &self,
+        evidence: &Evidence,
+        req: X509Request,
+        audit: &mut Audit,
+    ) -> Result<MintedX509, BrokerError> {
+        let (identity, spiffe_id) = self.identify(evidence, req.spiffe_id.as_ref()).await?;
+        audit.identified(&identity, &spiffe_id);
+        // The CSR is parsed (and its signature verified) only for callers already identified.
+        let key = match &req.csr {
+            Some(csr) => SubjectKey::Csr(parse_csr(csr)?),
+            None => SubjectKey::Generate,
+        };
+        let now = self.clock.now();
+        let not_after = Self::grant(
+            req.ttl,
+            self.limits.x509,
+            now,
+            Some(self.ca.x509.ca_not_after()),
+        )?;
+        let svid = self.ca.x509.mint(&spiffe_id, key, now, not_after)?;
+        audit.granted_ttl_secs = Some(granted_secs(now, svid.not_after));
+        tracing::debug!(spiffe_id = %spiffe_id, serial = %svid.serial, "minted x509 svid");
+        Ok(MintedX509 {
+            spiffe_id,
+            svid,
+            bundle: self.ca.x509.roots().to_vec(),
+        })
+    }
+
+    /// Attests the caller and mints a JWT-SVID.
+    pub async fn mint_jwt(
+        &self,
+        evidence: &Evidence,
+        req: JwtRequest,
+    ) -> Result<MintedJwt, BrokerError> {
+        let resource = req
+            .audiences
+            .iter()
+            .map(Audience::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut audit = Audit::new("MintJwtSvid", evidence, resource, req.ttl);
+        let result = self.mint_jwt_audited(evidence, req, &mut audit).await;
+        audit.emit(&result);
+        result
+    }
+
+    async fn mint_jwt_audited(
+        &self,
+        evidence: &Evidence,
+        req: JwtRequest,
+        audit: &mut Audit,
+    ) -> Result<MintedJwt, BrokerError> {
+        let (identity, spiffe_id) = self.identify(evidence, req.spiffe_id.as_ref()).await?;
+        audit.identified(&identity, &spiffe_id);
+        let now = self.clock.now();
+        let not_after = Self::grant(req.ttl, self.limits.jwt, now, None)?;
+        let iat = unix_secs(now);
+        let exp = unix_secs(not_after);
+        let jti = Uuid::now_v7().to_string();
+        let token = self.ca.jwt.sign(&JwtSvidClaims {
+            sub: spiffe_id.as_str(),
+            aud: &req.audiences,
+            exp,
+            iat,
+            jti: &jti,
+        })?;
+        audit.granted_ttl_secs = Some(u64::try_from(exp - iat).unwrap_or(0));
+        tracing::debug!(spiffe_id = %spiffe_id, jti = %jti, "minted jwt svid");
+        Ok(MintedJwt {
+            spiffe_id,
+            token: Secret::new(token),
+            expires_at: exp,
+            jti,
+        })
+    }
+}
+
+fn granted_secs(now: SystemTime, not_after: SystemTime) -> u64 {
+    not_after
+        .duration_since(now)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,436 @@
+//! X.509-SVID minting (SPIFFE X509-SVID spec).
+//!
+//! Every leaf has exactly one URI SAN (the SPIFFE ID), `CA:FALSE`, a critical keyUsage with
+//! digitalSignature only, EKU serverAuth + clientAuth, a random serial, notBefore backdated a
+//! few seconds for clock skew, and a CRL distribution point. From a CSR only the public key is
+//! used: its subject, SANs and extensions are never copied, and a CSR asking to be a CA is
+//! refused. Never logs CSR or key bytes.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    CertificateParams, CrlDistributionPoint, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
+    PKCS_ED25519, PKCS_RSA_SHA256, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::ParsedExtension;
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+
+use super::MintError;
+use crate::id::SpiffeId;
+use crate::secret::Secret;
+
+/// Largest CSR accepted, in bytes (PEM or DER).
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
+/// How far notBefore is set before the time of minting, for clock skew between hosts.
+pub const BACKDATE: Duration = Duration::from_secs(10);
+
+/// A 128-bit certificate serial number (positive, always 16 bytes when DER-encoded).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Serial([u8; 16]);
+
+impl Serial {
+    /// A fresh random serial. The top bit is cleared (serials are positive) and the next one set,
+    /// so the encoding is always exactly 16 bytes: 126 random bits.
+    pub fn random(rng: &SystemRandom) -> Result<Self, MintError> {
+        let mut b = [0u8; 16];
+        rng.fill(&mut b)
+            .map_err(|_| MintError::Signing("random number generator failed".into()))?;
+        b[0] = (b[0] & 0x7f) | 0x40;
+        Ok(Self(b))
+    }
+
+    /// The serial's bytes, big-endian.
+    pub fn bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::attest::unix::hex(&self.0))
+    }
+}
+
+impl fmt::Debug for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Serial({self})")
+    }
+}
+
+/// The public key of a verified CSR.
+#[derive(Clone)]
+pub struct CsrKey {
+    raw: Vec<u8>,
+    alg: &'static SignatureAlgorithm,
+}
+
+impl PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.alg
+    }
+}
+
+/// Parses and verifies a PKCS#10 CSR (PEM or DER) and returns its public key.
+///
+/// Refused: over [`MAX_CSR_BYTES`], unparsable, bad signature, a CA or certificate-signing
+/// request, or a key type other than ECDSA P-256/P-384, Ed25519 or RSA 2048–8192.
+pub fn parse_csr(input: &[u8]) -> Result<CsrKey, MintError> {
+    if input.len() > MAX_CSR_BYTES {
+        return Err(MintError::CsrTooLarge {
+            size: input.len(),
+            max: MAX_CSR_BYTES,
+        });
+    }
+    let der_owned;
+    let der: &[u8] = if input.trim_ascii_start().starts_with(b"-----BEGIN") {
+        let p = pem::parse(input).map_err(|e| MintError::CsrMalformed(format!("bad PEM: {e}")))?;
+        if !matches!(p.tag(), "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST") {
+            return Err(MintError::CsrMalformed(format!(
+                "expected a CERTIFICATE REQUEST PEM block, found {}",
+                p.tag()
+            )));
+        }
+        der_owned = p.into_contents();
+        &der_owned
+    } else {
+        input
+    };
+    let (rest, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|e| MintError::CsrMalformed(format!("not a PKCS#10 request: {e}")))?;
+    if !rest.is_empty() {
+        return Err(MintError::CsrMalformed(
+            "trailing bytes after the request".into(),
+        ));
+    }
+    csr.verify_signature()
+        .map_err(|_| MintError::CsrSignature)?;
+    if let Some(exts) = csr.requested_extensions() {
+        for ext in exts {
+            match ext {
+                ParsedExtension::BasicConstraints(bc) if bc.ca => {
+                    return Err(MintError::CsrRequestsCa);
+                }
+                ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                    return Err(MintError::CsrRequestsCa);
+                }
+                // Everything else (SANs, EKUs, custom extensions) is ignored: the broker decides
+                // every field of the certificate itself.
+                _ => {}
+            }
+        }
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    let alg_oid = &spki.algorithm.algorithm;
+    let alg: &'static SignatureAlgorithm = if *alg_oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        match curve {
+            Some(c) if c == OID_EC_P256 => &PKCS_ECDSA_P256_SHA256,
+            Some(c) if c == OID_NIST_EC_P384 => &PKCS_ECDSA_P384_SHA384,
+            _ => {
+                return Err(MintError::CsrUnsupportedKey(
+                    "only the P-256 and P-384 curves are accepted".into(),
+                ));
+            }
+        }
+    } else if *alg_oid == OID_SIG_ED25519 {
+        &PKCS_ED25519
+    } else if *alg_oid == OID_PKCS1_RSAENCRYPTION {
+        match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) if (2048..=8192).contains(&rsa.key_size()) => &PKCS_RSA_SHA256,
+            _ => {
+                return Err(MintError::CsrUnsupportedKey(
+                    "RSA keys must be 2048 to 8192 bits".into(),
+                ));
+            }
+        }
+    } else {
+        return Err(MintError::CsrUnsupportedKey(format!(
+            "key algorithm {alg_oid} is not supported (use ECDSA P-256)"
+        )));
+    };
+    Ok(CsrKey {
+        raw: spki.subject_public_key.data.to_vec(),
+        alg,
+    })
+}
+
+/// Where the subject key of a new certificate comes from.
+pub enum SubjectKey {
+    /// The public key of a verified CSR.
+    Csr(CsrKey),
+    /// A P-256 key generated by the broker and returned with the certificate.
+    Generate,
+}
+
+/// A minted X.509-SVID.
+#[derive(Debug)]
+pub struct X509Svid {
+    /// DER certificates, leaf first, then the intermediate.
+    pub cert_chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER private key, when the broker generated it.
+    pub private_key: Option<Secret<Vec<u8>>>,
+    /// The leaf's serial.
+    pub serial: Serial,
+    /// The leaf's notAfter.
+    pub not_after: SystemTime,
+}
+
+/// A TLS serving identity for the broker itself.
+pub struct ServingIdentity {
+    /// PEM chain: leaf then intermediate.
+    pub chain_pem: String,
+    /// PKCS#8 PEM private key.
+    pub key_pem: Secret<String>,
+}
+
+/// Signs X.509-SVIDs with the intermediate CA.
+pub struct X509Minter {
+    issuer: Issuer<'static, KeyPair>,
+    intermediate_der: Vec<u8>,
+    roots: Vec<Vec<u8>>,
+    ca_not_after: SystemTime,
+    crl_url: Option<String>,
+    rng: SystemRandom,
+}
+
+/// Truncates to whole seconds (what X.509 times can carry).
+fn whole_secs(t: SystemTime) -> SystemTime {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+impl X509Minter {
+    /// A minter signing with the intermediate CA; `crl_url` goes into every leaf's CRL
+    /// distribution point.
+    pub fn new(
+        root_der: Vec<u8>,
+        intermediate_der: Vec<u8>,
+        intermediate_key: KeyPair,
+        ca_not_after: SystemTime,
+        crl_url: Option<String>,
+    ) -> Result<Self, MintError> {
+        let issuer =
+            Issuer::from_ca_cert_der(&intermediate_der.as_slice().into(), intermediate_key)
+                .map_err(|e| MintError::Signing(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            intermediate_der,
+            roots: vec![root_der],
+            ca_not_after,
+            crl_url,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// When the signing CA expires; no leaf may outlive it.
+    pub fn ca_not_after(&self) -> SystemTime {
+        self.ca_not_after
+    }
+
+    /// DER trust anchors of the trust domain.
+    pub fn roots(&self) -> &[Vec<u8>] {
+        &self.roots
+    }
+
+    fn leaf_params(
+        &self,
+        serial: Serial,
+        now: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CertificateParams, MintError> {
+        if not_after <= now || not_after > self.ca_not_after {
+            return Err(MintError::CaExpired);
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "SPIFFE");
+        params.distinguished_name = dn;
+        params.serial_number = Some(SerialNumber::from_slice(serial.bytes()));
+        params.not_before = whole_secs(now - BACKDATE).into();
+        params.not_after = whole_secs(not_after).into();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        if let Some(url) = &self.crl_url {
+            params.crl_distribution_points = vec![CrlDistributionPoint {
+                uris: vec![url.clone()],
+            }];
+        }
+        Ok(params)
+    }
+
+    /// Mints an X.509-SVID for `id`, valid until `not_after` (already clamped by the caller).
+    pub fn mint(
+        &self,
+        id: &SpiffeId,
+        key: SubjectKey,
+        now: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<X509Svid, MintError> {
+        let serial = Serial::random(&self.rng)?;
+        let mut params = self.leaf_params(serial, now, not_after)?;
+        params.subject_alt_names =
+            vec![SanType::URI(id.as_str().try_into().map_err(
+                |e: rcgen::Error| MintError::Signing(e.to_string()),
+            )?)];
+        let (cert, private_key) = match key {
+            SubjectKey::Csr(k) => (params.signed_by(&k, &self.issuer), None),
+            SubjectKey::Generate => {
+                let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+                    .map_err(|e| MintError::Signing(e.to_string()))?;
+                (
+                    params.signed_by(&k, &self.issuer),
+                    Some(Secret::new(k.serialize_der())),
+                )
+            }
+        };
+        let cert = cert.map_err(|e| MintError::Signing(e.to_string()))?;
+        Ok(X509Svid {
+            cert_chain: vec![cert.der().to_vec(), self.intermediate_der.clone()],
+            private_key,
+            serial,
+            not_after: whole_secs(not_after),
+        })
+    }
+
+    /// A serving certificate for the broker's own TLS listener, for `dns` names and `ips`, with
+    /// the URI SAN `spiffe://<trust domain>/ephemera/broker`.
+    pub fn serving_identity(
+        &self,
+        broker_id: &SpiffeId,
+        dns: &[String],
+        ips: &[IpAddr],
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<ServingIdentity, MintError> {
+        let serial = Serial::random(&self.rng)?;
+        let not_after = (now + ttl).min(self.ca_not_after);
+        let mut params = self.leaf_params(serial, now, not_after)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.crl_distribution_points.clear();
+        let err = |e: rcgen::Error| MintError::Signing(e.to_string());
+        let mut sans = vec![SanType::URI(broker_id.as_str().try_into().map_err(err)?)];
+        for d in dns {
+            sans.push(SanType::DnsName(d.as_str().try_into().map_err(err)?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        let chain_pem = [cert.der().to_vec(), self.intermediate_der.clone()]
+            .into_iter()
+            .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der)))
+            .collect::<String>();
+        Ok(ServingIdentity {
+            chain_pem,
+            key_pem: Secret::new(key.serialize_pem()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, KeyPair};
+
+    fn csr_der(params: &CertificateParams, key: &KeyPair) -> Vec<u8> {
+        params.serialize_request(key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn csr_table() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let plain = csr_der(&CertificateParams::default(), &key);
+        assert!(parse_csr(&plain).is_ok());
+        let pem_text = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", plain.clone()));
+        assert!(parse_csr(pem_text.as_bytes()).is_ok());
+
+        // A CSR with SANs is accepted, but its SANs are never used.
+        let with_sans = csr_der(
+            &CertificateParams::new(vec!["evil.example.com".to_owned()]).unwrap(),
+            &key,
+        );
+        assert!(parse_csr(&with_sans).is_ok());
+
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_csr = csr_der(&ca_params, &key);
+
+        let mut tampered = plain.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0x01;
+
+        let p384 = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap();
+        assert!(parse_csr(&csr_der(&CertificateParams::default(), &p384)).is_ok());
+
+        type Check = fn(&MintError) -> bool;
+        let rows: Vec<(&str, Vec<u8>, Check)> = vec![
+            ("garbage", b"not a csr".to_vec(), |e| {
+                matches!(e, MintError::CsrMalformed(_))
+            }),
+            (
+                "empty pem",
+                b"-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n"
+                    .to_vec(),
+                |e| matches!(e, MintError::CsrMalformed(_)),
+            ),
+            (
+                "wrong pem tag",
+                pem::encode(&pem::Pem::new("CERTIFICATE", plain.clone())).into_bytes(),
+                |e| matches!(e, MintError::CsrMalformed(_)),
+            ),
+            ("bad signature", tampered, |e| {
+                matches!(e, MintError::CsrSignature)
+            }),
+            ("asks for CA", ca_csr, |e| {
+                matches!(e, MintError::CsrRequestsCa)
+            }),
+            ("over 16 KiB", vec![0x30; MAX_CSR_BYTES + 1], |e| {
+                matches!(e, MintError::CsrTooLarge { .. })
+            }),
+        ];
+        for (what, input, check) in rows {
+            match parse_csr(&input) {
+                Err(e) => assert!(check(&e), "{what}: wrong error {e:?}"),
+                Ok(_) => panic!("{what}: accepted"),
+            }
+        }
+    }
+
+    #[test]
+    fn serials_are_positive_sixteen_bytes_and_distinct() {
+        let rng = SystemRandom::new();
+        let a = Serial::random(&rng).unwrap();
+        let b = Serial::random(&rng).unwrap();
+        assert_ne!(a, b);
+        for s in [a, b] {
+            assert_eq!(s.bytes()[0] & 0xc0, 0x40);
+            assert_eq!(s.to_string().len(), 32);
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The `ephemera` command line: server commands (`serve`, `dev`, `ca init`, `config check`) and
+//! client commands (`token`, `svid`).
+//!
+//! Exit status: 0 success; 2 bad command line; 64 bad configuration or input; 69 broker
+//! unreachable or unavailable; 77 unauthenticated or denied; 1 anything else.
+
+mod server;
+mod svid;
+mod token;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{ClientError, ConnectOptions};
+
+/// Bad configuration or input (`EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+/// Broker unreachable or unavailable (`EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Unauthenticated or denied (`EX_NOPERM`).
+pub const EXIT_DENIED: u8 = 77;
+
+/// A command failure with the exit status it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    /// Process exit status.
+    pub code: u8,
+    /// What went wrong, with context.
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    /// A failure with exit status `code`.
+    pub fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self { code: 1, error }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = match e {
+            ClientError::BadAddress(_) | ClientError::CaFile { .. } => EXIT_USAGE,
+            ClientError::NotFound(_) | ClientError::Unreachable { .. } => EXIT_UNAVAILABLE,
+        };
+        Self::new(code, e)
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let (code, what) = match s.code() {
+            Code::Unauthenticated => (EXIT_DENIED, "not authenticated"),
+            Code::PermissionDenied => (EXIT_DENIED, "denied"),
+            Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange => {
+                (EXIT_USAGE, "rejected")
+            }
+            Code::Unavailable | Code::DeadlineExceeded => (EXIT_UNAVAILABLE, "unavailable"),
+            _ => (1, "failed"),
+        };
+        Self::new(
+            code,
+            anyhow::anyhow!("broker {what} ({:?}): {}", s.code(), s.message()),
+        )
+    }
+}
+
+/// Ephemera: short-lived SPIFFE credentials bound to the task they were issued for.
+#[derive(Debug, Parser)]
+#[command(name = "ephemera", version, about, long_about = None)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every `ephemera` command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker from a config file.
+    Serve {
+        /// Path to the TOML config (see deploy/ephemera.example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a local broker with embedded defaults: keys created on first run, loopback only.
+    Dev(server::DevArgs),
+    /// Manage the certificate authority.
+    Ca {
+        /// The CA command.
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Validate configuration.
+    Config {
+        /// The config command.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Mint a JWT-SVID and print it.
+    Token(token::TokenArgs),
+    /// Mint an X.509-SVID from a locally generated key and write it to a directory.
+    Svid(svid::SvidArgs),
+}
+
+/// `ephemera ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA, an intermediate CA and a JWT signing key in a data directory.
+    Init(server::CaInitArgs),
+}
+
+/// `ephemera config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Parse and validate a config file, reporting every problem.
+    Check {
+        /// Path to the TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// How client commands find and trust the broker.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Broker Unix socket (takes precedence over --addr).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Broker address: unix:///path, https://host:port or host:port.
+    #[arg(long, env = "EPHEMERA_ADDR")]
+    pub addr: Option<String>,
+    /// Data directory of a local broker, for endpoints.json and bundle.pem.
+    #[arg(long, env = "EPHEMERA_DATA_DIR", default_value = ".ephemera")]
+    pub data_dir: PathBuf,
+    /// PEM trust anchors for the broker's TLS certificate.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            socket: self.socket.clone(),
+            addr: self.addr.clone(),
+            data_dir: self.data_dir.clone(),
+            ca_file: self.ca_file.clone(),
+        }
+    }
+}
+
+/// Parses a `--ttl` value into seconds.
+fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, Failure> {
+    ttl.map(|t| {
+        crate::config::parse_duration(t)
+            .map(|d| d.as_secs())
+            .map_err(|e| Failure::new(EXIT_USAGE, anyhow::anyhow!("--ttl: {e}")))
+    })
+    .transpose()
+}
+
+/// Formats Unix seconds as RFC 3339.
+fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve { config } => server::serve(&config).await,
+        Command::Dev(args) => server::dev(args).await,
+        Command::Ca {
+            command: CaCommand::Init(args),
+        } => server::ca_init(&args),
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => server::config_check(&config),
+        Command::Token(args) => token::run(args).await,
+        Command::Svid(args) => svid::run(args).await,
+    }
+}

@@ -1,0 +1,245 @@
+//! Server-side commands: `serve`, `dev`, `ca init`, `config check`.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{EXIT_USAGE, Failure};
+use crate::app::{self, StartError};
+use crate::ca::keys::{self, InitOptions};
+use crate::clock::SystemClock;
+use crate::config::{Config, LogFormat, RawConfig, RawGrpc, RawHttp, RawLog, RawMapping};
+use crate::id::TrustDomain;
+
+/// `ephemera dev` arguments.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Data directory for keys, sockets and endpoints.json (created 0700).
+    #[arg(long, env = "EPHEMERA_DATA_DIR", default_value = ".ephemera")]
+    pub data_dir: PathBuf,
+    /// Trust domain of the dev CA (fixed when the data directory is first created).
+    #[arg(long, default_value = "dev.local")]
+    pub trust_domain: String,
+    /// gRPC TCP address (TLS); use 127.0.0.1:0 for any free port.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub grpc_addr: String,
+    /// HTTP address (bundle, keys, discovery, health).
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    pub http_addr: String,
+}
+
+/// `ephemera ca init` arguments.
+#[derive(Debug, Args)]
+pub struct CaInitArgs {
+    /// Data directory to create the CA in (created 0700).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Trust domain the CA issues for, e.g. example.org.
+    #[arg(long)]
+    pub trust_domain: String,
+    /// Root CA lifetime.
+    #[arg(long, default_value = "87600h")]
+    pub root_ttl: String,
+    /// Intermediate CA lifetime (capped at the root's).
+    #[arg(long, default_value = "8760h")]
+    pub intermediate_ttl: String,
+}
+
+/// Sets up logging to stderr; `EPHEMERA_LOG` overrides the configured filter.
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = std::env::var("EPHEMERA_LOG")
+        .ok()
+        .and_then(|l| tracing_subscriber::EnvFilter::try_new(l).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn start_failure(e: StartError) -> Failure {
+    let code = if e.is_config() { EXIT_USAGE } else { 1 };
+    Failure::new(code, e)
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn run_until_signal(running: app::Running) -> Result<(), Failure> {
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    running
+        .shutdown()
+        .await
+        .map_err(|e| Failure::new(1, anyhow::anyhow!(e)))
+}
+
+/// `ephemera serve --config FILE`.
+pub async fn serve(path: &Path) -> Result<(), Failure> {
+    let config = Config::load(path).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    init_logging(&config.log.level, config.log.format);
+    let running = app::start(config, Arc::new(SystemClock))
+        .await
+        .map_err(start_failure)?;
+    run_until_signal(running).await
+}
+
+/// `ephemera config check --config FILE`.
+pub fn config_check(path: &Path) -> Result<(), Failure> {
+    let config = Config::load(path).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}: ok (trust domain {}, {} mapping rule(s))",
+        path.display(),
+        config.trust_domain,
+        config.mappings.len()
+    )
+    .context("writing to stdout")?;
+    Ok(())
+}
+
+/// `ephemera ca init`.
+pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
+    let usage = |e: String| Failure::new(EXIT_USAGE, anyhow::anyhow!(e));
+    let td: TrustDomain = args
+        .trust_domain
+        .parse()
+        .map_err(|e| usage(format!("--trust-domain: {e}")))?;
+    let root_ttl = crate::config::parse_duration(&args.root_ttl)
+        .map_err(|e| usage(format!("--root-ttl: {e}")))?;
+    let intermediate_ttl = crate::config::parse_duration(&args.intermediate_ttl)
+        .map_err(|e| usage(format!("--intermediate-ttl: {e}")))?;
+    keys::init(
+        &args.data_dir,
+        &td,
+        InitOptions {
+            root_ttl,
+            intermediate_ttl,
+        },
+        SystemTime::now(),
+    )
+    .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    let d = args.data_dir.display();
+    writeln!(
+        std::io::stdout().lock(),
+        "created CA for trust domain {td} in {d}:\n  \
+         {d}/{root} (trust anchor; also copied to {d}/{bundle})\n  \
+         {d}/{root_key} (0600; the broker does not need it: keep it offline)\n  \
+         {d}/{inter} and {d}/{inter_key} (0600)\n  \
+         {d}/{jwt} (0600)",
+        root = keys::ROOT_CERT,
+        bundle = keys::BUNDLE,
+        root_key = keys::ROOT_KEY,
+        inter = keys::INTERMEDIATE_CERT,
+        inter_key = keys::INTERMEDIATE_KEY,
+        jwt = keys::JWT_KEY,
+    )
+    .context("writing to stdout")?;
+    Ok(())
+}
+
+/// The uid this process runs as (the owner of `/proc/self`).
+fn current_uid() -> anyhow::Result<u32> {
+    Ok(std::fs::metadata("/proc/self")
+        .context("reading /proc/self")?
+        .uid())
+}
+
+/// The configuration `ephemera dev` runs with.
+pub fn dev_config(args: &DevArgs, uid: u32) -> RawConfig {
+    let mut matches = std::collections::BTreeMap::new();
+    matches.insert("uid".to_owned(), toml::Value::String(uid.to_string()));
+    RawConfig {
+        trust_domain: Some(args.trust_domain.clone()),
+        data_dir: Some(args.data_dir.clone()),
+        grpc: RawGrpc {
+            listen: Some(args.grpc_addr.clone()),
+            ..RawGrpc::default()
+        },
+        http: RawHttp {
+            listen: Some(args.http_addr.clone()),
+            public_url: None,
+        },
+        log: RawLog {
+            level: Some("info".into()),
+            format: None,
+        },
+        mapping: vec![RawMapping {
+            attestor: "unix".into(),
+            spiffe_id: "spiffe://{trust_domain}/uid/{claims.uid}".into(),
+            matches,
+        }],
+        ..RawConfig::default()
+    }
+}
+
+/// `ephemera dev`.
+pub async fn dev(args: DevArgs) -> Result<(), Failure> {
+    let uid = current_uid()?;
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let config =
+        Config::from_raw(dev_config(&args, uid), &cwd).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    init_logging(&config.log.level, config.log.format);
+    if !keys::exists(&config.data_dir) {
+        keys::init(
+            &config.data_dir,
+            &config.trust_domain,
+            InitOptions::default(),
+            SystemTime::now(),
+        )
+        .map_err(|e| Failure::new(1, e))?;
+        tracing::info!(data_dir = %config.data_dir.display(), "created dev CA");
+    }
+    let data_dir = config.data_dir.clone();
+    let td = config.trust_domain.clone();
+    let running = app::start(config, Arc::new(SystemClock))
+        .await
+        .map_err(start_failure)?;
+    let run = if std::env::var_os("CARGO").is_some() {
+        "cargo run --release --"
+    } else {
+        "ephemera"
+    };
+    let e = &running.endpoints;
+    let data_flag = if data_dir == cwd.join(".ephemera") {
+        String::new()
+    } else {
+        format!(" --data-dir {}", data_dir.display())
+    };
+    let banner = format!(
+        "\nEphemera dev broker for trust domain {td}\n  \
+         gRPC (TLS)   {grpc}   trust anchors: {bundle}\n  \
+         gRPC socket  {sock}\n  \
+         HTTP         {http}   (/bundle /keys /.well-known/openid-configuration /livez)\n  \
+         Your identity on the socket: spiffe://{td}/uid/{uid}\n\n\
+         Try it from another terminal in this directory:\n  \
+         {run} token --audience demo{data_flag}\n  \
+         {run} svid --out svid{data_flag}\n  \
+         openssl verify -CAfile svid/bundle.pem -untrusted svid/svid.pem svid/svid.pem\n\n\
+         Ctrl-C stops the broker; keys stay in {dir} for next time.\n",
+        grpc = e.grpc_addr,
+        bundle = e.ca_bundle.display(),
+        sock = e.broker_socket.display(),
+        http = e.http_addr,
+        dir = data_dir.display(),
+    );
+    writeln!(std::io::stdout().lock(), "{banner}").context("writing to stdout")?;
+    run_until_signal(running).await
+}

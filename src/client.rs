@@ -1,0 +1,257 @@
+//! Client side: finding a broker and connecting to it, for the CLI and for workloads that embed
+//! the library.
+//!
+//! A broker is found from, in order: an explicit Unix socket, an explicit address (or
+//! `EPHEMERA_ADDR`), then `<data-dir>/endpoints.json` written by a running broker, preferring its
+//! Unix socket. Addresses are `unix:///path`, `unix:path`, `https://host:port`,
+//! `http://host:port` (plaintext brokers only) or `host:port` (TLS).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
+
+use crate::api::pb::v1::broker_client::BrokerClient;
+use crate::endpoints::Endpoints;
+
+/// How long to wait for a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for a response.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A Unix socket.
+    Socket(PathBuf),
+    /// TCP, with TLS unless `plaintext`.
+    Tcp {
+        /// `https://host:port` or `http://host:port`.
+        url: String,
+        /// Plaintext (the broker runs with `grpc.insecure_plaintext`).
+        plaintext: bool,
+    },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Socket(p) => write!(f, "unix:{}", p.display()),
+            Self::Tcp { url, .. } => f.write_str(url),
+        }
+    }
+}
+
+impl Target {
+    /// Parses an address as given to `--addr` or `EPHEMERA_ADDR`.
+    pub fn parse(addr: &str) -> Result<Self, ClientError> {
+        if let Some(path) = addr
+            .strip_prefix("unix://")
+            .or_else(|| addr.strip_prefix("unix:"))
+        {
+            if path.is_empty() {
+                return Err(ClientError::BadAddress(addr.to_owned()));
+            }
+            return Ok(Self::Socket(PathBuf::from(path)));
+        }
+        let (plaintext, url) = if addr.starts_with("https://") {
+            (false, addr.to_owned())
+        } else if addr.starts_with("http://") {
+            (true, addr.to_owned())
+        } else if addr.contains("://") {
+            return Err(ClientError::BadAddress(addr.to_owned()));
+        } else {
+            (false, format!("https://{addr}"))
+        };
+        url.parse::<Uri>()
+            .map_err(|_| ClientError::BadAddress(addr.to_owned()))?;
+        Ok(Self::Tcp { url, plaintext })
+    }
+}
+
+/// Why no connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing says where a broker is.
+    #[error(
+        "no broker found: no --socket or --addr given, EPHEMERA_ADDR is not set, and {} does not exist; start one with `ephemera dev`",
+        .0.display()
+    )]
+    NotFound(PathBuf),
+    /// The address could not be understood.
+    #[error("invalid broker address {0:?}: use unix:///path, https://host:port or host:port")]
+    BadAddress(String),
+    /// Nothing answered at the address.
+    #[error("no broker at {target}: {reason}; start one with `ephemera dev` or check the address")]
+    Unreachable {
+        /// Where we looked.
+        target: String,
+        /// What happened.
+        reason: String,
+    },
+    /// TLS needs trust anchors that could not be read.
+    #[error("cannot read CA bundle {}: {source}; pass --ca-file with the broker's bundle.pem", path.display())]
+    CaFile {
+        /// The bundle path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// How to find and trust a broker.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Explicit Unix socket.
+    pub socket: Option<PathBuf>,
+    /// Explicit address (also from `EPHEMERA_ADDR`).
+    pub addr: Option<String>,
+    /// Data directory holding `endpoints.json` and `bundle.pem`.
+    pub data_dir: PathBuf,
+    /// PEM trust anchors for TLS; default: `endpoints.json`'s `ca_bundle`, else
+    /// `<data-dir>/bundle.pem`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ConnectOptions {
+    /// Resolves where the broker is, and which CA bundle to trust for TLS.
+    pub fn resolve(&self) -> Result<(Target, PathBuf), ClientError> {
+        let default_ca = self.data_dir.join(crate::ca::keys::BUNDLE);
+        if let Some(s) = &self.socket {
+            return Ok((Target::Socket(s.clone()), default_ca));
+        }
+        if let Some(a) = &self.addr {
+            return Ok((
+                Target::parse(a)?,
+                self.ca_file.clone().unwrap_or(default_ca),
+            ));
+        }
+        let endpoints = Endpoints::read(&self.data_dir)
+            .map_err(|_| ClientError::NotFound(self.data_dir.join(crate::endpoints::FILE)))?;
+        let ca = self.ca_file.clone().unwrap_or(endpoints.ca_bundle);
+        if endpoints.broker_socket.exists() {
+            return Ok((Target::Socket(endpoints.broker_socket), ca));
+        }
+        Ok((Target::parse(&endpoints.grpc_addr)?, ca))
+    }
+
+    /// Resolves and connects.
+    pub async fn connect(&self) -> Result<Channel, ClientError> {
+        let (target, ca) = self.resolve()?;
+        connect(&target, &ca).await
+    }
+
+    /// Resolves, connects and returns a `Broker` client.
+    pub async fn broker(&self) -> Result<BrokerClient<Channel>, ClientError> {
+        Ok(BrokerClient::new(self.connect().await?))
+    }
+}
+
+/// Connects to `target`; TLS trusts the PEM bundle at `ca_file`.
+pub async fn connect(target: &Target, ca_file: &Path) -> Result<Channel, ClientError> {
+    let unreachable = |reason: String| ClientError::Unreachable {
+        target: target.to_string(),
+        reason,
+    };
+    match target {
+        Target::Socket(path) => {
+            if !path.exists() {
+                return Err(unreachable("socket does not exist".into()));
+            }
+            let path = path.clone();
+            // The URI is required by tonic but unused: the connector dials the socket.
+            Endpoint::from_static("http://ephemera.socket")
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(REQUEST_TIMEOUT)
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+                .map_err(|e| unreachable(error_chain(&e)))
+        }
+        Target::Tcp { url, plaintext } => {
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|_| ClientError::BadAddress(url.clone()))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(REQUEST_TIMEOUT);
+            if !plaintext {
+                let pem = std::fs::read(ca_file).map_err(|source| ClientError::CaFile {
+                    path: ca_file.to_owned(),
+                    source,
+                })?;
+                endpoint = endpoint
+                    .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                    .map_err(|e| unreachable(error_chain(&e)))?;
+            }
+            endpoint
+                .connect()
+                .await
+                .map_err(|e| unreachable(error_chain(&e)))
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        let rows = [
+            ("unix:///run/e.sock", Target::Socket("/run/e.sock".into())),
+            ("unix:rel.sock", Target::Socket("rel.sock".into())),
+            (
+                "127.0.0.1:8443",
+                Target::Tcp {
+                    url: "https://127.0.0.1:8443".into(),
+                    plaintext: false,
+                },
+            ),
+            (
+                "http://127.0.0.1:1",
+                Target::Tcp {
+                    url: "http://127.0.0.1:1".into(),
+                    plaintext: true,
+                },
+            ),
+        ];
+        for (input, want) in rows {
+            assert_eq!(Target::parse(input).unwrap(), want, "{input}");
+        }
+        for bad in ["unix:", "ftp://x:1", "bad host:1"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn missing_endpoints_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ConnectOptions {
+            data_dir: dir.path().to_owned(),
+            ..ConnectOptions::default()
+        };
+        let err = opts.resolve().unwrap_err().to_string();
+        assert!(err.contains("ephemera dev"), "{err}");
+    }
+}

@@ -1,0 +1,793 @@
+//! Broker configuration: one TOML file, parsed into [`RawConfig`] and validated into [`Config`].
+//!
+//! Every problem is reported at once, each naming its key: unknown keys are collected while
+//! deserializing (instead of stopping at the first), and validation of every value runs to the
+//! end before failing. Relative paths are resolved against the config file's directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::id::{TrustDomain, Ttl};
+use crate::policy::mapping::{MappingRule, MatchValue};
+
+/// Default gRPC TCP listen address.
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8443";
+/// Default HTTP listen address.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+/// Default largest gRPC message accepted, in bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The configuration exactly as written, before validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    /// Trust domain of every SPIFFE ID this broker issues.
+    pub trust_domain: Option<String>,
+    /// Directory with keys, sockets and `endpoints.json`.
+    pub data_dir: Option<PathBuf>,
+    /// The gRPC listeners.
+    pub grpc: RawGrpc,
+    /// The HTTP listener.
+    pub http: RawHttp,
+    /// X.509-SVID lifetimes.
+    pub x509_svid: RawTtls,
+    /// JWT-SVID lifetimes and issuer.
+    pub jwt_svid: RawJwt,
+    /// Logging.
+    pub log: RawLog,
+    /// Identity-mapping rules, tried in order.
+    pub mapping: Vec<RawMapping>,
+}
+
+/// `[grpc]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawGrpc {
+    /// TCP listen address.
+    pub listen: Option<String>,
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+    /// Serve plaintext gRPC on TCP (loopback only).
+    pub insecure_plaintext: Option<bool>,
+    /// DNS names and IP addresses in the serving certificate.
+    pub server_names: Option<Vec<String>>,
+    /// Largest message accepted.
+    pub max_message_bytes: Option<usize>,
+}
+
+/// `[http]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawHttp {
+    /// TCP listen address.
+    pub listen: Option<String>,
+    /// Public base URL.
+    pub public_url: Option<String>,
+}
+
+/// `[x509_svid]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTtls {
+    /// Lifetime when the caller asks for none.
+    pub default_ttl: Option<String>,
+    /// Longest lifetime granted.
+    pub max_ttl: Option<String>,
+}
+
+/// `[jwt_svid]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawJwt {
+    /// Lifetime when the caller asks for none.
+    pub default_ttl: Option<String>,
+    /// Longest lifetime granted.
+    pub max_ttl: Option<String>,
+    /// The `iss` claim.
+    pub issuer: Option<String>,
+}
+
+/// `[log]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawLog {
+    /// `tracing` filter directive.
+    pub level: Option<String>,
+    /// `text` or `json`.
+    pub format: Option<String>,
+}
+
+/// One `[[mapping]]` rule as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawMapping {
+    /// Attestor whose identities this rule maps.
+    pub attestor: String,
+    /// SPIFFE ID template.
+    pub spiffe_id: String,
+    /// Claim path → required value (or list of accepted values).
+    #[serde(rename = "match")]
+    pub matches: BTreeMap<String, toml::Value>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Trust domain of every SPIFFE ID issued.
+    pub trust_domain: TrustDomain,
+    /// Directory with keys, sockets and `endpoints.json`.
+    pub data_dir: PathBuf,
+    /// gRPC listeners.
+    pub grpc: GrpcConfig,
+    /// HTTP listener.
+    pub http: HttpConfig,
+    /// X.509-SVID lifetimes.
+    pub x509_svid: TtlLimits,
+    /// JWT-SVID lifetimes.
+    pub jwt_svid: TtlLimits,
+    /// The JWT `iss` claim; `None` uses the HTTP public URL.
+    pub jwt_issuer: Option<String>,
+    /// Logging.
+    pub log: LogConfig,
+    /// Identity-mapping rules, tried in order.
+    pub mappings: Vec<MappingRule>,
+}
+
+/// gRPC listener settings.
+#[derive(Debug, Clone)]
+pub struct GrpcConfig {
+    /// TCP listen address.
+    pub listen: SocketAddr,
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// Plaintext on TCP; only ever true for a loopback `listen`.
+    pub insecure_plaintext: bool,
+    /// Names in the serving certificate.
+    pub server_names: Vec<ServerName>,
+    /// Largest message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// A name the serving certificate is valid for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerName {
+    /// A DNS name.
+    Dns(String),
+    /// An IP address.
+    Ip(IpAddr),
+}
+
+/// HTTP listener settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// TCP listen address.
+    pub listen: SocketAddr,
+    /// Base URL relying parties use; `None` derives it from the bound address.
+    pub public_url: Option<String>,
+}
+
+/// Default and maximum lifetime of one credential kind.
+#[derive(Debug, Clone, Copy)]
+pub struct TtlLimits {
+    /// Lifetime when the caller asks for none.
+    pub default_ttl: Ttl,
+    /// Longest lifetime granted; longer requests are clamped to it.
+    pub max_ttl: Ttl,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `ephemera=debug`.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One configuration problem, naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key, e.g. `x509_svid.max_ttl` or `mapping[0].spiffe_id`.
+    pub key: String,
+    /// What is wrong, lowercase.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a value has the wrong type.
+    #[error("config is not valid: {0}")]
+    Syntax(String),
+    /// One or more values are invalid; all of them are listed.
+    #[error("config has {} problem(s):\n{}", .0.len(), list(.0))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+fn list(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// The individual problems (empty for read and syntax errors).
+    pub fn problems(&self) -> &[ConfigProblem] {
+        match self {
+            Self::Invalid(p) => p,
+            _ => &[],
+        }
+    }
+}
+
+/// Parses a duration such as `90s`, `5m`, `1h30m` or `2d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("duration is empty".into());
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => {
+                return Err(format!(
+                    "invalid duration {s:?}: unknown unit {c:?} (use s, m, h or d, e.g. \"90s\", \"1h30m\")"
+                ));
+            }
+        };
+        if digits.is_empty() {
+            return Err(format!(
+                "invalid duration {s:?}: unit {c:?} without a number"
+            ));
+        }
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
+        digits.clear();
+    }
+    if !digits.is_empty() {
+        return Err(format!(
+            "invalid duration {s:?}: missing unit after {digits} (use s, m, h or d, e.g. \"{digits}s\")"
+        ));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Collects problems while validating.
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, key: impl Into<String>, message: impl fmt::Display) {
+        self.0.push(ConfigProblem {
+            key: key.into(),
+            message: message.to_string(),
+        });
+    }
+
+    /// Runs a parse, recording its error under `key`.
+    fn check<T, E: fmt::Display>(&mut self, key: &str, r: Result<T, E>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.push(key, e);
+                None
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base)
+    }
+
+    /// Parses and validates TOML text; relative paths resolve against `base_dir`.
+    pub fn from_toml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let mut unknown = Vec::new();
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw: RawConfig = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+            .map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let mut problems = Problems::default();
+        for key in unknown {
+            problems.push(key, "unknown key");
+        }
+        Self::validate(raw, base_dir, problems)
+    }
+
+    /// Validates an in-memory raw config (used by `ephemera dev`).
+    pub fn from_raw(raw: RawConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+        Self::validate(raw, base_dir, Problems::default())
+    }
+
+    fn validate(raw: RawConfig, base: &Path, mut p: Problems) -> Result<Self, ConfigError> {
+        let trust_domain = match &raw.trust_domain {
+            None => {
+                p.push("trust_domain", "is required (e.g. \"example.org\")");
+                None
+            }
+            Some(td) => p.check("trust_domain", td.parse::<TrustDomain>()),
+        };
+        let data_dir = match raw.data_dir {
+            None => {
+                p.push("data_dir", "is required (e.g. \"/var/lib/ephemera\")");
+                None
+            }
+            Some(d) => Some(base.join(d)),
+        };
+
+        let grpc_listen = p.check(
+            "grpc.listen",
+            parse_addr(raw.grpc.listen.as_deref().unwrap_or(DEFAULT_GRPC_LISTEN)),
+        );
+        let insecure_plaintext = raw.grpc.insecure_plaintext.unwrap_or(false);
+        if let (true, Some(addr)) = (insecure_plaintext, grpc_listen)
+            && !addr.ip().is_loopback()
+        {
+            p.push(
+                "grpc.insecure_plaintext",
+                format!("plaintext is allowed only on a loopback address, not {addr}"),
+            );
+        }
+        let server_names = raw
+            .grpc
+            .server_names
+            .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]);
+        let mut names = Vec::new();
+        for (i, n) in server_names.iter().enumerate() {
+            if let Some(name) = p.check(&format!("grpc.server_names[{i}]"), parse_server_name(n)) {
+                names.push(name);
+            }
+        }
+        let max_message_bytes = raw
+            .grpc
+            .max_message_bytes
+            .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        if !(4096..=16 * 1024 * 1024).contains(&max_message_bytes) {
+            p.push(
+                "grpc.max_message_bytes",
+                "must be between 4096 and 16777216",
+            );
+        }
+
+        let http_listen = p.check(
+            "http.listen",
+            parse_addr(raw.http.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN)),
+        );
+        let public_url = raw
+            .http
+            .public_url
+            .and_then(|u| p.check("http.public_url", parse_base_url(&u)));
+        let jwt_issuer = raw
+            .jwt_svid
+            .issuer
+            .and_then(|u| p.check("jwt_svid.issuer", parse_base_url(&u)));
+
+        let x509_svid = ttl_limits(&mut p, "x509_svid", &raw.x509_svid, "1h", "24h");
+        let jwt_svid = ttl_limits(
+            &mut p,
+            "jwt_svid",
+            &RawTtls {
+                default_ttl: raw.jwt_svid.default_ttl,
+                max_ttl: raw.jwt_svid.max_ttl,
+            },
+            "5m",
+            "1h",
+        );
+
+        let level = raw.log.level.unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            p.push("log.level", format!("invalid filter {level:?}: {e}"));
+        }
+        let format = match raw.log.format.as_deref().unwrap_or("text") {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            other => {
+                p.push(
+                    "log.format",
+                    format!("must be \"text\" or \"json\", not {other:?}"),
+                );
+                None
+            }
+        };
+
+        let mut mappings = Vec::new();
+        if let Some(td) = &trust_domain {
+            for (i, m) in raw.mapping.iter().enumerate() {
+                let key = format!("mapping[{i}]");
+                let mut matches = BTreeMap::new();
+                for (path, value) in &m.matches {
+                    match match_value(value) {
+                        Some(v) => {
+                            matches.insert(path.clone(), v);
+                        }
+                        None => p.push(
+                            format!("{key}.match.{path}"),
+                            "must be a string, number, boolean or a list of them",
+                        ),
+                    }
+                }
+                match MappingRule::new(&m.attestor, &m.spiffe_id, matches, td) {
+                    Ok(rule) => mappings.push(rule),
+                    Err(errors) => {
+                        for (field, msg) in errors {
+                            p.push(format!("{key}.{field}"), msg);
+                        }
+                    }
+                }
+            }
+        }
+
+        match (
+            trust_domain,
+            data_dir,
+            grpc_listen,
+            http_listen,
+            x509_svid,
+            jwt_svid,
+            format,
+        ) {
+            (
+                Some(trust_domain),
+                Some(data_dir),
+                Some(listen),
+                Some(http),
+                Some(x),
+                Some(j),
+                Some(f),
+            ) if p.0.is_empty() => {
+                let socket = raw
+                    .grpc
+                    .socket
+                    .map(|s| base.join(s))
+                    .unwrap_or_else(|| data_dir.join("broker.sock"));
+                Ok(Config {
+                    trust_domain,
+                    data_dir,
+                    grpc: GrpcConfig {
+                        listen,
+                        socket,
+                        insecure_plaintext,
+                        server_names: names,
+                        max_message_bytes,
+                    },
+                    http: HttpConfig {
+                        listen: http,
+                        public_url,
+                    },
+                    x509_svid: x,
+                    jwt_svid: j,
+                    jwt_issuer,
+                    log: LogConfig { level, format: f },
+                    mappings,
+                })
+            }
+            _ => Err(ConfigError::Invalid(p.0)),
+        }
+    }
+}
+
+fn ttl_limits(
+    p: &mut Problems,
+    section: &str,
+    raw: &RawTtls,
+    default_ttl: &str,
+    max_ttl: &str,
+) -> Option<TtlLimits> {
+    let mut one = |field: &str, value: Option<&str>, fallback: &str| {
+        let key = format!("{section}.{field}");
+        let d = p.check(&key, parse_duration(value.unwrap_or(fallback)))?;
+        p.check(&key, Ttl::new(d))
+    };
+    let default = one("default_ttl", raw.default_ttl.as_deref(), default_ttl);
+    let max = one("max_ttl", raw.max_ttl.as_deref(), max_ttl);
+    let (default_ttl, max_ttl) = (default?, max?);
+    if default_ttl > max_ttl {
+        p.push(
+            format!("{section}.default_ttl"),
+            format!(
+                "{}s is longer than max_ttl ({}s)",
+                default_ttl.as_secs(),
+                max_ttl.as_secs()
+            ),
+        );
+        return None;
+    }
+    Some(TtlLimits {
+        default_ttl,
+        max_ttl,
+    })
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid address {s:?}: expected IP:PORT, e.g. \"127.0.0.1:8443\""))
+}
+
+fn parse_server_name(s: &str) -> Result<ServerName, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(ServerName::Ip(ip));
+    }
+    let valid = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if valid {
+        Ok(ServerName::Dns(s.to_ascii_lowercase()))
+    } else {
+        Err(format!("{s:?} is neither an IP address nor a DNS name"))
+    }
+}
+
+/// Checks an `http://` or `https://` base URL and strips any trailing slash.
+fn parse_base_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(|| format!("{s:?} must start with http:// or https://"))?;
+    if rest.is_empty() || rest.contains(['?', '#', ' ']) {
+        return Err(format!("{s:?} is not a valid base URL"));
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+fn match_value(v: &toml::Value) -> Option<MatchValue> {
+    fn scalar(v: &toml::Value) -> Option<String> {
+        match v {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Boolean(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+    match v {
+        toml::Value::Array(items) => items
+            .iter()
+            .map(scalar)
+            .collect::<Option<Vec<_>>>()
+            .map(MatchValue::AnyOf),
+        other => scalar(other).map(MatchValue::Equals),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        trust_domain = "example.org"
+        data_dir = "/var/lib/ephemera"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(MINIMAL, Path::new("/etc")).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.grpc.listen, DEFAULT_GRPC_LISTEN.parse().unwrap());
+        assert_eq!(c.grpc.socket, Path::new("/var/lib/ephemera/broker.sock"));
+        assert_eq!(c.x509_svid.default_ttl.as_secs(), 3600);
+        assert_eq!(c.jwt_svid.max_ttl.as_secs(), 3600);
+        assert!(!c.grpc.insecure_plaintext);
+        assert!(c.mappings.is_empty());
+    }
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("90s", 90),
+            ("5m", 300),
+            ("1h30m", 5400),
+            ("2d", 172_800),
+            ("0s", 0),
+        ];
+        for (s, secs) in ok {
+            assert_eq!(parse_duration(s), Ok(Duration::from_secs(secs)), "{s}");
+        }
+        for s in ["", "5", "m", "5x", "1.5h", "-5s", "99999999999999999999s"] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+    }
+
+    fn problems(toml: &str) -> Vec<(String, String)> {
+        match Config::from_toml(toml, Path::new("/etc")) {
+            Ok(_) => panic!("config should be rejected:\n{toml}"),
+            Err(e) => e
+                .problems()
+                .iter()
+                .map(|p| (p.key.clone(), p.message.clone()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_key() {
+        let got = problems(
+            r#"
+            trust_domain = "Example.ORG"
+            data_dir = "/d"
+            colour = "blue"
+            [grpc]
+            listen = "0.0.0.0:8443"
+            insecure_plaintext = true
+            bogus = 1
+            [x509_svid]
+            max_ttl = "ten minutes"
+            [jwt_svid]
+            default_ttl = "2h"
+            [log]
+            format = "xml"
+            "#,
+        );
+        let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "colour",
+                "grpc.bogus",
+                "trust_domain",
+                "grpc.insecure_plaintext",
+                "x509_svid.max_ttl",
+                "jwt_svid.default_ttl",
+                "log.format",
+            ],
+            "{got:#?}"
+        );
+        assert_eq!(got[0].1, "unknown key");
+        assert!(got[2].1.contains("lowercase"), "{got:?}");
+        assert!(got[4].1.contains("unknown unit"), "{got:?}");
+    }
+
+    #[test]
+    fn rejected_values_table() {
+        let rows: &[(&str, &str, &str)] = &[
+            ("unknown key", "[http]\nport = 80", "http.port"),
+            (
+                "bad duration",
+                "[jwt_svid]\nmax_ttl = \"5\"",
+                "jwt_svid.max_ttl",
+            ),
+            (
+                "zero ttl",
+                "[jwt_svid]\ndefault_ttl = \"0s\"",
+                "jwt_svid.default_ttl",
+            ),
+            (
+                "ttl above ceiling",
+                "[x509_svid]\nmax_ttl = \"31d\"",
+                "x509_svid.max_ttl",
+            ),
+            (
+                "bad address",
+                "[grpc]\nlisten = \"localhost\"",
+                "grpc.listen",
+            ),
+            (
+                "bad server name",
+                "[grpc]\nserver_names = [\"a b\"]",
+                "grpc.server_names[0]",
+            ),
+            (
+                "bad public url",
+                "[http]\npublic_url = \"ftp://x\"",
+                "http.public_url",
+            ),
+            (
+                "tiny message limit",
+                "[grpc]\nmax_message_bytes = 10",
+                "grpc.max_message_bytes",
+            ),
+            ("bad log filter", "[log]\nlevel = \"=[\"", "log.level"),
+            (
+                "template with invalid spiffe id",
+                "[[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://example.org//x/{claims.uid}\"",
+                "mapping[0].spiffe_id",
+            ),
+            (
+                "template in another trust domain",
+                "[[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://other.org/{claims.uid}\"",
+                "mapping[0].spiffe_id",
+            ),
+            (
+                "unknown placeholder",
+                "[[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://example.org/{uid}\"",
+                "mapping[0].spiffe_id",
+            ),
+            (
+                "unknown attestor",
+                "[[mapping]]\nattestor = \"magic\"\nspiffe_id = \"spiffe://example.org/x\"",
+                "mapping[0].attestor",
+            ),
+            (
+                "bad match value",
+                "[[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://example.org/x\"\nmatch = { uid = { a = 1 } }",
+                "mapping[0].match.uid",
+            ),
+        ];
+        for (what, extra, key) in rows {
+            let got = problems(&format!("{MINIMAL}\n{extra}"));
+            assert!(
+                got.iter().any(|(k, _)| k == key),
+                "{what}: expected a problem at {key}, got {got:?}"
+            );
+        }
+        let missing = problems("");
+        assert_eq!(missing.len(), 2, "{missing:?}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let c = Config::from_toml(
+            "trust_domain = \"example.org\"\ndata_dir = \"state\"\n[grpc]\nsocket = \"run/b.sock\"",
+            Path::new("/etc/ephemera"),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/ephemera/state"));
+        assert_eq!(c.grpc.socket, Path::new("/etc/ephemera/run/b.sock"));
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let err = Config::from_toml(
+            "trust_domain = \"example.org\"\ndata_dir = \"/d\"\n[grpc]\ninsecure_plaintext = \"yes\"",
+            Path::new("/"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("insecure_plaintext"), "{err}");
+    }
+}

@@ -1,0 +1,52 @@
+//! HTTP endpoints for relying parties and operators: OIDC discovery, JWKS, SPIFFE bundle, health.
+//!
+//! Everything served here is public (public keys and certificates); nothing secret is ever
+//! rendered by these routes.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::broker::Broker;
+use crate::ca::bundle::openid_configuration;
+
+struct HttpState {
+    discovery: String,
+    jwks: String,
+    bundle: String,
+}
+
+/// The HTTP routes. `public_url` is the base URL relying parties reach this server at.
+pub fn router(broker: &Broker, public_url: &str) -> Router {
+    let ca = broker.ca();
+    let issuer = ca.jwt.issuer().unwrap_or(public_url);
+    let state = Arc::new(HttpState {
+        discovery: openid_configuration(issuer, &format!("{public_url}/keys")).to_string(),
+        jwks: ca.jwks_json.clone(),
+        bundle: ca.bundle_json.clone(),
+    });
+    Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(|State(s): State<Arc<HttpState>>| async move { json(s.discovery.clone()) }),
+        )
+        .route(
+            "/keys",
+            get(|State(s): State<Arc<HttpState>>| async move { json(s.jwks.clone()) }),
+        )
+        .route(
+            "/bundle",
+            get(|State(s): State<Arc<HttpState>>| async move { json(s.bundle.clone()) }),
+        )
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .with_state(state)
+}
+
+fn json(body: String) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], body)
+}
