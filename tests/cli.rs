@@ -1,0 +1,205 @@
+//! The `ephemera` binary as a user runs it: the README tour against `ephemera dev`, config and
+//! key-file errors with their exit status, and clean shutdown on SIGTERM.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ephemera");
+
+fn run(args: &[&str], cwd: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("EPHEMERA_ADDR")
+        .env_remove("EPHEMERA_DATA_DIR")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Waits (bounded) for a file to appear; the broker writes endpoints.json once it serves.
+fn wait_for(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("broker exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[test]
+fn dev_tour_token_svid_and_clean_shutdown() {
+    let work = tempfile::tempdir().unwrap();
+    let mut dev = Command::new(BIN)
+        .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .current_dir(work.path())
+        .env_remove("EPHEMERA_DATA_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let data = work.path().join(".ephemera");
+    wait_for(&data.join("endpoints.json"), &mut dev);
+    let endpoints: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    for key in ["trust_domain", "grpc_addr", "http_addr", "broker_socket"] {
+        assert!(endpoints[key].is_string(), "endpoints.json has {key}");
+    }
+    assert_eq!(endpoints["trust_domain"], "dev.local");
+    for key in ["root-ca.key", "intermediate-ca.key", "jwt-signing.key"] {
+        let mode = std::fs::metadata(data.join(key)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+
+    // `ephemera token --audience demo` prints one JWT-SVID for this user, verifiable via /keys.
+    let out = run(&["token", "--audience", "demo"], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_owned();
+    let http = endpoints["http_addr"].as_str().unwrap().to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_, jwks) = rt.block_on(http_get(&http, "/keys"));
+    let (_, claims) = verify_jwt(&token, &serde_json::from_str(&jwks).unwrap());
+    assert_eq!(claims["sub"], format!("spiffe://dev.local/uid/{}", my_uid()));
+    assert_eq!(claims["aud"], "demo");
+
+    // `ephemera svid --out svid` writes a verifiable chain, a 0600 key and the bundle.
+    let out = run(&["svid", "--out", "svid"], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("spiffe://dev.local/uid/"));
+    let svid = work.path().join("svid");
+    let key_mode = std::fs::metadata(svid.join("svid.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(svid.join("svid.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
+    let roots: Vec<Vec<u8>> = pem::parse_many(std::fs::read(svid.join("bundle.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
+    assert_eq!(chain.len(), 2);
+    verify_chain(&chain, &roots, std::time::SystemTime::now());
+    // The key on disk is the certificate's key.
+    let key_pem = std::fs::read_to_string(svid.join("svid.key")).unwrap();
+    let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert_eq!(leaf.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+
+    // The same with `openssl verify`, as the README shows, where openssl is installed.
+    if let Ok(o) = Command::new("openssl")
+        .args(["verify", "-CAfile", "svid/bundle.pem", "-untrusted", "svid/svid.pem", "svid/svid.pem"])
+        .current_dir(work.path())
+        .output()
+    {
+        assert!(o.status.success(), "openssl verify: {}", text(&o.stdout));
+        assert_eq!(text(&o.stdout).trim(), "svid/svid.pem: OK");
+    }
+
+    // SIGTERM: clean exit, socket and endpoints.json removed, keys kept.
+    sigterm(&dev);
+    let status = dev.wait().unwrap();
+    assert!(status.success(), "dev exited {status}");
+    assert!(!data.join("broker.sock").exists());
+    assert!(!data.join("endpoints.json").exists());
+    assert!(data.join("intermediate-ca.key").exists());
+
+    // With no broker, the client says what to do and exits 69.
+    let out = run(&["token", "--audience", "demo"], work.path());
+    assert_eq!(out.status.code(), Some(69));
+    assert!(text(&out.stderr).contains("ephemera dev"), "{}", text(&out.stderr));
+
+    // A second start reuses the same CA.
+    let root_before = std::fs::read(data.join("root-ca.pem")).unwrap();
+    let mut dev = Command::new(BIN)
+        .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .current_dir(work.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&data.join("endpoints.json"), &mut dev);
+    assert_eq!(std::fs::read(data.join("root-ca.pem")).unwrap(), root_before);
+    let out = run(&["token", "--audience", "demo", "--ttl", "0s"], work.path());
+    assert_eq!(out.status.code(), Some(64), "bad input exits 64");
+    sigterm(&dev);
+    assert!(dev.wait().unwrap().success());
+}
+
+#[test]
+fn serve_rejects_bad_config_with_every_problem_and_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ephemera.toml");
+    std::fs::write(
+        &cfg,
+        "trust_domain = \"Bad Domain\"\ndata_dir = \"d\"\ncolour = 1\n[jwt_svid]\nmax_ttl = \"soon\"\n",
+    )
+    .unwrap();
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    for key in ["colour: unknown key", "trust_domain:", "jwt_svid.max_ttl:"] {
+        assert!(err.contains(key), "missing {key:?} in:\n{err}");
+    }
+    let out = run(&["config", "check", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn serve_refuses_a_group_readable_key_naming_file_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = run(
+        &["ca", "init", "--data-dir", data.to_str().unwrap(), "--trust-domain", TD],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = data.join("intermediate-ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.path().join("ephemera.toml");
+    std::fs::write(&cfg, config_text(&data, "")).unwrap();
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(err.contains(&key.display().to_string()), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+
+    // ca init never overwrites an existing CA.
+    let out = run(
+        &["ca", "init", "--data-dir", data.to_str().unwrap(), "--trust-domain", TD],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("already exists"));
+}
+
+#[test]
+fn example_config_in_deploy_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/ephemera.example.toml");
+    let config = ephemera::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.trust_domain.as_str(), "example.org");
+    assert!(!config.mappings.is_empty());
+    let out = run(&["config", "check", "--config", path.to_str().unwrap()], Path::new("/"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

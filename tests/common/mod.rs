@@ -1,0 +1,192 @@
+//! Shared harness: a real broker on loopback TCP and a temp Unix socket, with a manual clock, and
+//! independent checkers (HTTP by hand, rustls-webpki and x509-parser for certificates, ring for
+//! JWT signatures).
+#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use ephemera::api::pb::v1::broker_client::BrokerClient;
+use ephemera::app::{self, Running};
+use ephemera::ca::keys::{self, InitOptions};
+use ephemera::client::{ConnectOptions, Target};
+use ephemera::clock::ManualClock;
+use ephemera::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+pub const TD: &str = "example.org";
+
+/// The uid of this test process: the identity the default mapping gives it.
+pub fn my_uid() -> u32 {
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+pub struct TestBroker {
+    pub running: Running,
+    pub dir: tempfile::TempDir,
+    pub clock: ManualClock,
+}
+
+/// Config text for a test broker in `dir`, mapping this process's uid, plus `extra`.
+pub fn config_text(dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+trust_domain = "{TD}"
+data_dir = "{dir}"
+[grpc]
+listen = "127.0.0.1:0"
+socket = "{dir}/broker.sock"
+[http]
+listen = "127.0.0.1:0"
+{extra}
+"#,
+        dir = dir.display()
+    )
+}
+
+/// The mapping rule giving this process `spiffe://example.org/uid/<uid>`.
+pub fn uid_rule() -> String {
+    format!(
+        "[[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://{{trust_domain}}/uid/{{claims.uid}}\"\nmatch = {{ uid = {} }}\n",
+        my_uid()
+    )
+}
+
+pub async fn start(extra: &str) -> TestBroker {
+    start_with(extra, InitOptions::default()).await
+}
+
+pub async fn start_with(extra: &str, ca: InitOptions) -> TestBroker {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(SystemTime::now());
+    let td = TD.parse().unwrap();
+    keys::init(dir.path(), &td, ca, SystemTime::now()).unwrap();
+    let config = Config::from_toml(&config_text(dir.path(), extra), Path::new("/")).unwrap();
+    let running = app::start(config, Arc::new(clock.clone())).await.unwrap();
+    TestBroker {
+        running,
+        dir,
+        clock,
+    }
+}
+
+impl TestBroker {
+    pub fn socket(&self) -> PathBuf {
+        self.running.endpoints.broker_socket.clone()
+    }
+
+    pub async fn unix_client(&self) -> BrokerClient<Channel> {
+        ConnectOptions {
+            socket: Some(self.socket()),
+            ..ConnectOptions::default()
+        }
+        .broker()
+        .await
+        .unwrap()
+    }
+
+    pub async fn tls_channel(&self) -> Channel {
+        let target = Target::parse(&self.running.endpoints.grpc_addr).unwrap();
+        ephemera::client::connect(&target, &self.running.endpoints.ca_bundle)
+            .await
+            .unwrap()
+    }
+
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(&self.running.endpoints.http_addr, path).await
+    }
+}
+
+/// A minimal HTTP/1.1 GET, independent of the server's HTTP stack.
+pub async fn http_get(base: &str, path: &str) -> (u16, String) {
+    let host = base.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// The x509-svid trust anchors (DER) from a SPIFFE bundle document.
+pub fn bundle_roots(bundle: &serde_json::Value) -> Vec<Vec<u8>> {
+    bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "x509-svid")
+        .map(|k| STANDARD.decode(k["x5c"][0].as_str().unwrap()).unwrap())
+        .collect()
+}
+
+/// Verifies `chain` (leaf first) against `roots` with rustls-webpki for both TLS usages.
+pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], at: SystemTime) {
+    let root_ders: Vec<pki_types::CertificateDer<'_>> =
+        roots.iter().map(|r| r.as_slice().into()).collect();
+    let anchors: Vec<_> = root_ders
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap())
+        .collect();
+    let leaf: pki_types::CertificateDer<'_> = chain[0].as_slice().into();
+    let intermediates: Vec<pki_types::CertificateDer<'_>> =
+        chain[1..].iter().map(|c| c.as_slice().into()).collect();
+    let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+    let time = pki_types::UnixTime::since_unix_epoch(
+        at.duration_since(SystemTime::UNIX_EPOCH).unwrap(),
+    );
+    let algs = &[webpki::ring::ECDSA_P256_SHA256];
+    for usage in [webpki::KeyUsage::client_auth(), webpki::KeyUsage::server_auth()] {
+        ee.verify_for_usage(algs, &anchors, &intermediates, time, usage, None, None)
+            .expect("chain verifies with rustls-webpki");
+    }
+}
+
+/// Verifies a compact JWS with ring against a JWKS document; returns (header, claims).
+pub fn verify_jwt(token: &str, jwks: &serde_json::Value) -> (serde_json::Value, serde_json::Value) {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "compact JWS has three parts");
+    let header: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    let kid = header["kid"].as_str().expect("kid in header");
+    let key = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == kid)
+        .expect("kid is in the JWKS");
+    assert_eq!(key["kty"], "EC");
+    assert_eq!(key["crv"], "P-256");
+    let mut point = vec![4u8];
+    point.extend(URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap());
+    point.extend(URL_SAFE_NO_PAD.decode(key["y"].as_str().unwrap()).unwrap());
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point)
+        .verify(
+            signed.as_bytes(),
+            &URL_SAFE_NO_PAD.decode(parts[2]).unwrap(),
+        )
+        .expect("JWT signature verifies with ring");
+    (header, claims)
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+pub fn secs(d: Duration) -> i64 {
+    d.as_secs() as i64
+}
