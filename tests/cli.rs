@@ -33,7 +33,11 @@ fn wait_for(path: &Path, child: &mut Child) {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("broker exited early: {status}");
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -51,7 +55,13 @@ fn sigterm(child: &Child) {
 fn dev_tour_token_svid_and_clean_shutdown() {
     let work = tempfile::tempdir().unwrap();
     let mut dev = Command::new(BIN)
-        .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "dev",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .current_dir(work.path())
         .env_remove("EPHEMERA_DATA_DIR")
         .stdout(Stdio::piped())
@@ -67,7 +77,11 @@ fn dev_tour_token_svid_and_clean_shutdown() {
     }
     assert_eq!(endpoints["trust_domain"], "dev.local");
     for key in ["root-ca.key", "intermediate-ca.key", "jwt-signing.key"] {
-        let mode = std::fs::metadata(data.join(key)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(data.join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{key}");
     }
 
@@ -79,7 +93,10 @@ fn dev_tour_token_svid_and_clean_shutdown() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (_, jwks) = rt.block_on(http_get(&http, "/keys"));
     let (_, claims) = verify_jwt(&token, &serde_json::from_str(&jwks).unwrap());
-    assert_eq!(claims["sub"], format!("spiffe://dev.local/uid/{}", my_uid()));
+    assert_eq!(
+        claims["sub"],
+        format!("spiffe://dev.local/uid/{}", my_uid())
+    );
     assert_eq!(claims["aud"], "demo");
 
     // `ephemera svid --out svid` writes a verifiable chain, a 0600 key and the bundle.
@@ -87,7 +104,11 @@ fn dev_tour_token_svid_and_clean_shutdown() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("spiffe://dev.local/uid/"));
     let svid = work.path().join("svid");
-    let key_mode = std::fs::metadata(svid.join("svid.key")).unwrap().permissions().mode() & 0o777;
+    let key_mode = std::fs::metadata(svid.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(key_mode, 0o600);
     let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(svid.join("svid.pem")).unwrap())
         .unwrap()
@@ -105,11 +126,21 @@ fn dev_tour_token_svid_and_clean_shutdown() {
     let key_pem = std::fs::read_to_string(svid.join("svid.key")).unwrap();
     let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
     let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
-    assert_eq!(leaf.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw()
+    );
 
     // The same with `openssl verify`, as the README shows, where openssl is installed.
     if let Ok(o) = Command::new("openssl")
-        .args(["verify", "-CAfile", "svid/bundle.pem", "-untrusted", "svid/svid.pem", "svid/svid.pem"])
+        .args([
+            "verify",
+            "-CAfile",
+            "svid/bundle.pem",
+            "-untrusted",
+            "svid/svid.pem",
+            "svid/svid.pem",
+        ])
         .current_dir(work.path())
         .output()
     {
@@ -128,19 +159,32 @@ fn dev_tour_token_svid_and_clean_shutdown() {
     // With no broker, the client says what to do and exits 69.
     let out = run(&["token", "--audience", "demo"], work.path());
     assert_eq!(out.status.code(), Some(69));
-    assert!(text(&out.stderr).contains("ephemera dev"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("ephemera dev"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A second start reuses the same CA.
     let root_before = std::fs::read(data.join("root-ca.pem")).unwrap();
     let mut dev = Command::new(BIN)
-        .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "dev",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .current_dir(work.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     wait_for(&data.join("endpoints.json"), &mut dev);
-    assert_eq!(std::fs::read(data.join("root-ca.pem")).unwrap(), root_before);
+    assert_eq!(
+        std::fs::read(data.join("root-ca.pem")).unwrap(),
+        root_before
+    );
     let out = run(&["token", "--audience", "demo", "--ttl", "0s"], work.path());
     assert_eq!(out.status.code(), Some(64), "bad input exits 64");
     sigterm(&dev);
@@ -162,7 +206,10 @@ fn serve_rejects_bad_config_with_every_problem_and_exit_64() {
     for key in ["colour: unknown key", "trust_domain:", "jwt_svid.max_ttl:"] {
         assert!(err.contains(key), "missing {key:?} in:\n{err}");
     }
-    let out = run(&["config", "check", "--config", cfg.to_str().unwrap()], dir.path());
+    let out = run(
+        &["config", "check", "--config", cfg.to_str().unwrap()],
+        dir.path(),
+    );
     assert_eq!(out.status.code(), Some(64));
 }
 
@@ -171,7 +218,14 @@ fn serve_refuses_a_group_readable_key_naming_file_and_fix() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let out = run(
-        &["ca", "init", "--data-dir", data.to_str().unwrap(), "--trust-domain", TD],
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--trust-domain",
+            TD,
+        ],
         dir.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -187,7 +241,14 @@ fn serve_refuses_a_group_readable_key_naming_file_and_fix() {
 
     // ca init never overwrites an existing CA.
     let out = run(
-        &["ca", "init", "--data-dir", data.to_str().unwrap(), "--trust-domain", TD],
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--trust-domain",
+            TD,
+        ],
         dir.path(),
     );
     assert_eq!(out.status.code(), Some(64));
@@ -200,6 +261,9 @@ fn example_config_in_deploy_parses() {
     let config = ephemera::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.trust_domain.as_str(), "example.org");
     assert!(!config.mappings.is_empty());
-    let out = run(&["config", "check", "--config", path.to_str().unwrap()], Path::new("/"));
+    let out = run(
+        &["config", "check", "--config", path.to_str().unwrap()],
+        Path::new("/"),
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
 }

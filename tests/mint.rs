@@ -6,9 +6,9 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use ephemera::clock::Clock;
 use ephemera::api::pb::v1::{MintJwtSvidRequest, MintX509SvidRequest};
 use ephemera::ca::keys::InitOptions;
+use ephemera::clock::Clock;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::Code;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
@@ -25,13 +25,19 @@ fn my_id() -> String {
 /// Asserts every SPIFFE X509-SVID rule on a parsed leaf.
 fn assert_spiffe_leaf(der: &[u8], spiffe_id: &str, minted_at: SystemTime) {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
-    let san = cert.subject_alternative_name().unwrap().expect("SAN present");
+    let san = cert
+        .subject_alternative_name()
+        .unwrap()
+        .expect("SAN present");
     assert_eq!(
         san.value.general_names,
         vec![GeneralName::URI(spiffe_id)],
         "exactly one SAN, the SPIFFE ID URI"
     );
-    let bc = cert.basic_constraints().unwrap().expect("basicConstraints present");
+    let bc = cert
+        .basic_constraints()
+        .unwrap()
+        .expect("basicConstraints present");
     assert!(!bc.value.ca, "CA:FALSE");
     let ku = cert.key_usage().unwrap().expect("keyUsage present");
     assert!(ku.critical, "keyUsage is critical");
@@ -95,7 +101,8 @@ async fn x509_svid_from_csr_verifies_and_follows_the_spiffe_rules() {
     verify_chain(&resp.cert_chain, &roots, now);
     assert_spiffe_leaf(&resp.cert_chain[0], &my_id(), now);
 
-    let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&resp.cert_chain[0]).unwrap();
+    let (_, leaf) =
+        x509_parser::certificate::X509Certificate::from_der(&resp.cert_chain[0]).unwrap();
     assert_eq!(
         leaf.public_key().subject_public_key.data.as_ref(),
         key.public_key_raw(),
@@ -146,7 +153,8 @@ async fn x509_svid_with_broker_generated_key() {
     )
     .expect("private key is PKCS#8 P-256");
     let sig = key.sign(&rng, b"proof").unwrap();
-    let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&resp.cert_chain[0]).unwrap();
+    let (_, leaf) =
+        x509_parser::certificate::X509Certificate::from_der(&resp.cert_chain[0]).unwrap();
     ring::signature::UnparsedPublicKey::new(
         &ring::signature::ECDSA_P256_SHA256_ASN1,
         leaf.public_key().subject_public_key.data.as_ref(),
@@ -207,7 +215,10 @@ async fn jwt_svid_verifies_against_served_jwks() {
 
 #[tokio::test]
 async fn ttl_is_clamped_to_the_maximum_and_the_ca_expiry() {
-    let rule = format!("{}\n[x509_svid]\nmax_ttl = \"24h\"\n[jwt_svid]\nmax_ttl = \"10m\"\n", uid_rule());
+    let rule = format!(
+        "{}\n[x509_svid]\nmax_ttl = \"24h\"\n[jwt_svid]\nmax_ttl = \"10m\"\n",
+        uid_rule()
+    );
     // An intermediate that expires in 2 hours caps every certificate.
     let b = start_with(
         &rule,
@@ -257,12 +268,36 @@ async fn rejected_inputs_get_exact_codes() {
     let ca_csr = csr(&ca_params, &key);
 
     let x509_rows: Vec<(&str, MintX509SvidRequest, Code)> = vec![
-        ("malformed CSR", x509(b"garbage".to_vec(), None), Code::InvalidArgument),
-        ("CSR with a bad signature", x509(bad_sig, None), Code::InvalidArgument),
-        ("CSR asking for CA", x509(ca_csr, None), Code::InvalidArgument),
-        ("CSR over 16 KiB", x509(vec![0x30; 16 * 1024 + 1], None), Code::ResourceExhausted),
-        ("TTL zero", x509(good.clone(), Some(0)), Code::InvalidArgument),
-        ("TTL over the maximum", x509(good.clone(), Some(31 * 86_400)), Code::InvalidArgument),
+        (
+            "malformed CSR",
+            x509(b"garbage".to_vec(), None),
+            Code::InvalidArgument,
+        ),
+        (
+            "CSR with a bad signature",
+            x509(bad_sig, None),
+            Code::InvalidArgument,
+        ),
+        (
+            "CSR asking for CA",
+            x509(ca_csr, None),
+            Code::InvalidArgument,
+        ),
+        (
+            "CSR over 16 KiB",
+            x509(vec![0x30; 16 * 1024 + 1], None),
+            Code::ResourceExhausted,
+        ),
+        (
+            "TTL zero",
+            x509(good.clone(), Some(0)),
+            Code::InvalidArgument,
+        ),
+        (
+            "TTL over the maximum",
+            x509(good.clone(), Some(31 * 86_400)),
+            Code::InvalidArgument,
+        ),
         (
             "someone else's SPIFFE ID",
             MintX509SvidRequest {
@@ -290,10 +325,25 @@ async fn rejected_inputs_get_exact_codes() {
     let jwt_rows: Vec<(&str, Vec<String>, Option<u64>, Code)> = vec![
         ("no audience", vec![], None, Code::InvalidArgument),
         ("too many audiences", many, None, Code::InvalidArgument),
-        ("over-long audience", vec!["a".repeat(257)], None, Code::InvalidArgument),
-        ("audience with space", vec!["a b".into()], None, Code::InvalidArgument),
+        (
+            "over-long audience",
+            vec!["a".repeat(257)],
+            None,
+            Code::InvalidArgument,
+        ),
+        (
+            "audience with space",
+            vec!["a b".into()],
+            None,
+            Code::InvalidArgument,
+        ),
         ("TTL zero", vec!["a".into()], Some(0), Code::InvalidArgument),
-        ("TTL over the maximum", vec!["a".into()], Some(u64::MAX), Code::InvalidArgument),
+        (
+            "TTL over the maximum",
+            vec!["a".into()],
+            Some(u64::MAX),
+            Code::InvalidArgument,
+        ),
     ];
     for (what, audience, ttl, code) in jwt_rows {
         let err = client
@@ -402,8 +452,14 @@ async fn tls_health_reflection_and_http_probes() {
         panic!("unexpected reflection response");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"ephemera.v1.Broker".to_owned()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"ephemera.v1.Broker".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
 
     assert_eq!(b.http_get("/livez").await.0, 200);
     assert_eq!(b.http_get("/readyz").await.0, 200);

@@ -1,7 +1,10 @@
 //! Shared harness: a real broker on loopback TCP and a temp Unix socket, with a manual clock, and
 //! independent checkers (HTTP by hand, rustls-webpki and x509-parser for certificates, ring for
 //! JWT signatures).
-#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -106,9 +109,11 @@ impl TestBroker {
 pub async fn http_get(base: &str, path: &str) -> (u16, String) {
     let host = base.strip_prefix("http://").unwrap();
     let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8(buf).unwrap();
@@ -140,11 +145,13 @@ pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], at: SystemTime) {
     let intermediates: Vec<pki_types::CertificateDer<'_>> =
         chain[1..].iter().map(|c| c.as_slice().into()).collect();
     let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
-    let time = pki_types::UnixTime::since_unix_epoch(
-        at.duration_since(SystemTime::UNIX_EPOCH).unwrap(),
-    );
+    let time =
+        pki_types::UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap());
     let algs = &[webpki::ring::ECDSA_P256_SHA256];
-    for usage in [webpki::KeyUsage::client_auth(), webpki::KeyUsage::server_auth()] {
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
         ee.verify_for_usage(algs, &anchors, &intermediates, time, usage, None, None)
             .expect("chain verifies with rustls-webpki");
     }
