@@ -1,5 +1,11 @@
 //! The `ephemera` binary as a user runs it: the README tour against `ephemera dev`, config and
 //! key-file errors with their exit status, and clean shutdown on SIGTERM.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 mod common;
 

@@ -1,5 +1,11 @@
 //! Minting through a real broker: X.509-SVIDs and JWT-SVIDs over the Unix socket, verified with
 //! code that did not make them, and every rejected input with its exact gRPC code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 mod common;
 
