@@ -24,7 +24,11 @@ use crate::clock::Clock;
 use crate::config::{Config, ServerName};
 use crate::endpoints::Endpoints;
 use crate::id::SpiffeId;
-use crate::policy::Mapper;
+use crate::policy::cedar::PolicyProblem;
+use crate::policy::{Mapper, PolicyEngine};
+
+/// How often the policy directory is checked for changes.
+pub const POLICY_POLL: Duration = Duration::from_secs(1);
 
 /// Lifetime of the broker's own TLS serving certificate (capped by the CA's expiry).
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(90 * 86_400);
@@ -45,6 +49,14 @@ pub enum StartError {
         /// The I/O error.
         source: io::Error,
     },
+    /// The policies do not parse or validate.
+    #[error("policies in {} are invalid:\n{}", dir.display(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Policy {
+        /// The policy directory.
+        dir: PathBuf,
+        /// Every problem, by file and line.
+        problems: Vec<PolicyProblem>,
+    },
     /// Another broker is already serving on the socket.
     #[error("another broker is already serving on {}", .0.display())]
     SocketInUse(PathBuf),
@@ -56,15 +68,16 @@ pub enum StartError {
 impl StartError {
     /// Whether this is the operator's configuration (exit 64) rather than a runtime failure.
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            Self::Ca(
-                CaError::KeyFileMode { .. }
-                    | CaError::NotInitialized { .. }
-                    | CaError::TrustDomainMismatch { .. }
-                    | CaError::Invalid { .. }
+        matches!(self, Self::Policy { .. })
+            || matches!(
+                self,
+                Self::Ca(
+                    CaError::KeyFileMode { .. }
+                        | CaError::NotInitialized { .. }
+                        | CaError::TrustDomainMismatch { .. }
+                        | CaError::Invalid { .. }
+                )
             )
-        )
     }
 }
 
@@ -157,10 +170,17 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         &public_url,
         config.jwt_issuer.clone(),
     )?);
+    let policy = Arc::new(PolicyEngine::load(&config.policy_dir).map_err(|problems| {
+        StartError::Policy {
+            dir: config.policy_dir.clone(),
+            problems,
+        }
+    })?);
     let broker = Arc::new(Broker::new(
         config.trust_domain.clone(),
         Attestors::new(vec![Box::new(UnixAttestor::new())]),
         Mapper::new(config.trust_domain.clone(), config.mappings.clone()),
+        policy.clone(),
         ca.clone(),
         clock.clone(),
         Limits {
@@ -191,6 +211,21 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     };
 
     let mut tasks = Vec::new();
+
+    // Policy files are re-read when they change; a broken edit keeps the old policies serving.
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(POLICY_POLL);
+        loop {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() || *rx.borrow() { return Ok(()) },
+                _ = tick.tick() => {
+                    let p = policy.clone();
+                    let _ = tokio::task::spawn_blocking(move || p.reload_if_changed()).await;
+                }
+            }
+        }
+    }));
 
     // gRPC over TCP: TLS with a serving certificate from our own CA, unless explicitly plaintext.
     let mut tcp_server = Server::builder();

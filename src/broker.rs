@@ -17,7 +17,8 @@ use crate::ca::{Ca, MintError};
 use crate::clock::{Clock, unix_secs};
 use crate::config::TtlLimits;
 use crate::id::{Audience, IdError, SpiffeId, TrustDomain, Ttl};
-use crate::policy::{Mapper, MappingError};
+use crate::policy::cedar::{Action, Decision, Principal, RequestContext, Resource};
+use crate::policy::{Mapper, MappingError, PolicyEngine, PolicyError};
 use crate::secret::Secret;
 
 /// Why a request was refused.
@@ -37,6 +38,9 @@ pub enum BrokerError {
     /// The caller's identity could not be mapped to a SPIFFE ID.
     #[error(transparent)]
     Mapping(#[from] MappingError),
+    /// Policy denied the request.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     /// The credential could not be minted.
     #[error(transparent)]
     Mint(#[from] MintError),
@@ -102,6 +106,7 @@ pub struct Broker {
     trust_domain: TrustDomain,
     attestors: Attestors,
     mapper: Mapper,
+    policy: Arc<PolicyEngine>,
     ca: Arc<Ca>,
     clock: Arc<dyn Clock>,
     limits: Limits,
@@ -118,6 +123,7 @@ struct Audit {
     subject: Option<String>,
     spiffe_id: Option<String>,
     granted_ttl_secs: Option<u64>,
+    policies: Vec<String>,
 }
 
 impl Audit {
@@ -132,6 +138,7 @@ impl Audit {
             subject: None,
             spiffe_id: None,
             granted_ttl_secs: None,
+            policies: Vec::new(),
         }
     }
 
@@ -145,6 +152,7 @@ impl Audit {
         let attestor = self.attestor;
         let subject = self.subject.as_deref().unwrap_or("-");
         let source = self.source.map(|s| s.to_string());
+        let policies = self.policies.join(",");
         match result {
             Ok(_) => tracing::info!(
                 target: "ephemera::audit",
@@ -157,6 +165,7 @@ impl Audit {
                 resource = %self.resource,
                 requested_ttl_secs = self.requested_ttl_secs,
                 granted_ttl_secs = self.granted_ttl_secs,
+                policies = %policies,
                 source = source.as_deref(),
                 "decision"
             ),
@@ -184,6 +193,7 @@ impl Broker {
         trust_domain: TrustDomain,
         attestors: Attestors,
         mapper: Mapper,
+        policy: Arc<PolicyEngine>,
         ca: Arc<Ca>,
         clock: Arc<dyn Clock>,
         limits: Limits,
@@ -192,6 +202,7 @@ impl Broker {
             trust_domain,
             attestors,
             mapper,
+            policy,
             ca,
             clock,
             limits,
@@ -206,6 +217,11 @@ impl Broker {
     /// The CA.
     pub fn ca(&self) -> &Ca {
         &self.ca
+    }
+
+    /// The policy engine.
+    pub fn policy(&self) -> &PolicyEngine {
+        &self.policy
     }
 
     /// The broker's clock.
@@ -229,6 +245,53 @@ impl Broker {
             return Err(MintError::CaExpired);
         }
         Ok(not_after)
+    }
+
+    /// Asks policy about `action` on each resource; all must be allowed.
+    fn authorize(
+        &self,
+        evidence: &Evidence,
+        (identity, spiffe_id): (&AttestedIdentity, &SpiffeId),
+        action: Action,
+        resources: &[Resource],
+        requested_ttl: Ttl,
+        audit: &mut Audit,
+    ) -> Result<(), BrokerError> {
+        let now = self.clock.now();
+        let principal = Principal {
+            spiffe_id,
+            attestor: identity.attestor,
+            claims: &identity.claims,
+        };
+        let ctx = RequestContext {
+            source_ip: evidence.source.map(|s| s.ip()),
+            requested_ttl_secs: requested_ttl.as_secs(),
+            evidence_age_secs: identity
+                .issued_at
+                .and_then(|t| now.duration_since(t).ok())
+                .map_or(0, |d| d.as_secs()),
+            now,
+            task: None,
+        };
+        for resource in resources {
+            let decision: Decision = self.policy.decide(&principal, action, resource, &ctx)?;
+            for e in &decision.errors {
+                tracing::warn!(action = action.name(), error = %e, "policy evaluation error");
+            }
+            if !decision.allowed {
+                audit.policies = decision.policies.clone();
+                return Err(PolicyError::Denied {
+                    reason: decision.deny_reason(),
+                }
+                .into());
+            }
+            for p in decision.policies {
+                if !audit.policies.contains(&p) {
+                    audit.policies.push(p);
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn identify(
@@ -261,6 +324,14 @@ impl Broker {
     ) -> Result<MintedX509, BrokerError> {
         let (identity, spiffe_id) = self.identify(evidence, req.spiffe_id.as_ref()).await?;
         audit.identified(&identity, &spiffe_id);
+        self.authorize(
+            evidence,
+            (&identity, &spiffe_id),
+            Action::MintX509Svid,
+            &[Resource::Target("x509-svid".to_owned())],
+            req.ttl.unwrap_or(self.limits.x509.default_ttl),
+            audit,
+        )?;
         // The CSR is parsed (and its signature verified) only for callers already identified.
         let key = match &req.csr {
             Some(csr) => SubjectKey::Csr(parse_csr(csr)?),
@@ -309,6 +380,19 @@ impl Broker {
     ) -> Result<MintedJwt, BrokerError> {
         let (identity, spiffe_id) = self.identify(evidence, req.spiffe_id.as_ref()).await?;
         audit.identified(&identity, &spiffe_id);
+        let resources: Vec<Resource> = req
+            .audiences
+            .iter()
+            .map(|a| Resource::Audience(a.to_string()))
+            .collect();
+        self.authorize(
+            evidence,
+            (&identity, &spiffe_id),
+            Action::MintJwtSvid,
+            &resources,
+            req.ttl.unwrap_or(self.limits.jwt.default_ttl),
+            audit,
+        )?;
         let now = self.clock.now();
         let not_after = Self::grant(req.ttl, self.limits.jwt, now, None)?;
         let iat = unix_secs(now);
@@ -333,8 +417,5 @@ impl Broker {
 }
 
 fn granted_secs(now: SystemTime, not_after: SystemTime) -> u64 {
-    not_after
-        .duration_since(now)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    u64::try_from(unix_secs(not_after) - unix_secs(now)).unwrap_or(0)
 }

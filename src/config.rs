@@ -40,8 +40,18 @@ pub struct RawConfig {
     pub jwt_svid: RawJwt,
     /// Logging.
     pub log: RawLog,
+    /// Cedar policy.
+    pub policy: RawPolicy,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
+}
+
+/// `[policy]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawPolicy {
+    /// Directory of `*.cedar` files.
+    pub dir: Option<PathBuf>,
 }
 
 /// `[grpc]` as written.
@@ -134,6 +144,8 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// Logging.
     pub log: LogConfig,
+    /// Directory of Cedar policy files (`*.cedar`).
+    pub policy_dir: PathBuf,
     /// Identity-mapping rules, tried in order.
     pub mappings: Vec<MappingRule>,
 }
@@ -490,6 +502,11 @@ impl Config {
                     .socket
                     .map(|s| base.join(s))
                     .unwrap_or_else(|| data_dir.join("broker.sock"));
+                let policy_dir = raw
+                    .policy
+                    .dir
+                    .map(|d| base.join(d))
+                    .unwrap_or_else(|| data_dir.join("policies"));
                 Ok(Config {
                     trust_domain,
                     data_dir,
@@ -508,6 +525,7 @@ impl Config {
                     jwt_svid: j,
                     jwt_issuer,
                     log: LogConfig { level, format: f },
+                    policy_dir,
                     mappings,
                 })
             }
@@ -625,6 +643,7 @@ mod tests {
         assert_eq!(c.jwt_svid.max_ttl.as_secs(), 3600);
         assert!(!c.grpc.insecure_plaintext);
         assert!(c.mappings.is_empty());
+        assert_eq!(c.policy_dir, Path::new("/var/lib/ephemera/policies"));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tonic::Status;
 use crate::attest::AttestError;
 use crate::broker::BrokerError;
 use crate::ca::MintError;
-use crate::policy::MappingError;
+use crate::policy::{MappingError, PolicyError};
 
 /// Maps a broker error to the status the caller sees.
 pub fn to_status(err: &BrokerError) -> Status {
@@ -28,6 +28,12 @@ pub fn to_status(err: &BrokerError) -> Status {
         }
         BrokerError::Mapping(MappingError::UnsafeClaimValue { .. }) => {
             Status::permission_denied("identity mapping refused an attested claim")
+        }
+        BrokerError::Policy(PolicyError::Denied { .. }) => {
+            Status::permission_denied("denied by policy")
+        }
+        BrokerError::Policy(PolicyError::Request(_)) => {
+            Status::permission_denied("request could not be authorized")
         }
         BrokerError::Mint(m) => match m {
             MintError::CsrTooLarge { .. } => Status::resource_exhausted(m.to_string()),

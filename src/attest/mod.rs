@@ -48,6 +48,8 @@ pub struct AttestedIdentity {
     pub subject: String,
     /// Attested claims, for identity mapping and policy.
     pub claims: Map<String, Value>,
+    /// When the evidence was issued, if it says (for `evidence_age_secs` in policy).
+    pub issued_at: Option<SystemTime>,
     /// When the evidence stops being valid, if it expires.
     pub expires_at: Option<SystemTime>,
 }

@@ -131,6 +131,7 @@ impl Attestor for UnixAttestor {
                 attestor: NAME,
                 subject: format!("uid:{uid}"),
                 claims,
+                issued_at: None,
                 expires_at: None,
             }))
         })

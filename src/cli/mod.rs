@@ -4,6 +4,7 @@
 //! Exit status: 0 success; 2 bad command line; 64 bad configuration or input; 69 broker
 //! unreachable or unavailable; 77 unauthenticated or denied; 1 anything else.
 
+mod policy;
 mod server;
 mod svid;
 mod token;
@@ -107,6 +108,12 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Check and explain Cedar policies.
+    Policy {
+        /// The policy command.
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
     /// Mint a JWT-SVID and print it.
     Token(token::TokenArgs),
     /// Mint an X.509-SVID from a locally generated key and write it to a directory.
@@ -191,6 +198,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Config {
             command: ConfigCommand::Check { config },
         } => server::config_check(&config),
+        Command::Policy { command } => policy::run(command),
         Command::Token(args) => token::run(args).await,
         Command::Svid(args) => svid::run(args).await,
     }

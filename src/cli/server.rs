@@ -83,7 +83,18 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 }
 
 async fn run_until_signal(running: app::Running) -> Result<(), Failure> {
+    let broker = running.broker.clone();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing SIGHUP handler")?;
+    let reloads = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading policies");
+            let b = broker.clone();
+            let _ = tokio::task::spawn_blocking(move || b.policy().reload()).await;
+        }
+    });
     shutdown_signal().await?;
+    reloads.abort();
     tracing::info!("shutting down");
     running
         .shutdown()
@@ -190,6 +201,14 @@ pub fn dev_config(args: &DevArgs, uid: u32) -> RawConfig {
     }
 }
 
+/// The policy `ephemera dev` starts with: identity mapping already limits it to the current
+/// user, so every action is permitted. Edit it to try policies; it is reloaded on save.
+const DEV_POLICY: &str = r#"// Ephemera dev policy: reloaded whenever this file changes.
+// Schema: `ephemera policy schema`. Deny by default: remove this and nothing is permitted.
+@id("dev-allow-all")
+permit (principal, action, resource);
+"#;
+
 /// `ephemera dev`.
 pub async fn dev(args: DevArgs) -> Result<(), Failure> {
     let uid = current_uid()?;
@@ -206,6 +225,12 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
         )
         .map_err(|e| Failure::new(1, e))?;
         tracing::info!(data_dir = %config.data_dir.display(), "created dev CA");
+    }
+    if !config.policy_dir.exists() {
+        std::fs::create_dir_all(&config.policy_dir)
+            .with_context(|| format!("creating {}", config.policy_dir.display()))?;
+        std::fs::write(config.policy_dir.join("dev.cedar"), DEV_POLICY)
+            .context("writing the dev policy")?;
     }
     let data_dir = config.data_dir.clone();
     let td = config.trust_domain.clone();

@@ -390,6 +390,7 @@ mod tests {
             attestor: "unix",
             subject: "test".into(),
             claims: claims.as_object().unwrap().clone(),
+            issued_at: None,
             expires_at: None,
         }
     }

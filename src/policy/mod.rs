@@ -2,6 +2,8 @@
 //!
 //! Deny by default: an identity no rule maps gets nothing.
 
+pub mod cedar;
 pub mod mapping;
 
+pub use cedar::{PolicyEngine, PolicyError};
 pub use mapping::{Mapper, MappingError};

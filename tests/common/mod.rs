@@ -64,8 +64,26 @@ pub async fn start(extra: &str) -> TestBroker {
     start_with(extra, InitOptions::default()).await
 }
 
+/// A policy permitting everything: identity mapping alone decides.
+pub const ALLOW_ALL: &str = "@id(\"allow-all\")\npermit (principal, action, resource);\n";
+
 pub async fn start_with(extra: &str, ca: InitOptions) -> TestBroker {
+    start_full(extra, ca, ALLOW_ALL).await
+}
+
+pub async fn start_with_policy(extra: &str, policy: &str) -> TestBroker {
+    start_full(extra, InitOptions::default(), policy).await
+}
+
+/// The broker's policy file (`<data>/policies/test.cedar`).
+pub fn policy_file(b: &TestBroker) -> PathBuf {
+    b.dir.path().join("policies").join("test.cedar")
+}
+
+pub async fn start_full(extra: &str, ca: InitOptions, policy: &str) -> TestBroker {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies").join("test.cedar"), policy).unwrap();
     let clock = ManualClock::new(SystemTime::now());
     let td = TD.parse().unwrap();
     keys::init(dir.path(), &td, ca, SystemTime::now()).unwrap();

@@ -1,0 +1,778 @@
+//! Cedar authorization: loads and validates policy files, decides each action, reloads safely.
+//!
+//! Policies live in `*.cedar` files in one directory and are validated (strict mode) against the
+//! built-in schema (`schema.cedarschema`). Each policy is named by its `@id` annotation (or
+//! `<file>#<n>`), so decisions report which policies determined them. Deny by default: with no
+//! policy that permits, the answer is deny. A reload that fails to parse or validate is refused
+//! and the previous policies keep serving.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode,
+    Validator,
+};
+use miette::Diagnostic;
+use serde_json::{Map, Value};
+
+use crate::id::SpiffeId;
+
+/// The schema every policy is validated against.
+pub const SCHEMA: &str = include_str!("schema.cedarschema");
+
+/// Most claims turned into entity tags for one request; more are refused.
+pub const MAX_CLAIM_TAGS: usize = 256;
+
+/// One problem in a policy directory, located by file and line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyProblem {
+    /// The file (or the directory, for problems with no single file).
+    pub file: PathBuf,
+    /// 1-based line, where known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for PolicyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// Why a policy decision could not be made or was negative.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// No policy permits the request, or a forbid policy applies.
+    #[error("denied by policy: {reason}")]
+    Denied {
+        /// The determining policies (`forbid` ids), or "no policy permits".
+        reason: String,
+    },
+    /// The request could not be expressed to Cedar (e.g. too many claims).
+    #[error("policy request could not be built: {0}")]
+    Request(String),
+}
+
+/// An action the broker authorizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Starting a task.
+    BeginTask,
+    /// Minting an X.509-SVID.
+    MintX509Svid,
+    /// Minting a JWT-SVID.
+    MintJwtSvid,
+}
+
+impl Action {
+    /// The Cedar action name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BeginTask => "BeginTask",
+            Self::MintX509Svid => "MintX509Svid",
+            Self::MintJwtSvid => "MintJwtSvid",
+        }
+    }
+
+    /// Parses a Cedar action name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::BeginTask, Self::MintX509Svid, Self::MintJwtSvid]
+            .into_iter()
+            .find(|a| a.name() == s)
+    }
+}
+
+/// What the action is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    /// A JWT audience.
+    Audience(String),
+    /// A named target (`x509-svid`, `task`).
+    Target(String),
+}
+
+/// The workload asking.
+#[derive(Debug, Clone)]
+pub struct Principal<'a> {
+    /// Its SPIFFE ID.
+    pub spiffe_id: &'a SpiffeId,
+    /// The attestor that verified it.
+    pub attestor: &'a str,
+    /// Its attested claims.
+    pub claims: &'a Map<String, Value>,
+}
+
+/// The task a request belongs to.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// Task id.
+    pub id: String,
+    /// `key=value` labels.
+    pub labels: Vec<String>,
+    /// Seconds since the task began.
+    pub age_secs: u64,
+}
+
+/// Everything about the request that is not who or what.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// Caller address (absent on the Unix socket).
+    pub source_ip: Option<IpAddr>,
+    /// Lifetime asked for.
+    pub requested_ttl_secs: u64,
+    /// Age of the evidence.
+    pub evidence_age_secs: u64,
+    /// Time of the request.
+    pub now: SystemTime,
+    /// The task, if any.
+    pub task: Option<TaskContext>,
+}
+
+/// A decision and what determined it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allowed?
+    pub allowed: bool,
+    /// Ids of the policies that determined the decision (empty for default deny).
+    pub policies: Vec<String>,
+    /// Policy evaluation errors (a policy that errors is skipped, as Cedar specifies).
+    pub errors: Vec<String>,
+}
+
+impl Decision {
+    /// The reason of a deny: the determining policies, or "no policy permits".
+    pub fn deny_reason(&self) -> String {
+        if self.policies.is_empty() {
+            "no policy permits".to_owned()
+        } else {
+            format!("forbidden by {}", self.policies.join(", "))
+        }
+    }
+}
+
+/// Flattens claims into string tags: nested objects become dotted keys, scalars their text;
+/// arrays and nulls are left out (match them in identity mapping instead).
+fn claim_tags(
+    claims: &Map<String, Value>,
+) -> Result<Vec<(String, RestrictedExpression)>, PolicyError> {
+    fn walk(prefix: &str, map: &Map<String, Value>, out: &mut Vec<(String, RestrictedExpression)>) {
+        for (k, v) in map {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                Value::String(s) => out.push((key, RestrictedExpression::new_string(s.clone()))),
+                Value::Number(n) => {
+                    out.push((key, RestrictedExpression::new_string(n.to_string())))
+                }
+                Value::Bool(b) => out.push((key, RestrictedExpression::new_string(b.to_string()))),
+                Value::Object(inner) => walk(&key, inner, out),
+                Value::Array(_) | Value::Null => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", claims, &mut out);
+    if out.len() > MAX_CLAIM_TAGS {
+        return Err(PolicyError::Request(format!(
+            "{} claims, more than the {MAX_CLAIM_TAGS} allowed",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+fn uid(type_name: &str, id: &str) -> Result<EntityUid, PolicyError> {
+    let t = EntityTypeName::from_str(type_name).map_err(|e| PolicyError::Request(e.to_string()))?;
+    Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
+}
+
+/// RFC 3339 in whole seconds, the form Cedar's `datetime` accepts.
+fn cedar_datetime(t: SystemTime) -> String {
+    let secs = crate::clock::unix_secs(t);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+}
+
+fn long(v: u64) -> RestrictedExpression {
+    RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// Loaded, validated policies.
+struct Loaded {
+    set: PolicySet,
+    count: usize,
+    fingerprint: Vec<(PathBuf, SystemTime, u64)>,
+}
+
+/// The policy engine: current policies, the schema, and the directory they come from.
+pub struct PolicyEngine {
+    dir: PathBuf,
+    schema: Schema,
+    authorizer: Authorizer,
+    current: RwLock<Arc<Loaded>>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+/// The built-in schema, parsed.
+pub fn schema() -> Result<Schema, String> {
+    Schema::from_cedarschema_str(SCHEMA)
+        .map(|(s, _warnings)| s)
+        .map_err(|e| format!("built-in schema: {e}"))
+}
+
+/// Line number (1-based) of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> Option<usize> {
+    (offset <= text.len()).then(|| text[..offset].matches('\n').count() + 1)
+}
+
+fn first_label_offset(d: &dyn Diagnostic) -> Option<usize> {
+    d.labels().and_then(|mut l| l.next()).map(|l| l.offset())
+}
+
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+        .filter_map(|p| {
+            let m = std::fs::metadata(&p).ok()?;
+            Some((p, m.modified().ok()?, m.len()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Reads and validates every `*.cedar` file in `dir`. Every problem is returned, with its file
+/// and line. A missing directory holds no policies (and so denies everything).
+pub fn load_dir(dir: &Path, schema: &Schema) -> Result<(PolicySet, usize), Vec<PolicyProblem>> {
+    let mut problems = Vec::new();
+    let mut set = PolicySet::new();
+    let mut sources: Vec<(PolicyId, PathBuf, String)> = Vec::new();
+    let mut seen = HashSet::new();
+    let files: Vec<PathBuf> = fingerprint(dir).into_iter().map(|(p, _, _)| p).collect();
+    if dir.exists() && !dir.is_dir() {
+        return Err(vec![PolicyProblem {
+            file: dir.to_owned(),
+            line: None,
+            message: "not a directory".into(),
+        }]);
+    }
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(PolicyProblem {
+                    file,
+                    line: None,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let parsed = match PolicySet::from_str(&text) {
+            Ok(p) => p,
+            Err(errs) => {
+                for e in errs.iter() {
+                    problems.push(PolicyProblem {
+                        file: file.clone(),
+                        line: first_label_offset(e).and_then(|o| line_of(&text, o)),
+                        message: e.to_string(),
+                    });
+                }
+                continue;
+            }
+        };
+        if parsed.templates().next().is_some() {
+            problems.push(PolicyProblem {
+                file: file.clone(),
+                line: None,
+                message: "policy templates are not supported".into(),
+            });
+        }
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for (n, policy) in parsed.policies().enumerate() {
+            let id = policy
+                .annotation("id")
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("{stem}#{n}"));
+            let line = text
+                .find(&format!("@id(\"{id}\")"))
+                .and_then(|o| line_of(&text, o));
+            if !seen.insert(id.clone()) {
+                problems.push(PolicyProblem {
+                    file: file.clone(),
+                    line,
+                    message: format!("duplicate policy id {id:?}"),
+                });
+                continue;
+            }
+            let pid = PolicyId::new(&id);
+            if let Err(e) = set.add(policy.new_id(pid.clone())) {
+                problems.push(PolicyProblem {
+                    file: file.clone(),
+                    line,
+                    message: e.to_string(),
+                });
+            }
+            sources.push((pid, file.clone(), text.clone()));
+        }
+    }
+    if problems.is_empty() {
+        let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+        for e in result.validation_errors() {
+            let (file, line) = sources
+                .iter()
+                .find(|(id, _, _)| id == e.policy_id())
+                .map(|(_, f, text)| {
+                    (
+                        f.clone(),
+                        first_label_offset(e).and_then(|o| line_of(text, o)),
+                    )
+                })
+                .unwrap_or_else(|| (dir.to_owned(), None));
+            problems.push(PolicyProblem {
+                file,
+                line,
+                message: format!("policy {}: {e}", e.policy_id()),
+            });
+        }
+    }
+    if problems.is_empty() {
+        let count = sources.len();
+        Ok((set, count))
+    } else {
+        Err(problems)
+    }
+}
+
+impl PolicyEngine {
+    /// Loads the policies in `dir`; fails with every problem when they do not validate.
+    pub fn load(dir: &Path) -> Result<Self, Vec<PolicyProblem>> {
+        let schema = schema().map_err(|message| {
+            vec![PolicyProblem {
+                file: PathBuf::from("schema.cedarschema"),
+                line: None,
+                message,
+            }]
+        })?;
+        let fp = fingerprint(dir);
+        let (set, count) = load_dir(dir, &schema)?;
+        if count == 0 {
+            tracing::warn!(dir = %dir.display(), "no policies loaded: every request will be denied");
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            schema,
+            authorizer: Authorizer::new(),
+            current: RwLock::new(Arc::new(Loaded {
+                set,
+                count,
+                fingerprint: fp,
+            })),
+            generation: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// The policy directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of policies serving now.
+    pub fn count(&self) -> usize {
+        self.loaded().count
+    }
+
+    fn loaded(&self) -> Arc<Loaded> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Subscribes to reloads: the value is the number of successful reloads so far.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Reloads from the directory. On any problem the previous policies keep serving and the
+    /// problems are returned (and logged).
+    pub fn reload(&self) -> Result<usize, Vec<PolicyProblem>> {
+        let fp = fingerprint(&self.dir);
+        match load_dir(&self.dir, &self.schema) {
+            Ok((set, count)) => {
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Loaded {
+                    set,
+                    count,
+                    fingerprint: fp,
+                });
+                self.generation.send_modify(|g| *g += 1);
+                tracing::info!(dir = %self.dir.display(), policies = count, "policies reloaded");
+                Ok(count)
+            }
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!(problem = %p, "policy reload refused; previous policies keep serving");
+                }
+                // Remember the broken files so they are not re-parsed every poll.
+                let current = self.loaded();
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Loaded {
+                    set: current.set.clone(),
+                    count: current.count,
+                    fingerprint: fp,
+                });
+                Err(problems)
+            }
+        }
+    }
+
+    /// Reloads if any policy file was added, removed or changed since the last load.
+    pub fn reload_if_changed(&self) -> Option<Result<usize, Vec<PolicyProblem>>> {
+        (fingerprint(&self.dir) != self.loaded().fingerprint).then(|| self.reload())
+    }
+
+    /// Decides one action.
+    pub fn decide(
+        &self,
+        principal: &Principal<'_>,
+        action: Action,
+        resource: &Resource,
+        ctx: &RequestContext,
+    ) -> Result<Decision, PolicyError> {
+        let principal_uid = uid("Ephemera::Workload", principal.spiffe_id.as_str())?;
+        let entity = Entity::new_with_tags(
+            principal_uid.clone(),
+            [
+                (
+                    "spiffe_id".to_owned(),
+                    RestrictedExpression::new_string(principal.spiffe_id.to_string()),
+                ),
+                (
+                    "attestor".to_owned(),
+                    RestrictedExpression::new_string(principal.attestor.to_owned()),
+                ),
+                (
+                    "trust_domain".to_owned(),
+                    RestrictedExpression::new_string(principal.spiffe_id.trust_domain().to_owned()),
+                ),
+                (
+                    "path".to_owned(),
+                    RestrictedExpression::new_string(principal.spiffe_id.path().to_owned()),
+                ),
+            ],
+            [],
+            claim_tags(principal.claims)?,
+        )
+        .map_err(|e| PolicyError::Request(e.to_string()))?;
+        let resource_uid = match resource {
+            Resource::Audience(a) => uid("Ephemera::Audience", a)?,
+            Resource::Target(t) => uid("Ephemera::Target", t)?,
+        };
+        let action_uid = uid("Ephemera::Action", action.name())?;
+        let mut pairs = vec![
+            (
+                "requested_ttl_secs".to_owned(),
+                long(ctx.requested_ttl_secs),
+            ),
+            ("evidence_age_secs".to_owned(), long(ctx.evidence_age_secs)),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_datetime(cedar_datetime(ctx.now)),
+            ),
+        ];
+        if let Some(ip) = ctx.source_ip {
+            pairs.push((
+                "source_ip".to_owned(),
+                RestrictedExpression::new_ip(ip.to_string()),
+            ));
+        }
+        if let Some(task) = &ctx.task {
+            pairs.push((
+                "task".to_owned(),
+                RestrictedExpression::new_record([
+                    (
+                        "id".to_owned(),
+                        RestrictedExpression::new_string(task.id.clone()),
+                    ),
+                    (
+                        "labels".to_owned(),
+                        RestrictedExpression::new_set(
+                            task.labels
+                                .iter()
+                                .map(|l| RestrictedExpression::new_string(l.clone())),
+                        ),
+                    ),
+                    ("age_secs".to_owned(), long(task.age_secs)),
+                ])
+                .map_err(|e| PolicyError::Request(e.to_string()))?,
+            ));
+        }
+        let context =
+            Context::from_pairs(pairs).map_err(|e| PolicyError::Request(e.to_string()))?;
+        let request = Request::new(
+            principal_uid,
+            action_uid,
+            resource_uid,
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| PolicyError::Request(e.to_string()))?;
+        let entities = Entities::from_entities(
+            [entity, Entity::with_uid(request_resource(resource)?)],
+            None,
+        )
+        .map_err(|e| PolicyError::Request(e.to_string()))?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.loaded().set, &entities);
+        let diag = response.diagnostics();
+        Ok(Decision {
+            allowed: response.decision() == CedarDecision::Allow,
+            policies: diag.reason().map(ToString::to_string).collect(),
+            errors: diag.errors().map(ToString::to_string).collect(),
+        })
+    }
+}
+
+fn request_resource(resource: &Resource) -> Result<EntityUid, PolicyError> {
+    match resource {
+        Resource::Audience(a) => uid("Ephemera::Audience", a),
+        Resource::Target(t) => uid("Ephemera::Target", t),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(
+        files: &[(&str, &str)],
+    ) -> (tempfile::TempDir, Result<PolicyEngine, Vec<PolicyProblem>>) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let e = PolicyEngine::load(dir.path());
+        (dir, e)
+    }
+
+    fn ctx(ttl: u64, ip: Option<&str>) -> RequestContext {
+        RequestContext {
+            source_ip: ip.map(|i| i.parse().unwrap()),
+            requested_ttl_secs: ttl,
+            evidence_age_secs: 5,
+            now: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_780_000_000), // 2026-05-28
+            task: None,
+        }
+    }
+
+    const CI_POLICY: &str = r#"
+@id("ci-deploy")
+permit (principal, action == Ephemera::Action::"MintJwtSvid", resource == Ephemera::Audience::"deploy")
+when {
+  principal.attestor == "oidc" &&
+  principal.hasTag("ref") && principal.getTag("ref") == "refs/heads/main" &&
+  principal.hasTag("kubernetes.io.namespace") == false &&
+  context.requested_ttl_secs <= 900 &&
+  context has source_ip && context.source_ip.isInRange(ip("10.0.0.0/8"))
+};
+
+@id("change-freeze")
+forbid (principal, action, resource)
+when { context.now.toDate() == datetime("2026-09-21T00:00:00Z") };
+"#;
+
+    #[test]
+    fn decisions_name_their_policies() {
+        let (_d, e) = engine(&[("ci.cedar", CI_POLICY)]);
+        let e = e.unwrap();
+        let id: SpiffeId = "spiffe://example.org/ci/app".parse().unwrap();
+        let claims = serde_json::json!({"ref": "refs/heads/main", "run_id": 42})
+            .as_object()
+            .unwrap()
+            .clone();
+        let p = Principal {
+            spiffe_id: &id,
+            attestor: "oidc",
+            claims: &claims,
+        };
+        let aud = Resource::Audience("deploy".into());
+        let ok = e
+            .decide(&p, Action::MintJwtSvid, &aud, &ctx(600, Some("10.1.2.3")))
+            .unwrap();
+        assert!(ok.allowed, "{ok:?}");
+        assert_eq!(ok.policies, ["ci-deploy"]);
+
+        let rows = [
+            (
+                "ttl above the cap",
+                ctx(901, Some("10.1.2.3")),
+                Action::MintJwtSvid,
+                aud.clone(),
+            ),
+            (
+                "source outside the range",
+                ctx(600, Some("192.168.1.1")),
+                Action::MintJwtSvid,
+                aud.clone(),
+            ),
+            (
+                "no source (unix socket)",
+                ctx(600, None),
+                Action::MintJwtSvid,
+                aud.clone(),
+            ),
+            (
+                "other audience",
+                ctx(600, Some("10.1.2.3")),
+                Action::MintJwtSvid,
+                Resource::Audience("x".into()),
+            ),
+            (
+                "other action",
+                ctx(600, Some("10.1.2.3")),
+                Action::MintX509Svid,
+                Resource::Target("x509-svid".into()),
+            ),
+        ];
+        for (what, c, action, res) in rows {
+            let d = e.decide(&p, action, &res, &c).unwrap();
+            assert!(!d.allowed, "{what}");
+            assert_eq!(d.deny_reason(), "no policy permits", "{what}");
+        }
+        let mut frozen = ctx(600, Some("10.1.2.3"));
+        frozen.now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_790_000_000); // 2026-09-21
+        let d = e.decide(&p, Action::MintJwtSvid, &aud, &frozen).unwrap();
+        assert!(!d.allowed, "outside the time window");
+        assert_eq!(d.policies, ["change-freeze"]);
+        assert_eq!(d.deny_reason(), "forbidden by change-freeze");
+    }
+
+    #[test]
+    fn empty_directory_denies_everything() {
+        let (_d, e) = engine(&[]);
+        let e = e.unwrap();
+        assert_eq!(e.count(), 0);
+        let id: SpiffeId = "spiffe://example.org/x".parse().unwrap();
+        let claims = Map::new();
+        let d = e
+            .decide(
+                &Principal {
+                    spiffe_id: &id,
+                    attestor: "unix",
+                    claims: &claims,
+                },
+                Action::MintX509Svid,
+                &Resource::Target("x509-svid".into()),
+                &ctx(60, None),
+            )
+            .unwrap();
+        assert!(!d.allowed);
+    }
+
+    #[test]
+    fn problems_name_file_and_line() {
+        let (d, e) = engine(&[
+            (
+                "a.cedar",
+                "@id(\"ok\")\npermit (principal, action, resource);\n",
+            ),
+            (
+                "b.cedar",
+                "\n\npermit (principal, action, resource) when { principal.nope == 1 };\n",
+            ),
+            ("c.cedar", "permit (principal, action, resource)\n"),
+        ]);
+        let problems = e.err().unwrap();
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        // Parse errors are reported first (validation runs only on parsable sets).
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.file == d.path().join("c.cedar") && p.line.is_some()),
+            "{shown:#?}"
+        );
+        std::fs::remove_file(d.path().join("c.cedar")).unwrap();
+        let problems = PolicyEngine::load(d.path()).err().unwrap();
+        let p = &problems[0];
+        assert_eq!(p.file, d.path().join("b.cedar"), "{problems:?}");
+        assert_eq!(p.line, Some(3), "{problems:?}");
+        assert!(p.message.contains("nope"), "{}", p.message);
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused() {
+        let (_d, e) = engine(&[
+            (
+                "a.cedar",
+                "@id(\"same\")\npermit (principal, action, resource);\n",
+            ),
+            (
+                "b.cedar",
+                "@id(\"same\")\npermit (principal, action, resource);\n",
+            ),
+        ]);
+        let problems = e.err().unwrap();
+        assert!(
+            problems[0].message.contains("duplicate policy id"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn failed_reload_keeps_previous_policies() {
+        let (d, e) = engine(&[(
+            "a.cedar",
+            "@id(\"all\")\npermit (principal, action, resource);\n",
+        )]);
+        let e = e.unwrap();
+        std::fs::write(d.path().join("a.cedar"), "permit (principal, action").unwrap();
+        assert!(e.reload_if_changed().unwrap().is_err());
+        assert_eq!(e.count(), 1, "old policy still serving");
+        assert!(
+            e.reload_if_changed().is_none(),
+            "a broken file is not re-parsed every poll"
+        );
+        std::fs::write(d.path().join("a.cedar"), "").unwrap();
+        assert_eq!(e.reload_if_changed().unwrap(), Ok(0));
+    }
+
+    #[test]
+    fn too_many_claims_are_refused() {
+        let mut claims = Map::new();
+        for i in 0..=MAX_CLAIM_TAGS {
+            claims.insert(format!("c{i}"), Value::from(i));
+        }
+        assert!(matches!(claim_tags(&claims), Err(PolicyError::Request(_))));
+    }
+}
