@@ -1,0 +1,138 @@
+//! Cedar policy through a real broker: every request is decided at that moment, edits take
+//! effect on the very next request, and a broken edit leaves the previous policies serving.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ephemera::api::pb::v1::{MintJwtSvidRequest, MintX509SvidRequest};
+use tonic::Code;
+
+fn jwt(ttl: Option<u64>) -> MintJwtSvidRequest {
+    MintJwtSvidRequest {
+        audience: vec!["deploy".into()],
+        ttl_seconds: ttl,
+        spiffe_id: String::new(),
+    }
+}
+
+const X509_ONLY: &str = r#"
+@id("x509-only")
+permit (principal, action == Ephemera::Action::"MintX509Svid", resource);
+"#;
+
+#[tokio::test]
+async fn an_edit_that_removes_a_permission_fails_the_very_next_request() {
+    let b = start(&uid_rule()).await;
+    let mut client = b.unix_client().await;
+    client.mint_jwt_svid(jwt(None)).await.unwrap();
+
+    std::fs::write(policy_file(&b), X509_ONLY).unwrap();
+    b.running.broker.policy().reload().unwrap();
+
+    let err = client.mint_jwt_svid(jwt(None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.message(), "denied by policy");
+    client
+        .mint_x509_svid(MintX509SvidRequest::default())
+        .await
+        .expect("still permitted");
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn file_changes_are_picked_up_without_a_signal() {
+    let b = start(&uid_rule()).await;
+    let mut reloads = b.running.broker.policy().subscribe();
+    std::fs::write(policy_file(&b), X509_ONLY).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), reloads.changed())
+        .await
+        .expect("policy change noticed within 10s")
+        .unwrap();
+    let err = b
+        .unix_client()
+        .await
+        .mint_jwt_svid(jwt(None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_policy_is_reported_and_the_old_one_keeps_serving() {
+    let b = start(&uid_rule()).await;
+    std::fs::write(
+        policy_file(&b),
+        "permit (principal, action, resource) when { principal.no_such_attr };",
+    )
+    .unwrap();
+    let problems = b.running.broker.policy().reload().unwrap_err();
+    assert!(
+        problems[0].to_string().contains("test.cedar:1"),
+        "{problems:?}"
+    );
+    std::fs::write(policy_file(&b), "permit (principal,").unwrap();
+    let problems = b.running.broker.policy().reload().unwrap_err();
+    assert!(
+        problems[0].to_string().contains("test.cedar"),
+        "{problems:?}"
+    );
+    b.unix_client()
+        .await
+        .mint_jwt_svid(jwt(None))
+        .await
+        .expect("previous allow-all policy still serving");
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ttl_above_the_policy_cap_is_denied() {
+    let cap = r#"
+@id("short-jwt")
+permit (principal, action == Ephemera::Action::"MintJwtSvid", resource == Ephemera::Audience::"deploy")
+when { principal.attestor == "unix" && context.requested_ttl_secs <= 600 && !(context has source_ip) };
+"#;
+    let b = start_with_policy(&uid_rule(), cap).await;
+    let mut client = b.unix_client().await;
+    client.mint_jwt_svid(jwt(Some(600))).await.unwrap();
+    client
+        .mint_jwt_svid(jwt(None))
+        .await
+        .expect("default ttl (5m) is under the cap");
+    let err = client.mint_jwt_svid(jwt(Some(601))).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = client
+        .mint_jwt_svid(MintJwtSvidRequest {
+            audience: vec!["deploy".into(), "other".into()],
+            ..jwt(None)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "every audience must be permitted"
+    );
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_policies_means_deny() {
+    let b = start_with_policy(&uid_rule(), "").await;
+    let err = b
+        .unix_client()
+        .await
+        .mint_x509_svid(MintX509SvidRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    b.running.shutdown().await.unwrap();
+}
