@@ -17,6 +17,8 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use crate::api::broker::BrokerService;
 use crate::api::pb::v1::broker_server::BrokerServer;
 use crate::attest::Attestors;
+use crate::attest::jwks::JwksCache;
+use crate::attest::oidc::{OidcAttestor, OidcIssuer};
 use crate::attest::unix::UnixAttestor;
 use crate::broker::{Broker, Limits};
 use crate::ca::{Ca, CaError, keys};
@@ -148,6 +150,29 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
     Ok(listener)
 }
 
+/// The configured attestors, most explicit evidence first: a bearer token, then the Unix peer.
+fn attestors(config: &Config, clock: Arc<dyn Clock>) -> Attestors {
+    let mut list: Vec<Box<dyn crate::attest::Attestor>> = Vec::new();
+    if !config.oidc.is_empty() {
+        let issuers = config
+            .oidc
+            .iter()
+            .map(|o| OidcIssuer {
+                issuer: o.issuer.clone(),
+                audiences: o.audiences.clone(),
+                algorithms: o.algorithms.clone(),
+                max_token_age: o.max_token_age,
+                clock_skew: o.clock_skew,
+                required_claims: o.required_claims.clone(),
+                jwks: JwksCache::new(o.jwks.clone(), o.jwks_refetch_interval),
+            })
+            .collect();
+        list.push(Box::new(OidcAttestor::new(issuers, clock)));
+    }
+    list.push(Box::new(UnixAttestor::new()));
+    Attestors::new(list)
+}
+
 /// Starts a broker from `config`; the CA must already exist in the data directory.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
     let grpc_tcp = bind_tcp("grpc", config.grpc.listen).await?;
@@ -178,7 +203,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     })?);
     let broker = Arc::new(Broker::new(
         config.trust_domain.clone(),
-        Attestors::new(vec![Box::new(UnixAttestor::new())]),
+        attestors(&config, clock.clone()),
         Mapper::new(config.trust_domain.clone(), config.mappings.clone()),
         policy.clone(),
         ca.clone(),

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::attest::jwks::{Alg, JwksSource, check_url};
 use crate::id::{TrustDomain, Ttl};
-use crate::policy::mapping::{MappingRule, MatchValue};
+use crate::policy::mapping::{ClaimPath, MappingRule, MatchValue};
 
 /// Default gRPC TCP listen address.
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8443";
@@ -42,8 +43,57 @@ pub struct RawConfig {
     pub log: RawLog,
     /// Cedar policy.
     pub policy: RawPolicy,
+    /// Trusted OIDC issuers.
+    pub oidc: Vec<RawOidc>,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
+}
+
+/// One `[[oidc]]` issuer as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawOidc {
+    /// Exact `iss` value.
+    pub issuer: Option<String>,
+    /// JWKS URL.
+    pub jwks_url: Option<String>,
+    /// JWKS file.
+    pub jwks_file: Option<PathBuf>,
+    /// PEM trust anchors for `jwks_url`.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Accepted audiences.
+    pub audiences: Vec<String>,
+    /// Accepted algorithms.
+    pub algorithms: Option<Vec<String>>,
+    /// Oldest `iat` accepted.
+    pub max_token_age: Option<String>,
+    /// Tolerance for time claims.
+    pub clock_skew: Option<String>,
+    /// Least time between JWKS refetches for unknown key ids.
+    pub jwks_refetch_interval: Option<String>,
+    /// Claim path → required value(s).
+    pub required_claims: BTreeMap<String, toml::Value>,
+}
+
+/// A validated OIDC issuer.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Where its keys come from.
+    pub jwks: JwksSource,
+    /// Accepted audiences (at least one).
+    pub audiences: Vec<String>,
+    /// Accepted algorithms.
+    pub algorithms: Vec<Alg>,
+    /// Oldest `iat` accepted.
+    pub max_token_age: Option<Duration>,
+    /// Tolerance for `exp`, `nbf`, `iat`.
+    pub clock_skew: Duration,
+    /// Least time between refetches for unknown key ids.
+    pub jwks_refetch_interval: Duration,
+    /// Claims that must have given values.
+    pub required_claims: Vec<(ClaimPath, MatchValue)>,
 }
 
 /// `[policy]` as written.
@@ -146,6 +196,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Directory of Cedar policy files (`*.cedar`).
     pub policy_dir: PathBuf,
+    /// Trusted OIDC issuers.
+    pub oidc: Vec<OidcConfig>,
     /// Identity-mapping rules, tried in order.
     pub mappings: Vec<MappingRule>,
 }
@@ -452,6 +504,16 @@ impl Config {
             }
         };
 
+        let mut oidc = Vec::new();
+        for (i, raw) in raw.oidc.iter().enumerate() {
+            if let Some(o) = oidc_issuer(&mut p, &format!("oidc[{i}]"), raw, base) {
+                if oidc.iter().any(|x: &OidcConfig| x.issuer == o.issuer) {
+                    p.push(format!("oidc[{i}].issuer"), "issuer is configured twice");
+                }
+                oidc.push(o);
+            }
+        }
+
         let mut mappings = Vec::new();
         if let Some(td) = &trust_domain {
             for (i, m) in raw.mapping.iter().enumerate() {
@@ -526,12 +588,104 @@ impl Config {
                     jwt_issuer,
                     log: LogConfig { level, format: f },
                     policy_dir,
+                    oidc,
                     mappings,
                 })
             }
             _ => Err(ConfigError::Invalid(p.0)),
         }
     }
+}
+
+fn oidc_issuer(p: &mut Problems, key: &str, raw: &RawOidc, base: &Path) -> Option<OidcConfig> {
+    let before = p.0.len();
+    let issuer = match raw.issuer.as_deref() {
+        Some(i) if i.starts_with("https://") || i.starts_with("http://") => Some(i.to_owned()),
+        Some(i) => {
+            p.push(
+                format!("{key}.issuer"),
+                format!("{i:?} must be an https:// URL"),
+            );
+            None
+        }
+        None => {
+            p.push(format!("{key}.issuer"), "is required");
+            None
+        }
+    };
+    let jwks = match (&raw.jwks_url, &raw.jwks_file) {
+        (Some(url), None) => p
+            .check(&format!("{key}.jwks_url"), check_url(url))
+            .map(|()| JwksSource::Url {
+                url: url.clone(),
+                ca_file: raw.jwks_ca_file.as_ref().map(|f| base.join(f)),
+            }),
+        (None, Some(file)) => Some(JwksSource::File(base.join(file))),
+        _ => {
+            p.push(
+                format!("{key}.jwks_url"),
+                "set exactly one of jwks_url and jwks_file",
+            );
+            None
+        }
+    };
+    if raw.audiences.is_empty() {
+        p.push(
+            format!("{key}.audiences"),
+            "at least one audience is required (the token's aud must name this broker)",
+        );
+    }
+    let algorithms: Vec<Alg> = match &raw.algorithms {
+        None => vec![Alg::Rs256, Alg::Es256],
+        Some(list) if list.is_empty() => {
+            p.push(format!("{key}.algorithms"), "must not be empty");
+            Vec::new()
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(j, a)| p.check(&format!("{key}.algorithms[{j}]"), Alg::parse(a)))
+            .collect(),
+    };
+    let duration = |p: &mut Problems, field: &str, v: &Option<String>, default: Option<&str>| {
+        v.as_deref()
+            .or(default)
+            .and_then(|d| p.check(&format!("{key}.{field}"), parse_duration(d)))
+    };
+    let max_token_age = duration(p, "max_token_age", &raw.max_token_age, None);
+    let clock_skew = duration(p, "clock_skew", &raw.clock_skew, Some("30s")).unwrap_or_default();
+    if clock_skew > Duration::from_secs(300) {
+        p.push(format!("{key}.clock_skew"), "must be at most 5m");
+    }
+    let jwks_refetch_interval = duration(
+        p,
+        "jwks_refetch_interval",
+        &raw.jwks_refetch_interval,
+        Some("30s"),
+    )
+    .unwrap_or_default();
+    let mut required_claims = Vec::new();
+    for (path, value) in &raw.required_claims {
+        let field = format!("{key}.required_claims.{path}");
+        match (ClaimPath::parse(path), match_value(value)) {
+            (Ok(cp), Some(v)) => required_claims.push((cp, v)),
+            (Err(e), _) => p.push(field, e),
+            (_, None) => p.push(field, "must be a string, number, boolean or a list of them"),
+        }
+    }
+    if p.0.len() != before {
+        return None;
+    }
+    Some(OidcConfig {
+        issuer: issuer?,
+        jwks: jwks?,
+        audiences: raw.audiences.clone(),
+        algorithms,
+        max_token_age,
+        clock_skew,
+        jwks_refetch_interval,
+        required_claims,
+    })
 }
 
 fn ttl_limits(
@@ -787,6 +941,48 @@ mod tests {
         }
         let missing = problems("");
         assert_eq!(missing.len(), 2, "{missing:?}");
+    }
+
+    #[test]
+    fn oidc_issuers_are_validated() {
+        let good = format!(
+            "{MINIMAL}\n[[oidc]]\nissuer = \"https://token.actions.githubusercontent.com\"\njwks_url = \"https://token.actions.githubusercontent.com/.well-known/jwks\"\naudiences = [\"https://ephemera.example.org\"]\nrequired_claims = {{ repository_owner = \"acme\" }}\n"
+        );
+        let c = Config::from_toml(&good, Path::new("/")).unwrap();
+        assert_eq!(c.oidc.len(), 1);
+        assert_eq!(c.oidc[0].algorithms, [Alg::Rs256, Alg::Es256]);
+        assert_eq!(c.oidc[0].clock_skew, Duration::from_secs(30));
+        let rows: &[(&str, &str)] = &[
+            (
+                "issuer = \"https://i\"\naudiences = [\"a\"]",
+                "oidc[0].jwks_url",
+            ),
+            (
+                "issuer = \"https://i\"\njwks_file = \"j\"",
+                "oidc[0].audiences",
+            ),
+            (
+                "issuer = \"https://i\"\njwks_file = \"j\"\naudiences = [\"a\"]\nalgorithms = [\"HS256\"]",
+                "oidc[0].algorithms[0]",
+            ),
+            (
+                "issuer = \"https://i\"\njwks_file = \"j\"\naudiences = [\"a\"]\nalgorithms = [\"none\"]",
+                "oidc[0].algorithms[0]",
+            ),
+            (
+                "issuer = \"https://i\"\njwks_url = \"http://example.com/k\"\naudiences = [\"a\"]",
+                "oidc[0].jwks_url",
+            ),
+            ("jwks_file = \"j\"\naudiences = [\"a\"]", "oidc[0].issuer"),
+            (
+                "issuer = \"https://i\"\njwks_file = \"j\"\naudiences = [\"a\"]\nclock_skew = \"1h\"",
+                "oidc[0].clock_skew",
+            ),
+        ];
+        for (body, key) in rows {
+            let got = problems(&format!("{MINIMAL}\n[[oidc]]\n{body}\n"));
+            assert!(got.iter().any(|(k, _)| k == key), "{key}: {got:?}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tonic::Request;
 use tonic::transport::server::UdsConnectInfo;
 
 use crate::attest::{Evidence, UnixPeer};
+use crate::secret::Secret;
 
 /// Generated protobuf and gRPC code.
 pub mod pb {
@@ -41,8 +42,20 @@ pub fn evidence<T>(request: &Request<T>) -> Evidence {
             gid: cred.gid(),
             pid: cred.pid(),
         });
+    let bearer = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            let token = v
+                .strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .unwrap_or(v);
+            Secret::new(token.trim().to_owned())
+        });
     Evidence {
         unix_peer,
         source: request.remote_addr(),
+        bearer,
     }
 }

@@ -19,6 +19,17 @@ pub fn to_status(err: &BrokerError) -> Status {
         BrokerError::Attest(AttestError::NoEvidence) => Status::unauthenticated(
             "no evidence: call over the broker's Unix socket or present a credential",
         ),
+        // Token problems describe the caller's own token, so they are safe and useful to show.
+        BrokerError::Attest(e @ AttestError::TokenTooLarge { .. }) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        BrokerError::Attest(e @ AttestError::TokenInvalid(_)) => {
+            Status::unauthenticated(e.to_string())
+        }
+        BrokerError::Attest(AttestError::KeysUnavailable(detail)) => {
+            tracing::warn!(error = %detail, "cannot verify evidence: issuer keys unavailable");
+            Status::unavailable("cannot verify the token now: issuer keys unavailable")
+        }
         BrokerError::Attest(_) => Status::unauthenticated("attestation failed"),
         BrokerError::Mapping(MappingError::NoMapping) => {
             Status::permission_denied("no identity mapping")

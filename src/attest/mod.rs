@@ -4,6 +4,8 @@
 //! on a request answers `Ok(None)` so the next one can try; one that finds evidence and rejects
 //! it answers an error, and the request is refused. Attestors never log token contents.
 
+pub mod jwks;
+pub mod oidc;
 pub mod unix;
 
 use std::future::Future;
@@ -13,8 +15,10 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value};
 
+use crate::secret::Secret;
+
 /// Names of the attestors identity-mapping rules may refer to.
-pub const ATTESTOR_NAMES: &[&str] = &[unix::NAME];
+pub const ATTESTOR_NAMES: &[&str] = &[oidc::NAME, unix::NAME];
 
 /// A boxed future, so attestors can be stored as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -37,6 +41,8 @@ pub struct Evidence {
     pub unix_peer: Option<UnixPeer>,
     /// Remote address, for requests over TCP.
     pub source: Option<SocketAddr>,
+    /// A bearer token from the `authorization` metadata.
+    pub bearer: Option<Secret<String>>,
 }
 
 /// Who the caller was proven to be.
@@ -60,6 +66,20 @@ pub enum AttestError {
     /// The request carried no evidence any configured attestor understands.
     #[error("no evidence: call over the broker's Unix socket or present a credential")]
     NoEvidence,
+    /// The bearer token is larger than allowed.
+    #[error("token is {size} bytes, over the limit of {max} bytes")]
+    TokenTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The bearer token failed verification; the message says which check (never the token).
+    #[error("{0}")]
+    TokenInvalid(String),
+    /// The issuer's keys could not be fetched, so no token of it can be verified now.
+    #[error("issuer keys unavailable: {0}")]
+    KeysUnavailable(String),
     /// The peer process could not be inspected (it exited, or `/proc` refused).
     #[error("cannot inspect peer process {pid}: {reason}")]
     PeerUnreadable {

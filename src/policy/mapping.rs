@@ -33,6 +33,19 @@ impl MatchValue {
             Self::AnyOf(list) => list.iter().any(|w| w == v),
         }
     }
+
+    /// Whether a claim satisfies this condition: a scalar equal to an accepted value, or an
+    /// array holding one. A missing claim never does.
+    pub fn matches(&self, claim: Option<&Value>) -> bool {
+        match claim {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(scalar_text)
+                .any(|v| self.accepts(&v)),
+            Some(v) => scalar_text(v).is_some_and(|v| self.accepts(&v)),
+            None => false,
+        }
+    }
 }
 
 /// Why an attested identity could not be mapped.
