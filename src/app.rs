@@ -29,6 +29,10 @@ use crate::id::SpiffeId;
 use crate::policy::cedar::PolicyProblem;
 use crate::policy::{Mapper, PolicyEngine};
 
+/// Largest HTTP/2 header list accepted: above the 16 KiB token limit, so an oversized token
+/// gets the attestor's `ResourceExhausted` naming the limit rather than a bare HTTP 431.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
 /// How often the policy directory is checked for changes.
 pub const POLICY_POLL: Duration = Duration::from_secs(1);
 
@@ -253,7 +257,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     }));
 
     // gRPC over TCP: TLS with a serving certificate from our own CA, unless explicitly plaintext.
-    let mut tcp_server = Server::builder();
+    let mut tcp_server = Server::builder().http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
     let scheme = if config.grpc.insecure_plaintext {
         tracing::warn!(addr = %grpc_addr, "gRPC on TCP is plaintext (grpc.insecure_plaintext)");
         "http"
@@ -307,6 +311,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         Server::builder()
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_routes(unix_routes)
             .serve_with_incoming_shutdown(UnixListenerStream::new(socket_listener), async move {
                 let _ = rx.wait_for(|stop| *stop).await;
