@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::api::broker::BrokerService;
 use crate::api::pb::v1::broker_server::BrokerServer;
@@ -20,6 +20,7 @@ use crate::attest::Attestors;
 use crate::attest::jwks::JwksCache;
 use crate::attest::oidc::{OidcAttestor, OidcIssuer};
 use crate::attest::unix::UnixAttestor;
+use crate::attest::x509pop::{ClientCas, X509PopAttestor};
 use crate::broker::{Broker, Limits};
 use crate::ca::{Ca, CaError, keys};
 use crate::clock::Clock;
@@ -63,6 +64,9 @@ pub enum StartError {
         /// Every problem, by file and line.
         problems: Vec<PolicyProblem>,
     },
+    /// The x509pop client CA bundles could not be loaded.
+    #[error("x509pop.ca_bundles: {0}")]
+    ClientCa(String),
     /// Another broker is already serving on the socket.
     #[error("another broker is already serving on {}", .0.display())]
     SocketInUse(PathBuf),
@@ -74,7 +78,7 @@ pub enum StartError {
 impl StartError {
     /// Whether this is the operator's configuration (exit 64) rather than a runtime failure.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Policy { .. })
+        matches!(self, Self::Policy { .. } | Self::ClientCa(_))
             || matches!(
                 self,
                 Self::Ca(
@@ -154,8 +158,51 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
     Ok(listener)
 }
 
-/// The configured attestors, most explicit evidence first: a bearer token, then the Unix peer.
-fn attestors(config: &Config, clock: Arc<dyn Clock>) -> Attestors {
+/// The TLS configuration of the gRPC TCP listener: a serving certificate from our own CA for
+/// `grpc.server_names`, and client certificates requested when `x509pop` is configured.
+fn tls_config(
+    config: &Config,
+    ca: &Ca,
+    clock: &dyn Clock,
+    client_ca_subjects: Option<Vec<Vec<u8>>>,
+) -> Result<rustls::ServerConfig, StartError> {
+    let names = &config.grpc.server_names;
+    let dns: Vec<String> = names
+        .iter()
+        .filter_map(|n| match n {
+            ServerName::Dns(d) => Some(d.clone()),
+            ServerName::Ip(_) => None,
+        })
+        .collect();
+    let ips: Vec<IpAddr> = names
+        .iter()
+        .filter_map(|n| match n {
+            ServerName::Ip(ip) => Some(*ip),
+            ServerName::Dns(_) => None,
+        })
+        .collect();
+    let broker_id = SpiffeId::parse_in(
+        &format!("{}/ephemera/broker", config.trust_domain.id_uri()),
+        &config.trust_domain,
+    )
+    .map_err(|e| StartError::Setup(e.to_string()))?;
+    let serving = ca
+        .x509
+        .serving_identity(&broker_id, &dns, &ips, clock.now(), SERVING_CERT_TTL)
+        .map_err(|e| StartError::Setup(format!("serving certificate: {e}")))?;
+    let chain = serving.chain.into_iter().map(Into::into).collect();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(serving.key.into_inner().into());
+    crate::api::tls::server_config(
+        chain,
+        key,
+        client_ca_subjects.map(|s| s.into_iter().map(Into::into).collect()),
+    )
+    .map_err(|e| StartError::Setup(format!("tls: {e}")))
+}
+
+/// The configured attestors, most explicit evidence first: a bearer token, a client
+/// certificate, then the Unix peer.
+fn attestors(config: &Config, clock: Arc<dyn Clock>, client_cas: Option<ClientCas>) -> Attestors {
     let mut list: Vec<Box<dyn crate::attest::Attestor>> = Vec::new();
     if !config.oidc.is_empty() {
         let issuers = config
@@ -171,7 +218,10 @@ fn attestors(config: &Config, clock: Arc<dyn Clock>) -> Attestors {
                 jwks: JwksCache::new(o.jwks.clone(), o.jwks_refetch_interval),
             })
             .collect();
-        list.push(Box::new(OidcAttestor::new(issuers, clock)));
+        list.push(Box::new(OidcAttestor::new(issuers, clock.clone())));
+    }
+    if let Some(cas) = client_cas {
+        list.push(Box::new(X509PopAttestor::new(cas, clock)));
     }
     list.push(Box::new(UnixAttestor::new()));
     Attestors::new(list)
@@ -199,6 +249,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         &public_url,
         config.jwt_issuer.clone(),
     )?);
+    let client_cas = if config.x509pop_ca_bundles.is_empty() {
+        None
+    } else {
+        Some(ClientCas::load(&config.x509pop_ca_bundles).map_err(StartError::ClientCa)?)
+    };
+    let client_cas_subjects = client_cas.as_ref().map(|c| c.subjects.clone());
     let policy = Arc::new(PolicyEngine::load(&config.policy_dir).map_err(|problems| {
         StartError::Policy {
             dir: config.policy_dir.clone(),
@@ -207,7 +263,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     })?);
     let broker = Arc::new(Broker::new(
         config.trust_domain.clone(),
-        attestors(&config, clock.clone()),
+        attestors(&config, clock.clone(), client_cas),
         Mapper::new(config.trust_domain.clone(), config.mappings.clone()),
         policy.clone(),
         ca.clone(),
@@ -257,54 +313,34 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     }));
 
     // gRPC over TCP: TLS with a serving certificate from our own CA, unless explicitly plaintext.
-    let mut tcp_server = Server::builder().http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
+    let tcp_routes = routes()?;
+    let tcp_server = Server::builder()
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .add_routes(tcp_routes);
+    let mut rx = shutdown_rx.clone();
+    let stop = async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
     let scheme = if config.grpc.insecure_plaintext {
         tracing::warn!(addr = %grpc_addr, "gRPC on TCP is plaintext (grpc.insecure_plaintext)");
+        tasks.push(tokio::spawn(async move {
+            tcp_server
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_tcp), stop)
+                .await
+                .map_err(|e| format!("grpc tcp server: {e}"))
+        }));
         "http"
     } else {
-        let names = &config.grpc.server_names;
-        let dns: Vec<String> = names
-            .iter()
-            .filter_map(|n| match n {
-                ServerName::Dns(d) => Some(d.clone()),
-                ServerName::Ip(_) => None,
-            })
-            .collect();
-        let ips: Vec<IpAddr> = names
-            .iter()
-            .filter_map(|n| match n {
-                ServerName::Ip(ip) => Some(*ip),
-                ServerName::Dns(_) => None,
-            })
-            .collect();
-        let broker_id = SpiffeId::parse_in(
-            &format!("{}/ephemera/broker", config.trust_domain.id_uri()),
-            &config.trust_domain,
-        )
-        .map_err(|e| StartError::Setup(e.to_string()))?;
-        let serving = ca
-            .x509
-            .serving_identity(&broker_id, &dns, &ips, clock.now(), SERVING_CERT_TTL)
-            .map_err(|e| StartError::Setup(format!("serving certificate: {e}")))?;
-        tcp_server = tcp_server
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(
-                serving.chain_pem,
-                serving.key_pem.expose(),
-            )))
-            .map_err(|e| StartError::Setup(format!("tls: {e}")))?;
+        let tls = tls_config(&config, &ca, clock.as_ref(), client_cas_subjects)?;
+        let incoming = crate::api::tls::incoming(grpc_tcp, Arc::new(tls), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            tcp_server
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await
+                .map_err(|e| format!("grpc tcp server: {e}"))
+        }));
         "https"
     };
-    let tcp_routes = routes()?;
-    let mut rx = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        tcp_server
-            .add_routes(tcp_routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_tcp), async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })
-            .await
-            .map_err(|e| format!("grpc tcp server: {e}"))
-    }));
 
     let socket_listener = bind_socket(&config.grpc.socket).await?;
     let unix_routes = routes()?;

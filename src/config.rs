@@ -45,8 +45,18 @@ pub struct RawConfig {
     pub policy: RawPolicy,
     /// Trusted OIDC issuers.
     pub oidc: Vec<RawOidc>,
+    /// mTLS client certificate attestation.
+    pub x509pop: RawX509Pop,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
+}
+
+/// `[x509pop]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawX509Pop {
+    /// PEM files of the CAs client certificates must chain to.
+    pub ca_bundles: Vec<PathBuf>,
 }
 
 /// One `[[oidc]]` issuer as written.
@@ -198,6 +208,8 @@ pub struct Config {
     pub policy_dir: PathBuf,
     /// Trusted OIDC issuers.
     pub oidc: Vec<OidcConfig>,
+    /// CA bundles for mTLS client certificates; empty disables the `x509pop` attestor.
+    pub x509pop_ca_bundles: Vec<PathBuf>,
     /// Identity-mapping rules, tried in order.
     pub mappings: Vec<MappingRule>,
 }
@@ -442,6 +454,12 @@ impl Config {
                 format!("plaintext is allowed only on a loopback address, not {addr}"),
             );
         }
+        if insecure_plaintext && !raw.x509pop.ca_bundles.is_empty() {
+            p.push(
+                "x509pop.ca_bundles",
+                "client certificates need TLS: remove grpc.insecure_plaintext",
+            );
+        }
         let server_names = raw
             .grpc
             .server_names
@@ -589,6 +607,12 @@ impl Config {
                     log: LogConfig { level, format: f },
                     policy_dir,
                     oidc,
+                    x509pop_ca_bundles: raw
+                        .x509pop
+                        .ca_bundles
+                        .iter()
+                        .map(|b| base.join(b))
+                        .collect(),
                     mappings,
                 })
             }

@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod status;
+pub mod tls;
 
 use tonic::Request;
 use tonic::transport::server::UdsConnectInfo;
@@ -57,5 +58,6 @@ pub fn evidence<T>(request: &Request<T>) -> Evidence {
         unix_peer,
         source: request.remote_addr(),
         bearer,
+        client_chain: request.peer_certs(),
     }
 }

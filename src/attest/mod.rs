@@ -7,6 +7,7 @@
 pub mod jwks;
 pub mod oidc;
 pub mod unix;
+pub mod x509pop;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use serde_json::{Map, Value};
 use crate::secret::Secret;
 
 /// Names of the attestors identity-mapping rules may refer to.
-pub const ATTESTOR_NAMES: &[&str] = &[oidc::NAME, unix::NAME];
+pub const ATTESTOR_NAMES: &[&str] = &[oidc::NAME, unix::NAME, x509pop::NAME];
 
 /// A boxed future, so attestors can be stored as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -43,6 +44,8 @@ pub struct Evidence {
     pub source: Option<SocketAddr>,
     /// A bearer token from the `authorization` metadata.
     pub bearer: Option<Secret<String>>,
+    /// The client certificate chain of an mTLS connection, leaf first.
+    pub client_chain: Option<std::sync::Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
 }
 
 /// Who the caller was proven to be.
@@ -77,6 +80,9 @@ pub enum AttestError {
     /// The bearer token failed verification; the message says which check (never the token).
     #[error("{0}")]
     TokenInvalid(String),
+    /// The client certificate does not verify against the configured CAs.
+    #[error("{0}")]
+    CertificateInvalid(String),
     /// The issuer's keys could not be fetched, so no token of it can be verified now.
     #[error("issuer keys unavailable: {0}")]
     KeysUnavailable(String),

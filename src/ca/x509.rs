@@ -195,10 +195,10 @@ pub struct X509Svid {
 
 /// A TLS serving identity for the broker itself.
 pub struct ServingIdentity {
-    /// PEM chain: leaf then intermediate.
-    pub chain_pem: String,
-    /// PKCS#8 PEM private key.
-    pub key_pem: Secret<String>,
+    /// DER chain: leaf then intermediate.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER private key.
+    pub key: Secret<Vec<u8>>,
 }
 
 /// Signs X.509-SVIDs with the intermediate CA.
@@ -342,13 +342,9 @@ impl X509Minter {
         params.subject_alt_names = sans;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
-        let chain_pem = [cert.der().to_vec(), self.intermediate_der.clone()]
-            .into_iter()
-            .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der)))
-            .collect::<String>();
         Ok(ServingIdentity {
-            chain_pem,
-            key_pem: Secret::new(key.serialize_pem()),
+            chain: vec![cert.der().to_vec(), self.intermediate_der.clone()],
+            key: Secret::new(key.serialize_der()),
         })
     }
 }
