@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["proto/ephemera/v1/broker.proto"];
+const PROTOS: &[&str] = &[
+    "proto/ephemera/v1/admin.proto",
+    "proto/ephemera/v1/broker.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

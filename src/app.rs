@@ -14,14 +14,17 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 
+use crate::api::admin::{AdminAuth, AdminService};
 use crate::api::broker::BrokerService;
+use crate::api::pb::v1::admin_server::AdminServer;
 use crate::api::pb::v1::broker_server::BrokerServer;
 use crate::attest::Attestors;
+use crate::attest::join_token::JoinTokenAttestor;
 use crate::attest::jwks::JwksCache;
 use crate::attest::oidc::{OidcAttestor, OidcIssuer};
 use crate::attest::unix::UnixAttestor;
 use crate::attest::x509pop::{ClientCas, X509PopAttestor};
-use crate::broker::{Broker, Limits};
+use crate::broker::{Broker, BrokerParts, Limits};
 use crate::ca::{Ca, CaError, keys};
 use crate::clock::Clock;
 use crate::config::{Config, ServerName};
@@ -29,6 +32,8 @@ use crate::endpoints::Endpoints;
 use crate::id::SpiffeId;
 use crate::policy::cedar::PolicyProblem;
 use crate::policy::{Mapper, PolicyEngine};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
 
 /// Largest HTTP/2 header list accepted: above the 16 KiB token limit, so an oversized token
 /// gets the attestor's `ResourceExhausted` naming the limit rather than a bare HTTP 431.
@@ -200,10 +205,16 @@ fn tls_config(
     .map_err(|e| StartError::Setup(format!("tls: {e}")))
 }
 
-/// The configured attestors, most explicit evidence first: a bearer token, a client
-/// certificate, then the Unix peer.
-fn attestors(config: &Config, clock: Arc<dyn Clock>, client_cas: Option<ClientCas>) -> Attestors {
-    let mut list: Vec<Box<dyn crate::attest::Attestor>> = Vec::new();
+/// The configured attestors, most explicit evidence first: a join token, a bearer token, a
+/// client certificate, then the Unix peer.
+fn attestors(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    client_cas: Option<ClientCas>,
+    store: Arc<dyn Store>,
+) -> Attestors {
+    let mut list: Vec<Box<dyn crate::attest::Attestor>> =
+        vec![Box::new(JoinTokenAttestor::new(store, clock.clone()))];
     if !config.oidc.is_empty() {
         let issuers = config
             .oidc
@@ -261,18 +272,24 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             problems,
         }
     })?);
-    let broker = Arc::new(Broker::new(
-        config.trust_domain.clone(),
-        attestors(&config, clock.clone(), client_cas),
-        Mapper::new(config.trust_domain.clone(), config.mappings.clone()),
-        policy.clone(),
-        ca.clone(),
-        clock.clone(),
-        Limits {
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&config.database).await.map_err(|e| {
+            StartError::Setup(format!("opening {}: {e}", config.database.display()))
+        })?);
+    let admin_auth = Arc::new(AdminAuth::load(&config.admin_token_file)?);
+    let broker = Arc::new(Broker::new(BrokerParts {
+        trust_domain: config.trust_domain.clone(),
+        attestors: attestors(&config, clock.clone(), client_cas, store.clone()),
+        mapper: Mapper::new(config.trust_domain.clone(), config.mappings.clone()),
+        policy: policy.clone(),
+        ca: ca.clone(),
+        store,
+        clock: clock.clone(),
+        limits: Limits {
             x509: config.x509_svid,
             jwt: config.jwt_svid,
         },
-    ));
+    }));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let max_msg = config.grpc.max_message_bytes;
@@ -285,6 +302,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             .map_err(|e| StartError::Setup(e.to_string()))?;
         let svc = BrokerServer::new(BrokerService::new(broker.clone()))
             .max_decoding_message_size(max_msg);
+        let admin = AdminServer::new(AdminService::new(broker.clone(), admin_auth.clone()))
+            .max_decoding_message_size(max_msg);
         tokio::spawn(async move {
             health_reporter
                 .set_serving::<BrokerServer<BrokerService>>()
@@ -292,7 +311,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         });
         Ok(tonic::service::Routes::new(health)
             .add_service(reflection)
-            .add_service(svc))
+            .add_service(svc)
+            .add_service(admin))
     };
 
     let mut tasks = Vec::new();
@@ -356,7 +376,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             .map_err(|e| format!("grpc unix server: {e}"))
     }));
 
-    let app = crate::http::router(&broker, &public_url);
+    let app = crate::http::router(broker.clone(), &public_url);
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         axum::serve(http_tcp, app)
@@ -373,6 +393,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         http_addr: public_url,
         broker_socket: config.grpc.socket.clone(),
         ca_bundle: config.data_dir.join(keys::BUNDLE),
+        admin_token_file: config
+            .admin_token_file
+            .exists()
+            .then(|| config.admin_token_file.clone()),
     };
     endpoints
         .write(&config.data_dir)

@@ -20,6 +20,7 @@ use crate::id::{Audience, IdError, SpiffeId, TrustDomain, Ttl};
 use crate::policy::cedar::{Action, Decision, Principal, RequestContext, Resource};
 use crate::policy::{Mapper, MappingError, PolicyEngine, PolicyError};
 use crate::secret::Secret;
+use crate::store::{NewJoinToken, Store, StoreError};
 
 /// Why a request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,14 @@ pub enum BrokerError {
         field: &'static str,
         /// What is wrong with it.
         source: IdError,
+    },
+    /// A request field is invalid (fields without an identifier rule).
+    #[error("invalid {field}: {reason}")]
+    BadRequest {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The caller could not be attested.
     #[error(transparent)]
@@ -44,6 +53,9 @@ pub enum BrokerError {
     /// The credential could not be minted.
     #[error(transparent)]
     Mint(#[from] MintError),
+    /// The store could not record or answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A request for an X.509-SVID.
@@ -101,6 +113,26 @@ pub struct Limits {
     pub jwt: TtlLimits,
 }
 
+/// Everything a broker is made of.
+pub struct BrokerParts {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Attestors, tried in order.
+    pub attestors: Attestors,
+    /// Identity mapping.
+    pub mapper: Mapper,
+    /// Cedar policy.
+    pub policy: Arc<PolicyEngine>,
+    /// Keys and minting.
+    pub ca: Arc<Ca>,
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Lifetime limits.
+    pub limits: Limits,
+}
+
 /// The broker core.
 pub struct Broker {
     trust_domain: TrustDomain,
@@ -108,6 +140,7 @@ pub struct Broker {
     mapper: Mapper,
     policy: Arc<PolicyEngine>,
     ca: Arc<Ca>,
+    store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     limits: Limits,
 }
@@ -189,21 +222,24 @@ impl Audit {
 
 impl Broker {
     /// A broker over its parts.
-    pub fn new(
-        trust_domain: TrustDomain,
-        attestors: Attestors,
-        mapper: Mapper,
-        policy: Arc<PolicyEngine>,
-        ca: Arc<Ca>,
-        clock: Arc<dyn Clock>,
-        limits: Limits,
-    ) -> Self {
+    pub fn new(parts: BrokerParts) -> Self {
+        let BrokerParts {
+            trust_domain,
+            attestors,
+            mapper,
+            policy,
+            ca,
+            store,
+            clock,
+            limits,
+        } = parts;
         Self {
             trust_domain,
             attestors,
             mapper,
             policy,
             ca,
+            store,
             clock,
             limits,
         }
@@ -217,6 +253,11 @@ impl Broker {
     /// The CA.
     pub fn ca(&self) -> &Ca {
         &self.ca
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 
     /// The policy engine.
@@ -294,6 +335,57 @@ impl Broker {
         Ok(())
     }
 
+    /// Consumes single-use evidence once the request has succeeded; losing a race to another
+    /// use fails this request, and its credential is never returned.
+    async fn consume_single_use(&self, identity: &AttestedIdentity) -> Result<(), BrokerError> {
+        if let Some(hash) = identity.single_use
+            && !self
+                .store
+                .consume_join_token(hash, self.clock.unix_now())
+                .await?
+        {
+            return Err(AttestError::TokenInvalid("join token already used".into()).into());
+        }
+        Ok(())
+    }
+
+    /// Creates a join token (an admin action, audited). Returns the token, its id and expiry.
+    pub async fn create_join_token(
+        &self,
+        admin: &str,
+        name: &str,
+        ttl: Ttl,
+        claims: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(Secret<String>, String, i64), BrokerError> {
+        let token = crate::attest::join_token::generate(&ring::rand::SystemRandom::new())?;
+        let now = self.clock.unix_now();
+        let id = Uuid::now_v7().to_string();
+        let expires_at = now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let result = self
+            .store
+            .create_join_token(NewJoinToken {
+                hash: crate::attest::join_token::hash(token.expose()),
+                id: id.clone(),
+                name: name.to_owned(),
+                claims,
+                created_at: now,
+                expires_at,
+            })
+            .await;
+        tracing::info!(
+            target: "ephemera::audit",
+            action = "CreateJoinToken",
+            admin,
+            token_id = %id,
+            name,
+            ttl_secs = ttl.as_secs(),
+            decision = if result.is_ok() { "allow" } else { "error" },
+            "admin action"
+        );
+        result?;
+        Ok((token, id, expires_at))
+    }
+
     async fn identify(
         &self,
         evidence: &Evidence,
@@ -345,6 +437,7 @@ impl Broker {
             Some(self.ca.x509.ca_not_after()),
         )?;
         let svid = self.ca.x509.mint(&spiffe_id, key, now, not_after)?;
+        self.consume_single_use(&identity).await?;
         audit.granted_ttl_secs = Some(granted_secs(now, svid.not_after));
         tracing::debug!(spiffe_id = %spiffe_id, serial = %svid.serial, "minted x509 svid");
         Ok(MintedX509 {
@@ -405,6 +498,7 @@ impl Broker {
             iat,
             jti: &jti,
         })?;
+        self.consume_single_use(&identity).await?;
         audit.granted_ttl_secs = Some(u64::try_from(exp - iat).unwrap_or(0));
         tracing::debug!(spiffe_id = %spiffe_id, jti = %jti, "minted jwt svid");
         Ok(MintedJwt {

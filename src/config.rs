@@ -47,8 +47,18 @@ pub struct RawConfig {
     pub oidc: Vec<RawOidc>,
     /// mTLS client certificate attestation.
     pub x509pop: RawX509Pop,
+    /// The Admin API.
+    pub admin: RawAdmin,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
+}
+
+/// `[admin]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAdmin {
+    /// The admin token file.
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[x509pop]` as written.
@@ -210,6 +220,10 @@ pub struct Config {
     pub oidc: Vec<OidcConfig>,
     /// CA bundles for mTLS client certificates; empty disables the `x509pop` attestor.
     pub x509pop_ca_bundles: Vec<PathBuf>,
+    /// The admin token file (mode 0600); missing disables the Admin API.
+    pub admin_token_file: PathBuf,
+    /// The SQLite database file.
+    pub database: PathBuf,
     /// Identity-mapping rules, tried in order.
     pub mappings: Vec<MappingRule>,
 }
@@ -587,6 +601,12 @@ impl Config {
                     .dir
                     .map(|d| base.join(d))
                     .unwrap_or_else(|| data_dir.join("policies"));
+                let admin_token_file = raw
+                    .admin
+                    .token_file
+                    .map(|f| base.join(f))
+                    .unwrap_or_else(|| data_dir.join(crate::api::admin::TOKEN_FILE));
+                let database = data_dir.join(crate::store::sqlite::FILE);
                 Ok(Config {
                     trust_domain,
                     data_dir,
@@ -613,6 +633,8 @@ impl Config {
                         .iter()
                         .map(|b| base.join(b))
                         .collect(),
+                    admin_token_file,
+                    database,
                     mappings,
                 })
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
@@ -15,19 +15,23 @@ use crate::broker::Broker;
 use crate::ca::bundle::openid_configuration;
 
 struct HttpState {
+    broker: Arc<Broker>,
     discovery: String,
     jwks: String,
     bundle: String,
 }
 
 /// The HTTP routes. `public_url` is the base URL relying parties reach this server at.
-pub fn router(broker: &Broker, public_url: &str) -> Router {
+pub fn router(broker: Arc<Broker>, public_url: &str) -> Router {
     let ca = broker.ca();
     let issuer = ca.jwt.issuer().unwrap_or(public_url);
+    let discovery = openid_configuration(issuer, &format!("{public_url}/keys")).to_string();
+    let (jwks, bundle) = (ca.jwks_json.clone(), ca.bundle_json.clone());
     let state = Arc::new(HttpState {
-        discovery: openid_configuration(issuer, &format!("{public_url}/keys")).to_string(),
-        jwks: ca.jwks_json.clone(),
-        bundle: ca.bundle_json.clone(),
+        broker: broker.clone(),
+        discovery,
+        jwks,
+        bundle,
     });
     Router::new()
         .route(
@@ -43,8 +47,22 @@ pub fn router(broker: &Broker, public_url: &str) -> Router {
             get(|State(s): State<Arc<HttpState>>| async move { json(s.bundle.clone()) }),
         )
         .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// Ready when the store answers: a broker that cannot record leases must not get traffic.
+async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
+    match s.broker.store().ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: store unavailable\n".to_owned(),
+            )
+        }
+    }
 }
 
 fn json(body: String) -> impl IntoResponse {

@@ -19,3 +19,4 @@ pub mod http;
 pub mod id;
 pub mod policy;
 pub mod secret;
+pub mod store;

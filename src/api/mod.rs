@@ -3,6 +3,7 @@
 //! The only place (with `http.rs`) that knows about transports. Services translate requests into
 //! typed broker requests and call `broker.rs`; they hold no logic of their own.
 
+pub mod admin;
 pub mod broker;
 pub mod status;
 pub mod tls;
@@ -58,6 +59,11 @@ pub fn evidence<T>(request: &Request<T>) -> Evidence {
         unix_peer,
         source: request.remote_addr(),
         bearer,
+        join_token: request
+            .metadata()
+            .get(crate::attest::join_token::METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| Secret::new(v.trim().to_owned())),
         client_chain: request.peer_certs(),
     }
 }

@@ -15,7 +15,9 @@ use crate::policy::{MappingError, PolicyError};
 /// Maps a broker error to the status the caller sees.
 pub fn to_status(err: &BrokerError) -> Status {
     match err {
-        BrokerError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+        BrokerError::InvalidArgument { .. } | BrokerError::BadRequest { .. } => {
+            Status::invalid_argument(err.to_string())
+        }
         BrokerError::Attest(AttestError::NoEvidence) => Status::unauthenticated(
             "no evidence: call over the broker's Unix socket or present a credential",
         ),
@@ -27,8 +29,8 @@ pub fn to_status(err: &BrokerError) -> Status {
             e @ (AttestError::TokenInvalid(_) | AttestError::CertificateInvalid(_)),
         ) => Status::unauthenticated(e.to_string()),
         BrokerError::Attest(AttestError::KeysUnavailable(detail)) => {
-            tracing::warn!(error = %detail, "cannot verify evidence: issuer keys unavailable");
-            Status::unavailable("cannot verify the token now: issuer keys unavailable")
+            tracing::warn!(error = %detail, "cannot verify evidence now");
+            Status::unavailable("cannot verify the evidence now; retry later")
         }
         BrokerError::Attest(_) => Status::unauthenticated("attestation failed"),
         BrokerError::Mapping(MappingError::NoMapping) => {
@@ -45,6 +47,10 @@ pub fn to_status(err: &BrokerError) -> Status {
         }
         BrokerError::Policy(PolicyError::Request(_)) => {
             Status::permission_denied("request could not be authorized")
+        }
+        BrokerError::Store(e) => {
+            tracing::error!(error = %e, "store failure");
+            Status::unavailable("the broker cannot record credentials now; retry later")
         }
         BrokerError::Mint(m) => match m {
             MintError::CsrTooLarge { .. } => Status::resource_exhausted(m.to_string()),

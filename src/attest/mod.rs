@@ -4,6 +4,7 @@
 //! on a request answers `Ok(None)` so the next one can try; one that finds evidence and rejects
 //! it answers an error, and the request is refused. Attestors never log token contents.
 
+pub mod join_token;
 pub mod jwks;
 pub mod oidc;
 pub mod unix;
@@ -19,7 +20,7 @@ use serde_json::{Map, Value};
 use crate::secret::Secret;
 
 /// Names of the attestors identity-mapping rules may refer to.
-pub const ATTESTOR_NAMES: &[&str] = &[oidc::NAME, unix::NAME, x509pop::NAME];
+pub const ATTESTOR_NAMES: &[&str] = &[join_token::NAME, oidc::NAME, unix::NAME, x509pop::NAME];
 
 /// A boxed future, so attestors can be stored as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -44,6 +45,8 @@ pub struct Evidence {
     pub source: Option<SocketAddr>,
     /// A bearer token from the `authorization` metadata.
     pub bearer: Option<Secret<String>>,
+    /// A join token from the `x-ephemera-join-token` metadata.
+    pub join_token: Option<Secret<String>>,
     /// The client certificate chain of an mTLS connection, leaf first.
     pub client_chain: Option<std::sync::Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
 }
@@ -61,6 +64,8 @@ pub struct AttestedIdentity {
     pub issued_at: Option<SystemTime>,
     /// When the evidence stops being valid, if it expires.
     pub expires_at: Option<SystemTime>,
+    /// Single-use evidence (a join token hash) to consume when the request succeeds.
+    pub single_use: Option<crate::store::TokenHash>,
 }
 
 /// Why evidence was not accepted.
@@ -83,8 +88,8 @@ pub enum AttestError {
     /// The client certificate does not verify against the configured CAs.
     #[error("{0}")]
     CertificateInvalid(String),
-    /// The issuer's keys could not be fetched, so no token of it can be verified now.
-    #[error("issuer keys unavailable: {0}")]
+    /// The keys or records needed to verify evidence could not be read now.
+    #[error("verification data unavailable: {0}")]
     KeysUnavailable(String),
     /// The peer process could not be inspected (it exited, or `/proc` refused).
     #[error("cannot inspect peer process {pid}: {reason}")]

@@ -265,6 +265,7 @@ impl OidcAttestor {
             claims,
             issued_at: iat.map(unix),
             expires_at: Some(unix(exp)),
+            single_use: None,
         })
     }
 }

@@ -133,6 +133,7 @@ impl Attestor for UnixAttestor {
                 claims,
                 issued_at: None,
                 expires_at: None,
+                single_use: None,
             }))
         })
     }

@@ -165,6 +165,7 @@ impl X509PopAttestor {
             claims,
             issued_at: not_before,
             expires_at: not_after,
+            single_use: None,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! Exit status: 0 success; 2 bad command line; 64 bad configuration or input; 69 broker
 //! unreachable or unavailable; 77 unauthenticated or denied; 1 anything else.
 
+mod admin;
 mod policy;
 mod server;
 mod svid;
@@ -108,6 +109,12 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Operator commands against a running broker (needs the admin token).
+    Admin {
+        /// The admin command.
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
     /// Check and explain Cedar policies.
     Policy {
         /// The policy command.
@@ -155,6 +162,45 @@ pub struct ConnectArgs {
     pub ca_file: Option<PathBuf>,
 }
 
+/// Evidence a client command presents besides its Unix socket peer credentials.
+#[derive(Debug, Clone, Args)]
+pub struct EvidenceArgs {
+    /// A single-use join token from `ephemera admin join-token create`.
+    #[arg(long, env = "EPHEMERA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// A file holding an OIDC/JWT token to present as evidence (e.g. a Kubernetes projected
+    /// service-account token).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl EvidenceArgs {
+    /// Wraps `msg` in a request carrying this evidence.
+    pub fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {
+        let mut req = tonic::Request::new(msg);
+        let invalid =
+            |what: &str| Failure::new(EXIT_USAGE, anyhow::anyhow!("{what} is not valid text"));
+        if let Some(t) = &self.join_token {
+            let v = t.trim().parse().map_err(|_| invalid("--join-token"))?;
+            req.metadata_mut()
+                .insert(crate::attest::join_token::METADATA_KEY, v);
+        }
+        if let Some(path) = &self.token_file {
+            let token = std::fs::read_to_string(path).map_err(|e| {
+                Failure::new(
+                    EXIT_USAGE,
+                    anyhow::anyhow!("--token-file {}: {e}", path.display()),
+                )
+            })?;
+            let v = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| invalid("--token-file"))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
+}
+
 impl ConnectArgs {
     fn options(&self) -> ConnectOptions {
         ConnectOptions {
@@ -198,6 +244,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Config {
             command: ConfigCommand::Check { config },
         } => server::config_check(&config),
+        Command::Admin { command } => admin::run(command).await,
         Command::Policy { command } => policy::run(command),
         Command::Token(args) => token::run(args).await,
         Command::Svid(args) => svid::run(args).await,

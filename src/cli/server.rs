@@ -147,6 +147,8 @@ pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
         SystemTime::now(),
     )
     .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    crate::api::admin::create_token_file(&args.data_dir.join(crate::api::admin::TOKEN_FILE))
+        .map_err(|e| Failure::new(1, e))?;
     let d = args.data_dir.display();
     writeln!(
         std::io::stdout().lock(),
@@ -154,7 +156,9 @@ pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
          {d}/{root} (trust anchor; also copied to {d}/{bundle})\n  \
          {d}/{root_key} (0600; the broker does not need it: keep it offline)\n  \
          {d}/{inter} and {d}/{inter_key} (0600)\n  \
-         {d}/{jwt} (0600)",
+         {d}/{jwt} (0600)\n  \
+         {d}/{admin} (0600; the Admin API credential)",
+        admin = crate::api::admin::TOKEN_FILE,
         root = keys::ROOT_CERT,
         bundle = keys::BUNDLE,
         root_key = keys::ROOT_KEY,
@@ -226,6 +230,8 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::new(1, e))?;
         tracing::info!(data_dir = %config.data_dir.display(), "created dev CA");
     }
+    crate::api::admin::create_token_file(&config.admin_token_file)
+        .map_err(|e| Failure::new(1, e))?;
     if !config.policy_dir.exists() {
         std::fs::create_dir_all(&config.policy_dir)
             .with_context(|| format!("creating {}", config.policy_dir.display()))?;

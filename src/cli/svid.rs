@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 
-use super::{ConnectArgs, Failure, rfc3339, ttl_secs};
+use super::{ConnectArgs, EvidenceArgs, Failure, rfc3339, ttl_secs};
 use crate::api::pb::v1::MintX509SvidRequest;
 
 /// `ephemera svid` arguments.
@@ -26,6 +26,9 @@ pub struct SvidArgs {
     /// Which of your SPIFFE IDs to use when you have several.
     #[arg(long)]
     pub spiffe_id: Option<String>,
+    /// Evidence to present.
+    #[command(flatten)]
+    pub evidence: EvidenceArgs,
     /// How to reach the broker.
     #[command(flatten)]
     pub conn: ConnectArgs,
@@ -62,11 +65,11 @@ pub async fn run(args: SvidArgs) -> Result<(), Failure> {
         .context("creating CSR")?;
     let mut client = args.conn.options().broker().await?;
     let resp = client
-        .mint_x509_svid(MintX509SvidRequest {
+        .mint_x509_svid(args.evidence.request(MintX509SvidRequest {
             csr: csr.der().to_vec(),
             ttl_seconds: ttl_secs(args.ttl.as_deref())?,
             spiffe_id: args.spiffe_id.unwrap_or_default(),
-        })
+        })?)
         .await?
         .into_inner();
 

@@ -7,7 +7,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::Args;
 
-use super::{ConnectArgs, Failure, rfc3339, ttl_secs};
+use super::{ConnectArgs, EvidenceArgs, Failure, rfc3339, ttl_secs};
 use crate::api::pb::v1::MintJwtSvidRequest;
 
 /// `ephemera token` arguments.
@@ -25,6 +25,9 @@ pub struct TokenArgs {
     /// Print JSON with the token, its SPIFFE ID, expiry and decoded header and claims.
     #[arg(long)]
     pub json: bool,
+    /// Evidence to present.
+    #[command(flatten)]
+    pub evidence: EvidenceArgs,
     /// How to reach the broker.
     #[command(flatten)]
     pub conn: ConnectArgs,
@@ -39,11 +42,11 @@ fn decode_part(token: &str, index: usize) -> Option<serde_json::Value> {
 pub async fn run(args: TokenArgs) -> Result<(), Failure> {
     let mut client = args.conn.options().broker().await?;
     let resp = client
-        .mint_jwt_svid(MintJwtSvidRequest {
+        .mint_jwt_svid(args.evidence.request(MintJwtSvidRequest {
             audience: args.audience,
             ttl_seconds: ttl_secs(args.ttl.as_deref())?,
             spiffe_id: args.spiffe_id.unwrap_or_default(),
-        })
+        })?)
         .await?
         .into_inner();
     let mut out = std::io::stdout().lock();

@@ -405,6 +405,7 @@ mod tests {
             claims: claims.as_object().unwrap().clone(),
             issued_at: None,
             expires_at: None,
+            single_use: None,
         }
     }
 

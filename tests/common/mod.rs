@@ -89,6 +89,7 @@ pub async fn start_full(extra: &str, ca: InitOptions, policy: &str) -> TestBroke
     let clock = ManualClock::new(SystemTime::now());
     let td = TD.parse().unwrap();
     keys::init(dir.path(), &td, ca, SystemTime::now()).unwrap();
+    ephemera::api::admin::create_token_file(&dir.path().join("admin.token")).unwrap();
     let config = Config::from_toml(&config_text(dir.path(), extra), Path::new("/")).unwrap();
     let running = app::start(config, Arc::new(clock.clone())).await.unwrap();
     TestBroker {
@@ -111,6 +112,14 @@ impl TestBroker {
         .broker()
         .await
         .unwrap()
+    }
+
+    /// The admin token of this broker.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
     }
 
     pub async fn tls_channel(&self) -> Channel {
