@@ -141,6 +141,35 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, S
         })
 }
 
+/// Modification time and size of a file, to notice edits.
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Re-reads the config file and swaps in its identity-mapping rules if the whole file is
+/// valid; otherwise logs every problem and keeps the current rules. Other settings take effect
+/// on restart.
+pub fn reload_mappings(broker: &Broker, path: &Path) -> Result<usize, String> {
+    match Config::load(path) {
+        Ok(c) if c.trust_domain == *broker.trust_domain() => {
+            let n = c.mappings.len();
+            broker.set_mapper(Mapper::new(c.trust_domain, c.mappings));
+            tracing::info!(config = %path.display(), rules = n, "identity mapping reloaded");
+            Ok(n)
+        }
+        Ok(_) => {
+            let e = "trust_domain changed: restart the broker to change it".to_owned();
+            tracing::error!(config = %path.display(), error = %e, "mapping reload refused");
+            Err(e)
+        }
+        Err(e) => {
+            tracing::error!(config = %path.display(), error = %e, "mapping reload refused; previous rules keep serving");
+            Err(e.to_string())
+        }
+    }
+}
+
 /// Binds the Unix socket, replacing a stale socket file but never a live broker's.
 async fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
     let bind_err = |source| StartError::Bind {
@@ -317,8 +346,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
 
     let mut tasks = Vec::new();
 
-    // Policy files are re-read when they change; a broken edit keeps the old policies serving.
+    // Policy files and the config file's mapping rules are re-read when they change; a broken
+    // edit keeps the previous ones serving.
     let mut rx = shutdown_rx.clone();
+    let watched = broker.clone();
+    let mut config_stamp = config.source.as_deref().and_then(file_stamp);
+    let config_source = config.source.clone();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(POLICY_POLL);
         loop {
@@ -327,6 +360,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
                 _ = tick.tick() => {
                     let p = policy.clone();
                     let _ = tokio::task::spawn_blocking(move || p.reload_if_changed()).await;
+                    if let Some(path) = &config_source {
+                        let stamp = file_stamp(path);
+                        if stamp != config_stamp {
+                            config_stamp = stamp;
+                            let _ = reload_mappings(&watched, path);
+                        }
+                    }
                 }
             }
         }

@@ -137,7 +137,7 @@ pub struct BrokerParts {
 pub struct Broker {
     trust_domain: TrustDomain,
     attestors: Attestors,
-    mapper: Mapper,
+    mapper: std::sync::RwLock<Arc<Mapper>>,
     policy: Arc<PolicyEngine>,
     ca: Arc<Ca>,
     store: Arc<dyn Store>,
@@ -236,7 +236,7 @@ impl Broker {
         Self {
             trust_domain,
             attestors,
-            mapper,
+            mapper: std::sync::RwLock::new(Arc::new(mapper)),
             policy,
             ca,
             store,
@@ -253,6 +253,14 @@ impl Broker {
     /// The CA.
     pub fn ca(&self) -> &Ca {
         &self.ca
+    }
+
+    /// Replaces the identity-mapping rules (validated by the caller); the next request uses them.
+    pub fn set_mapper(&self, mapper: Mapper) {
+        *self
+            .mapper
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(mapper);
     }
 
     /// The store.
@@ -392,7 +400,12 @@ impl Broker {
         requested: Option<&SpiffeId>,
     ) -> Result<(AttestedIdentity, SpiffeId), BrokerError> {
         let identity = self.attestors.attest(evidence).await?;
-        let spiffe_id = self.mapper.select(&identity, requested)?;
+        let mapper = self
+            .mapper
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let spiffe_id = mapper.select(&identity, requested)?;
         Ok((identity, spiffe_id))
     }
 

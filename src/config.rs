@@ -226,6 +226,8 @@ pub struct Config {
     pub database: PathBuf,
     /// Identity-mapping rules, tried in order.
     pub mappings: Vec<MappingRule>,
+    /// The file this configuration was read from, if any (watched for mapping changes).
+    pub source: Option<PathBuf>,
 }
 
 /// gRPC listener settings.
@@ -418,7 +420,9 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_toml(&text, base)
+        let mut config = Self::from_toml(&text, base)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; relative paths resolve against `base_dir`.
@@ -636,6 +640,7 @@ impl Config {
                     admin_token_file,
                     database,
                     mappings,
+                    source: None,
                 })
             }
             _ => Err(ConfigError::Invalid(p.0)),

@@ -262,6 +262,44 @@ fn serve_refuses_a_group_readable_key_naming_file_and_fix() {
 }
 
 #[test]
+fn every_deploy_config_parses_and_every_policy_validates() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut configs = Vec::new();
+    let mut policy_dirs = Vec::new();
+    let mut stack = vec![deploy];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                if p.file_name().unwrap() == "policies" {
+                    policy_dirs.push(p.clone());
+                }
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "toml") {
+                configs.push(p);
+            }
+        }
+    }
+    assert!(configs.len() >= 4, "{configs:?}");
+    assert!(policy_dirs.len() >= 3, "{policy_dirs:?}");
+    for c in configs {
+        ephemera::config::Config::load(&c).unwrap_or_else(|e| panic!("{}: {e}", c.display()));
+    }
+    for d in policy_dirs {
+        let out = run(
+            &["policy", "check", "--dir", d.to_str().unwrap()],
+            Path::new("/"),
+        );
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            d.display(),
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn example_config_in_deploy_parses() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/ephemera.example.toml");
     let config = ephemera::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));

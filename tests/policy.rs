@@ -136,3 +136,58 @@ async fn no_policies_means_deny() {
     assert_eq!(err.code(), Code::PermissionDenied);
     b.running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn mapping_reload_applies_good_edits_and_refuses_broken_ones() {
+    use ephemera::app;
+    use std::sync::Arc;
+    let b = start(&uid_rule()).await;
+    // A second broker on the same keys, started from a config *file* so it can be reloaded.
+    let dir = tempfile::tempdir().unwrap();
+    let data = b.dir.path();
+    let cfg = dir.path().join("ephemera.toml");
+    let text = |rules: &str| {
+        config_text(data, rules).replace(
+            &format!("socket = \"{}/broker.sock\"", data.display()),
+            &format!("socket = \"{}/second.sock\"", dir.path().display()),
+        )
+    };
+    std::fs::write(&cfg, text(&uid_rule())).unwrap();
+    let config = ephemera::config::Config::load(&cfg).unwrap();
+    let second = app::start(config, Arc::new(b.clock.clone())).await.unwrap();
+    let mut client = ephemera::client::ConnectOptions {
+        socket: Some(second.endpoints.broker_socket.clone()),
+        ..Default::default()
+    }
+    .broker()
+    .await
+    .unwrap();
+    client.mint_jwt_svid(jwt(None)).await.unwrap();
+
+    // Someone else's uid only: this process loses its identity on the next request.
+    let other = format!(
+        "[[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://{{trust_domain}}/uid/{{claims.uid}}\"\nmatch = {{ uid = {} }}\n",
+        my_uid() + 1
+    );
+    std::fs::write(&cfg, text(&other)).unwrap();
+    assert_eq!(app::reload_mappings(&second.broker, &cfg), Ok(1));
+    let err = client.mint_jwt_svid(jwt(None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.message(), "no identity mapping");
+
+    // A broken file is refused and the rules in force keep serving.
+    std::fs::write(
+        &cfg,
+        text(&uid_rule()).replace("{claims.uid}", "{claims.uid"),
+    )
+    .unwrap();
+    assert!(app::reload_mappings(&second.broker, &cfg).is_err());
+    let err = client.mint_jwt_svid(jwt(None)).await.unwrap_err();
+    assert_eq!(
+        err.message(),
+        "no identity mapping",
+        "previous rules still in force"
+    );
+    second.shutdown().await.unwrap();
+    b.running.shutdown().await.unwrap();
+}

@@ -82,15 +82,25 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_until_signal(running: app::Running) -> Result<(), Failure> {
+async fn run_until_signal(
+    running: app::Running,
+    config_path: Option<PathBuf>,
+) -> Result<(), Failure> {
     let broker = running.broker.clone();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing SIGHUP handler")?;
     let reloads = tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading policies");
+            tracing::info!("SIGHUP: reloading policies and identity mapping");
             let b = broker.clone();
-            let _ = tokio::task::spawn_blocking(move || b.policy().reload()).await;
+            let path = config_path.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = b.policy().reload();
+                if let Some(p) = path {
+                    let _ = app::reload_mappings(&b, &p);
+                }
+            })
+            .await;
         }
     });
     shutdown_signal().await?;
@@ -109,7 +119,7 @@ pub async fn serve(path: &Path) -> Result<(), Failure> {
     let running = app::start(config, Arc::new(SystemClock))
         .await
         .map_err(start_failure)?;
-    run_until_signal(running).await
+    run_until_signal(running, Some(path.to_owned())).await
 }
 
 /// `ephemera config check --config FILE`.
@@ -272,5 +282,5 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
         dir = data_dir.display(),
     );
     writeln!(std::io::stdout().lock(), "{banner}").context("writing to stdout")?;
-    run_until_signal(running).await
+    run_until_signal(running, None).await
 }
