@@ -30,6 +30,7 @@ use crate::clock::Clock;
 use crate::config::{Config, ServerName};
 use crate::endpoints::Endpoints;
 use crate::id::SpiffeId;
+use crate::lease::RevocationBus;
 use crate::policy::cedar::PolicyProblem;
 use crate::policy::{Mapper, PolicyEngine};
 use crate::store::Store;
@@ -306,18 +307,33 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             StartError::Setup(format!("opening {}: {e}", config.database.display()))
         })?);
     let admin_auth = Arc::new(AdminAuth::load(&config.admin_token_file)?);
+    // After a restart every live task gets one fresh grace period to reconnect its keep-alive;
+    // tasks past their deadline are ended by the reaper's first pass.
+    let refreshed = store
+        .refresh_active_tasks(clock.unix_now())
+        .await
+        .map_err(|e| StartError::Setup(format!("store: {e}")))?;
+    if refreshed > 0 {
+        tracing::info!(
+            tasks = refreshed,
+            "live tasks given a fresh grace period after restart"
+        );
+    }
+    let bus = RevocationBus::new();
     let broker = Arc::new(Broker::new(BrokerParts {
         trust_domain: config.trust_domain.clone(),
         attestors: attestors(&config, clock.clone(), client_cas, store.clone()),
         mapper: Mapper::new(config.trust_domain.clone(), config.mappings.clone()),
         policy: policy.clone(),
         ca: ca.clone(),
-        store,
+        store: store.clone(),
         clock: clock.clone(),
         limits: Limits {
             x509: config.x509_svid,
             jwt: config.jwt_svid,
+            tasks: config.tasks,
         },
+        bus: bus.clone(),
     }));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -345,6 +361,21 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     };
 
     let mut tasks = Vec::new();
+    let broker_store = store;
+
+    tasks.push(tokio::spawn({
+        let (store, bus, clock, rx) = (
+            broker_store.clone(),
+            broker.bus().clone(),
+            clock.clone(),
+            shutdown_rx.clone(),
+        );
+        let retention = config.tasks.retention;
+        async move {
+            crate::lease::reaper(store, bus, clock, retention, rx).await;
+            Ok(())
+        }
+    }));
 
     // Policy files and the config file's mapping rules are re-read when they change; a broken
     // edit keeps the previous ones serving.

@@ -15,12 +15,16 @@ use crate::ca::jwt::JwtSvidClaims;
 use crate::ca::x509::{SubjectKey, X509Svid, parse_csr};
 use crate::ca::{Ca, MintError};
 use crate::clock::{Clock, unix_secs};
-use crate::config::TtlLimits;
+use crate::config::{TaskSettings, TtlLimits};
 use crate::id::{Audience, IdError, SpiffeId, TrustDomain, Ttl};
-use crate::policy::cedar::{Action, Decision, Principal, RequestContext, Resource};
+use crate::lease::RevocationBus;
+use crate::policy::cedar::{Action, Decision, Principal, RequestContext, Resource, TaskContext};
 use crate::policy::{Mapper, MappingError, PolicyEngine, PolicyError};
 use crate::secret::Secret;
-use crate::store::{NewJoinToken, Store, StoreError};
+use crate::store::{
+    Lease, LeaseKind, LeaseStatus, ListFilter, NewJoinToken, Revocation, Store, StoreError, Task,
+    TaskState,
+};
 
 /// Why a request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,26 @@ pub enum BrokerError {
     /// The store could not record or answer.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No task has this id.
+    #[error("unknown task {0}")]
+    TaskNotFound(String),
+    /// The caller is not the task's owner.
+    #[error("task {task_id} belongs to another identity")]
+    NotTaskOwner {
+        /// The task.
+        task_id: String,
+    },
+    /// The task is no longer active.
+    #[error("task {task_id} has {state}")]
+    TaskNotActive {
+        /// The task.
+        task_id: String,
+        /// Its state ("ended", "expired", "revoked").
+        state: &'static str,
+    },
+    /// A lease id or serial that is not known.
+    #[error("unknown lease {0}")]
+    LeaseNotFound(String),
 }
 
 /// A request for an X.509-SVID.
@@ -67,6 +91,8 @@ pub struct X509Request {
     pub ttl: Option<Ttl>,
     /// Which of the caller's identities to use; `None` for the first.
     pub spiffe_id: Option<SpiffeId>,
+    /// The task the credential belongs to; `None` for a standalone lease.
+    pub task_id: Option<String>,
 }
 
 /// A request for a JWT-SVID.
@@ -77,6 +103,19 @@ pub struct JwtRequest {
     /// Requested lifetime; `None` for the default.
     pub ttl: Option<Ttl>,
     /// Which of the caller's identities to use; `None` for the first.
+    pub spiffe_id: Option<SpiffeId>,
+    /// The task the token belongs to; `None` for a standalone lease.
+    pub task_id: Option<String>,
+}
+
+/// A request to begin a task.
+#[derive(Debug, Default)]
+pub struct BeginTaskRequest {
+    /// Longest the task may live; `None` for the default.
+    pub max_duration: Option<Duration>,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Which of the caller's identities owns the task; `None` for the first.
     pub spiffe_id: Option<SpiffeId>,
 }
 
@@ -89,6 +128,8 @@ pub struct MintedX509 {
     pub svid: X509Svid,
     /// DER trust anchors.
     pub bundle: Vec<Vec<u8>>,
+    /// The lease recording it.
+    pub lease_id: String,
 }
 
 /// A minted JWT-SVID.
@@ -104,13 +145,22 @@ pub struct MintedJwt {
     pub jti: String,
 }
 
-/// Lifetime limits per credential kind.
+/// Lifetime limits per credential kind, and task timing.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// X.509-SVID lifetimes.
     pub x509: TtlLimits,
     /// JWT-SVID lifetimes.
     pub jwt: TtlLimits,
+    /// Task timing.
+    pub tasks: TaskSettings,
+}
+
+/// Who is calling, proven on this request, and the task it names.
+struct Caller {
+    identity: AttestedIdentity,
+    spiffe_id: SpiffeId,
+    task: Option<Task>,
 }
 
 /// Everything a broker is made of.
@@ -131,6 +181,8 @@ pub struct BrokerParts {
     pub clock: Arc<dyn Clock>,
     /// Lifetime limits.
     pub limits: Limits,
+    /// Where committed revocations are announced.
+    pub bus: RevocationBus,
 }
 
 /// The broker core.
@@ -143,6 +195,7 @@ pub struct Broker {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     limits: Limits,
+    bus: RevocationBus,
 }
 
 /// One audit event, filled in as the request goes through the flow.
@@ -157,27 +210,39 @@ struct Audit {
     spiffe_id: Option<String>,
     granted_ttl_secs: Option<u64>,
     policies: Vec<String>,
+    task_id: Option<String>,
+    lease_id: Option<String>,
 }
 
 impl Audit {
-    fn new(action: &'static str, evidence: &Evidence, resource: String, ttl: Option<Ttl>) -> Self {
+    fn new(
+        action: &'static str,
+        evidence: &Evidence,
+        resource: String,
+        requested_ttl_secs: Option<u64>,
+    ) -> Self {
         Self {
             decision_id: Uuid::now_v7(),
             action,
             source: evidence.source,
             resource,
-            requested_ttl_secs: ttl.map(Ttl::as_secs),
+            requested_ttl_secs,
             attestor: "-",
             subject: None,
             spiffe_id: None,
             granted_ttl_secs: None,
             policies: Vec::new(),
+            task_id: None,
+            lease_id: None,
         }
     }
 
-    fn identified(&mut self, identity: &AttestedIdentity, spiffe_id: &SpiffeId) {
+    fn attested(&mut self, identity: &AttestedIdentity) {
         self.attestor = identity.attestor;
         self.subject = Some(identity.subject.clone());
+    }
+
+    fn identified(&mut self, spiffe_id: &SpiffeId) {
         self.spiffe_id = Some(spiffe_id.to_string());
     }
 
@@ -199,6 +264,8 @@ impl Audit {
                 requested_ttl_secs = self.requested_ttl_secs,
                 granted_ttl_secs = self.granted_ttl_secs,
                 policies = %policies,
+                task_id = self.task_id.as_deref(),
+                lease_id = self.lease_id.as_deref(),
                 source = source.as_deref(),
                 "decision"
             ),
@@ -213,6 +280,7 @@ impl Audit {
                 spiffe_id = self.spiffe_id.as_deref(),
                 resource = %self.resource,
                 requested_ttl_secs = self.requested_ttl_secs,
+                task_id = self.task_id.as_deref(),
                 source = source.as_deref(),
                 "decision"
             ),
@@ -232,6 +300,7 @@ impl Broker {
             store,
             clock,
             limits,
+            bus,
         } = parts;
         Self {
             trust_domain,
@@ -242,7 +311,18 @@ impl Broker {
             store,
             clock,
             limits,
+            bus,
         }
+    }
+
+    /// The revocation bus.
+    pub fn bus(&self) -> &RevocationBus {
+        &self.bus
+    }
+
+    /// Task timing.
+    pub fn task_settings(&self) -> TaskSettings {
+        self.limits.tasks
     }
 
     /// The broker's trust domain.
@@ -300,27 +380,31 @@ impl Broker {
     fn authorize(
         &self,
         evidence: &Evidence,
-        (identity, spiffe_id): (&AttestedIdentity, &SpiffeId),
+        caller: &Caller,
         action: Action,
         resources: &[Resource],
-        requested_ttl: Ttl,
+        requested_ttl_secs: u64,
         audit: &mut Audit,
     ) -> Result<(), BrokerError> {
         let now = self.clock.now();
+        let identity = &caller.identity;
         let principal = Principal {
-            spiffe_id,
+            spiffe_id: &caller.spiffe_id,
             attestor: identity.attestor,
             claims: &identity.claims,
         };
         let ctx = RequestContext {
             source_ip: evidence.source.map(|s| s.ip()),
-            requested_ttl_secs: requested_ttl.as_secs(),
+            requested_ttl_secs,
             evidence_age_secs: identity
                 .issued_at
                 .and_then(|t| now.duration_since(t).ok())
                 .map_or(0, |d| d.as_secs()),
             now,
-            task: None,
+            task: caller
+                .task
+                .as_ref()
+                .map(|t| task_context(t, unix_secs(now))),
         };
         for resource in resources {
             let decision: Decision = self.policy.decide(&principal, action, resource, &ctx)?;
@@ -394,19 +478,74 @@ impl Broker {
         Ok((token, id, expires_at))
     }
 
-    async fn identify(
+    /// Attests and maps the caller; with a task id, also requires the caller to be the task's
+    /// owner (re-attested now) and the task to be active.
+    async fn caller(
         &self,
         evidence: &Evidence,
         requested: Option<&SpiffeId>,
-    ) -> Result<(AttestedIdentity, SpiffeId), BrokerError> {
+        task_id: Option<&str>,
+        audit: &mut Audit,
+    ) -> Result<Caller, BrokerError> {
         let identity = self.attestors.attest(evidence).await?;
+        audit.attested(&identity);
+        let task = match task_id {
+            None => None,
+            Some(id) => Some(
+                self.store
+                    .task(id)
+                    .await?
+                    .ok_or_else(|| BrokerError::TaskNotFound(id.to_owned()))?,
+            ),
+        };
         let mapper = self
             .mapper
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let spiffe_id = mapper.select(&identity, requested)?;
-        Ok((identity, spiffe_id))
+        let spiffe_id = match &task {
+            None => mapper.select(&identity, requested)?,
+            Some(t) => {
+                audit.task_id = Some(t.id.clone());
+                let owner: SpiffeId = t
+                    .spiffe_id
+                    .parse()
+                    .map_err(|e: IdError| StoreError::Corrupt(e.to_string()))?;
+                let mine = mapper.map(&identity)?;
+                if !mine.contains(&owner) || requested.is_some_and(|r| *r != owner) {
+                    return Err(BrokerError::NotTaskOwner {
+                        task_id: t.id.clone(),
+                    });
+                }
+                if t.state != TaskState::Active {
+                    return Err(BrokerError::TaskNotActive {
+                        task_id: t.id.clone(),
+                        state: t.state.as_str(),
+                    });
+                }
+                owner
+            }
+        };
+        audit.identified(&spiffe_id);
+        Ok(Caller {
+            identity,
+            spiffe_id,
+            task,
+        })
+    }
+
+    /// Records the lease of a minted credential; the credential is returned only after this
+    /// commits.
+    async fn record(&self, lease: Lease) -> Result<(), BrokerError> {
+        self.store.insert_lease(lease).await?;
+        Ok(())
+    }
+
+    /// Latest expiry for a credential of `caller`: the task's deadline, if any.
+    fn task_cap(caller: &Caller) -> Option<SystemTime> {
+        caller.task.as_ref().map(|t| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.deadline).unwrap_or(0))
+        })
     }
 
     /// Attests the caller and mints an X.509-SVID.
@@ -415,7 +554,12 @@ impl Broker {
         evidence: &Evidence,
         req: X509Request,
     ) -> Result<MintedX509, BrokerError> {
-        let mut audit = Audit::new("MintX509Svid", evidence, "x509-svid".to_owned(), req.ttl);
+        let mut audit = Audit::new(
+            "MintX509Svid",
+            evidence,
+            "x509-svid".to_owned(),
+            req.ttl.map(Ttl::as_secs),
+        );
         let result = self.mint_x509_audited(evidence, req, &mut audit).await;
         audit.emit(&result);
         result
@@ -427,14 +571,20 @@ impl Broker {
         req: X509Request,
         audit: &mut Audit,
     ) -> Result<MintedX509, BrokerError> {
-        let (identity, spiffe_id) = self.identify(evidence, req.spiffe_id.as_ref()).await?;
-        audit.identified(&identity, &spiffe_id);
+        let caller = self
+            .caller(
+                evidence,
+                req.spiffe_id.as_ref(),
+                req.task_id.as_deref(),
+                audit,
+            )
+            .await?;
         self.authorize(
             evidence,
-            (&identity, &spiffe_id),
+            &caller,
             Action::MintX509Svid,
             &[Resource::Target("x509-svid".to_owned())],
-            req.ttl.unwrap_or(self.limits.x509.default_ttl),
+            req.ttl.unwrap_or(self.limits.x509.default_ttl).as_secs(),
             audit,
         )?;
         // The CSR is parsed (and its signature verified) only for callers already identified.
@@ -443,20 +593,34 @@ impl Broker {
             None => SubjectKey::Generate,
         };
         let now = self.clock.now();
-        let not_after = Self::grant(
-            req.ttl,
-            self.limits.x509,
-            now,
-            Some(self.ca.x509.ca_not_after()),
-        )?;
-        let svid = self.ca.x509.mint(&spiffe_id, key, now, not_after)?;
-        self.consume_single_use(&identity).await?;
+        let cap = Self::task_cap(&caller).map_or(self.ca.x509.ca_not_after(), |d| {
+            d.min(self.ca.x509.ca_not_after())
+        });
+        let not_after = Self::grant(req.ttl, self.limits.x509, now, Some(cap))?;
+        let svid = self.ca.x509.mint(&caller.spiffe_id, key, now, not_after)?;
+        let lease_id = Uuid::now_v7().to_string();
+        self.record(Lease {
+            id: lease_id.clone(),
+            task_id: caller.task.as_ref().map(|t| t.id.clone()),
+            kind: LeaseKind::X509,
+            serial: Some(svid.serial.to_string()),
+            spiffe_id: caller.spiffe_id.to_string(),
+            audience: Vec::new(),
+            issued_at: unix_secs(now),
+            expires_at: unix_secs(svid.not_after),
+            revoked: false,
+            revoked_at: None,
+            reason: None,
+        })
+        .await?;
+        self.consume_single_use(&caller.identity).await?;
         audit.granted_ttl_secs = Some(granted_secs(now, svid.not_after));
-        tracing::debug!(spiffe_id = %spiffe_id, serial = %svid.serial, "minted x509 svid");
+        audit.lease_id = Some(lease_id.clone());
         Ok(MintedX509 {
-            spiffe_id,
+            spiffe_id: caller.spiffe_id,
             svid,
             bundle: self.ca.x509.roots().to_vec(),
+            lease_id,
         })
     }
 
@@ -472,7 +636,7 @@ impl Broker {
             .map(Audience::as_str)
             .collect::<Vec<_>>()
             .join(",");
-        let mut audit = Audit::new("MintJwtSvid", evidence, resource, req.ttl);
+        let mut audit = Audit::new("MintJwtSvid", evidence, resource, req.ttl.map(Ttl::as_secs));
         let result = self.mint_jwt_audited(evidence, req, &mut audit).await;
         audit.emit(&result);
         result
@@ -484,8 +648,14 @@ impl Broker {
         req: JwtRequest,
         audit: &mut Audit,
     ) -> Result<MintedJwt, BrokerError> {
-        let (identity, spiffe_id) = self.identify(evidence, req.spiffe_id.as_ref()).await?;
-        audit.identified(&identity, &spiffe_id);
+        let caller = self
+            .caller(
+                evidence,
+                req.spiffe_id.as_ref(),
+                req.task_id.as_deref(),
+                audit,
+            )
+            .await?;
         let resources: Vec<Resource> = req
             .audiences
             .iter()
@@ -493,33 +663,367 @@ impl Broker {
             .collect();
         self.authorize(
             evidence,
-            (&identity, &spiffe_id),
+            &caller,
             Action::MintJwtSvid,
             &resources,
-            req.ttl.unwrap_or(self.limits.jwt.default_ttl),
+            req.ttl.unwrap_or(self.limits.jwt.default_ttl).as_secs(),
             audit,
         )?;
         let now = self.clock.now();
-        let not_after = Self::grant(req.ttl, self.limits.jwt, now, None)?;
+        let not_after = Self::grant(req.ttl, self.limits.jwt, now, Self::task_cap(&caller))?;
         let iat = unix_secs(now);
         let exp = unix_secs(not_after);
         let jti = Uuid::now_v7().to_string();
         let token = self.ca.jwt.sign(&JwtSvidClaims {
-            sub: spiffe_id.as_str(),
+            sub: caller.spiffe_id.as_str(),
             aud: &req.audiences,
             exp,
             iat,
             jti: &jti,
         })?;
-        self.consume_single_use(&identity).await?;
+        self.record(Lease {
+            id: jti.clone(),
+            task_id: caller.task.as_ref().map(|t| t.id.clone()),
+            kind: LeaseKind::Jwt,
+            serial: None,
+            spiffe_id: caller.spiffe_id.to_string(),
+            audience: req.audiences.iter().map(ToString::to_string).collect(),
+            issued_at: iat,
+            expires_at: exp,
+            revoked: false,
+            revoked_at: None,
+            reason: None,
+        })
+        .await?;
+        self.consume_single_use(&caller.identity).await?;
         audit.granted_ttl_secs = Some(u64::try_from(exp - iat).unwrap_or(0));
-        tracing::debug!(spiffe_id = %spiffe_id, jti = %jti, "minted jwt svid");
+        audit.lease_id = Some(jti.clone());
         Ok(MintedJwt {
-            spiffe_id,
+            spiffe_id: caller.spiffe_id,
             token: Secret::new(token),
             expires_at: exp,
             jti,
         })
+    }
+}
+
+impl Broker {
+    /// Attests the caller, authorizes `BeginTask`, and records a new task it owns.
+    pub async fn begin_task(
+        &self,
+        evidence: &Evidence,
+        req: BeginTaskRequest,
+    ) -> Result<Task, BrokerError> {
+        let settings = self.limits.tasks;
+        let duration = req
+            .max_duration
+            .unwrap_or(settings.default_duration)
+            .min(settings.max_duration);
+        let mut audit = Audit::new(
+            "BeginTask",
+            evidence,
+            "task".to_owned(),
+            Some(duration.as_secs()),
+        );
+        let result = async {
+            let caller = self
+                .caller(evidence, req.spiffe_id.as_ref(), None, &mut audit)
+                .await?;
+            self.authorize(
+                evidence,
+                &caller,
+                Action::BeginTask,
+                &[Resource::Target("task".to_owned())],
+                duration.as_secs(),
+                &mut audit,
+            )?;
+            let now = self.clock.unix_now();
+            let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            let deadline = now + secs(duration);
+            let task = Task {
+                id: Uuid::now_v7().to_string(),
+                spiffe_id: caller.spiffe_id.to_string(),
+                attestor: caller.identity.attestor.to_owned(),
+                claims: caller.identity.claims.clone(),
+                labels: req.labels,
+                created_at: now,
+                deadline,
+                heartbeat_secs: secs(settings.heartbeat_interval),
+                grace_secs: secs(settings.grace),
+                due_at: deadline
+                    .min(now + secs(settings.heartbeat_interval) + secs(settings.grace)),
+                state: TaskState::Active,
+                ended_at: None,
+                reason: None,
+            };
+            self.store.insert_task(task.clone()).await?;
+            self.consume_single_use(&caller.identity).await?;
+            audit.task_id = Some(task.id.clone());
+            audit.granted_ttl_secs = Some(duration.as_secs());
+            Ok(task)
+        }
+        .await;
+        audit.emit(&result);
+        result
+    }
+
+    /// Ends a task on its owner's request and revokes its credentials. Idempotent: ending an
+    /// ended task reports the state it already had.
+    pub async fn end_task(
+        &self,
+        evidence: &Evidence,
+        task_id: &str,
+    ) -> Result<(TaskState, bool), BrokerError> {
+        let mut audit = Audit::new("EndTask", evidence, format!("task:{task_id}"), None);
+        let result = async {
+            match self.caller(evidence, None, Some(task_id), &mut audit).await {
+                Ok(_) => {}
+                Err(BrokerError::TaskNotActive { state, .. }) => {
+                    return Ok((TaskState::parse(state).unwrap_or(TaskState::Ended), true));
+                }
+                Err(e) => return Err(e),
+            }
+            let ended = self
+                .end(task_id, TaskState::Ended, "ended by its owner")
+                .await?;
+            Ok((TaskState::Ended, !ended))
+        }
+        .await;
+        audit.emit(&result);
+        result
+    }
+
+    /// Opens a keep-alive for a task: the caller must be its owner, re-attested now.
+    pub async fn keep_alive_open(
+        &self,
+        evidence: &Evidence,
+        task_id: &str,
+    ) -> Result<Task, BrokerError> {
+        let mut audit = Audit::new("KeepAlive", evidence, format!("task:{task_id}"), None);
+        let result = self
+            .caller(evidence, None, Some(task_id), &mut audit)
+            .await
+            .and_then(|c| {
+                c.task
+                    .ok_or_else(|| BrokerError::TaskNotFound(task_id.to_owned()))
+            });
+        if result.is_err() {
+            audit.emit(&result);
+        }
+        let task = result?;
+        self.ping(&task).await?;
+        Ok(task)
+    }
+
+    /// Records that a task is alive now: it is due again after heartbeat + grace.
+    pub async fn ping(&self, task: &Task) -> Result<bool, BrokerError> {
+        let due = self.clock.unix_now() + task.heartbeat_secs + task.grace_secs;
+        Ok(self.store.keep_alive(&task.id, due).await?)
+    }
+
+    /// A task's keep-alive stream ended: it has one grace period to reconnect, after which the
+    /// reaper ends it.
+    pub async fn keep_alive_closed(&self, task: &Task) -> Result<(), BrokerError> {
+        let due = self.clock.unix_now() + task.grace_secs;
+        self.store.keep_alive(&task.id, due).await?;
+        Ok(())
+    }
+
+    /// Ends an active task (one store write) and announces it. Returns whether it was active.
+    async fn end(
+        &self,
+        task_id: &str,
+        state: TaskState,
+        reason: &str,
+    ) -> Result<bool, BrokerError> {
+        match self
+            .store
+            .end_task(task_id, state, reason, self.clock.unix_now())
+            .await?
+        {
+            Some(r) => {
+                tracing::info!(task_id, state = state.as_str(), reason, "task ended");
+                self.bus.publish(r);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn admin_audit(&self, admin: &str, action: &str, target: &str, outcome: &str) {
+        tracing::info!(target: "ephemera::audit", action, admin, resource = target, decision = "allow", outcome, "admin action");
+    }
+
+    /// Admin: revokes a task and every credential of it. `false` if it was not active.
+    pub async fn revoke_task(&self, admin: &str, task_id: &str) -> Result<bool, BrokerError> {
+        if self.store.task(task_id).await?.is_none() {
+            return Err(BrokerError::TaskNotFound(task_id.to_owned()));
+        }
+        let done = self
+            .end(
+                task_id,
+                TaskState::Revoked,
+                &format!("revoked by admin ({admin})"),
+            )
+            .await?;
+        self.admin_audit(
+            admin,
+            "RevokeTask",
+            task_id,
+            if done { "revoked" } else { "already inactive" },
+        );
+        Ok(done)
+    }
+
+    /// Admin: revokes one lease (by id or serial). `false` if it was already revoked.
+    pub async fn revoke_lease(&self, admin: &str, key: &str) -> Result<bool, BrokerError> {
+        let status = self
+            .store
+            .lease(key)
+            .await?
+            .ok_or_else(|| BrokerError::LeaseNotFound(key.to_owned()))?;
+        let r = self
+            .store
+            .revoke_lease(
+                &status.lease.id,
+                &format!("revoked by admin ({admin})"),
+                self.clock.unix_now(),
+            )
+            .await?;
+        let done = r.is_some();
+        if let Some(r) = r {
+            self.bus.publish(r);
+        }
+        self.admin_audit(
+            admin,
+            "RevokeLease",
+            &status.lease.id,
+            if done { "revoked" } else { "already revoked" },
+        );
+        Ok(done)
+    }
+
+    /// Admin: revokes every active task of a SPIFFE ID. Returns the tasks revoked.
+    pub async fn revoke_identity(
+        &self,
+        admin: &str,
+        spiffe_id: &SpiffeId,
+    ) -> Result<Vec<String>, BrokerError> {
+        let mut revoked = Vec::new();
+        loop {
+            let page = self
+                .store
+                .list_tasks(
+                    ListFilter {
+                        spiffe_id: Some(spiffe_id.to_string()),
+                        active: Some(true),
+                        limit: 500,
+                        ..ListFilter::default()
+                    },
+                    self.clock.unix_now(),
+                )
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            for t in page {
+                if self
+                    .end(
+                        &t.id,
+                        TaskState::Revoked,
+                        &format!("identity revoked by admin ({admin})"),
+                    )
+                    .await?
+                {
+                    revoked.push(t.id);
+                }
+            }
+        }
+        self.admin_audit(
+            admin,
+            "RevokeIdentity",
+            spiffe_id.as_str(),
+            &format!("{} task(s) revoked", revoked.len()),
+        );
+        Ok(revoked)
+    }
+
+    /// Re-evaluates every active task against the current policy (after a reload): a task its
+    /// owner could no longer begin is revoked. Returns the tasks revoked.
+    pub async fn reevaluate_tasks(&self) -> Result<Vec<String>, BrokerError> {
+        let mut revoked = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.store.active_tasks(after.clone(), 500).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for t in page {
+                let Ok(spiffe_id) = t.spiffe_id.parse::<SpiffeId>() else {
+                    continue;
+                };
+                let now = self.clock.unix_now();
+                let principal = Principal {
+                    spiffe_id: &spiffe_id,
+                    attestor: &t.attestor,
+                    claims: &t.claims,
+                };
+                let ctx = RequestContext {
+                    source_ip: None,
+                    requested_ttl_secs: u64::try_from(t.deadline - now).unwrap_or(0),
+                    evidence_age_secs: u64::try_from(now - t.created_at).unwrap_or(0),
+                    now: self.clock.now(),
+                    task: Some(task_context(&t, now)),
+                };
+                let allowed = match self.policy.decide(
+                    &principal,
+                    Action::BeginTask,
+                    &Resource::Target("task".into()),
+                    &ctx,
+                ) {
+                    Ok(d) => d.allowed,
+                    Err(e) => {
+                        tracing::warn!(task_id = %t.id, error = %e, "cannot re-evaluate task; revoking");
+                        false
+                    }
+                };
+                if !allowed
+                    && self
+                        .end(
+                            &t.id,
+                            TaskState::Revoked,
+                            "policy no longer permits the task",
+                        )
+                        .await?
+                {
+                    tracing::info!(target: "ephemera::audit", action = "ReevaluateTask", task_id = %t.id, spiffe_id = %t.spiffe_id, decision = "deny", reason = "policy no longer permits the task", "decision");
+                    revoked.push(t.id);
+                }
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Whether a lease is honoured now, with its record.
+    pub async fn lease_status(&self, key: &str) -> Result<Option<LeaseStatus>, BrokerError> {
+        Ok(self.store.lease(key).await?)
+    }
+
+    /// The revocation events after `cursor`.
+    pub async fn revocations_after(
+        &self,
+        cursor: i64,
+        limit: u32,
+    ) -> Result<Vec<Revocation>, BrokerError> {
+        Ok(self.store.revocations_after(cursor, limit).await?)
+    }
+}
+
+/// What policy sees of a task.
+fn task_context(t: &Task, now: i64) -> TaskContext {
+    TaskContext {
+        id: t.id.clone(),
+        labels: t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        age_secs: u64::try_from(now - t.created_at).unwrap_or(0),
     }
 }
 

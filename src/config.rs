@@ -41,6 +41,8 @@ pub struct RawConfig {
     pub jwt_svid: RawJwt,
     /// Logging.
     pub log: RawLog,
+    /// Task timing.
+    pub tasks: RawTasks,
     /// Cedar policy.
     pub policy: RawPolicy,
     /// Trusted OIDC issuers.
@@ -51,6 +53,49 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
+}
+
+/// `[tasks]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTasks {
+    /// Task lifetime when the caller asks for none.
+    pub default_duration: Option<String>,
+    /// Longest task lifetime.
+    pub max_duration: Option<String>,
+    /// Keep-alive interval.
+    pub heartbeat_interval: Option<String>,
+    /// Grace after a missed keep-alive.
+    pub grace: Option<String>,
+    /// How long ended tasks and expired leases are kept.
+    pub retention: Option<String>,
+}
+
+/// Validated task timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskSettings {
+    /// Task lifetime when the caller asks for none.
+    pub default_duration: Duration,
+    /// Longest task lifetime.
+    pub max_duration: Duration,
+    /// Keep-alive interval.
+    pub heartbeat_interval: Duration,
+    /// Grace after a missed keep-alive.
+    pub grace: Duration,
+    /// How long ended tasks and expired leases are kept before pruning.
+    pub retention: Duration,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        Self {
+            default_duration: Duration::from_secs(3600),
+            max_duration: Duration::from_secs(24 * 3600),
+            heartbeat_interval: Duration::from_secs(10),
+            grace: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// `[admin]` as written.
@@ -228,6 +273,8 @@ pub struct Config {
     pub mappings: Vec<MappingRule>,
     /// The file this configuration was read from, if any (watched for mapping changes).
     pub source: Option<PathBuf>,
+    /// Task timing.
+    pub tasks: TaskSettings,
 }
 
 /// gRPC listener settings.
@@ -540,6 +587,8 @@ impl Config {
             }
         };
 
+        let tasks = task_settings(&mut p, &raw.tasks);
+
         let mut oidc = Vec::new();
         for (i, raw) in raw.oidc.iter().enumerate() {
             if let Some(o) = oidc_issuer(&mut p, &format!("oidc[{i}]"), raw, base) {
@@ -641,6 +690,7 @@ impl Config {
                     database,
                     mappings,
                     source: None,
+                    tasks,
                 })
             }
             _ => Err(ConfigError::Invalid(p.0)),
@@ -737,6 +787,49 @@ fn oidc_issuer(p: &mut Problems, key: &str, raw: &RawOidc, base: &Path) -> Optio
         jwks_refetch_interval,
         required_claims,
     })
+}
+
+fn task_settings(p: &mut Problems, raw: &RawTasks) -> TaskSettings {
+    let d = TaskSettings::default();
+    let mut one = |field: &str, v: &Option<String>, default: Duration, min: u64| {
+        let key = format!("tasks.{field}");
+        match v.as_deref().map(parse_duration) {
+            None => default,
+            Some(Ok(x)) if x.as_secs() >= min && x <= Ttl::MAX => x,
+            Some(Ok(_)) => {
+                p.push(key, format!("must be between {min}s and 30d"));
+                default
+            }
+            Some(Err(e)) => {
+                p.push(key, e);
+                default
+            }
+        }
+    };
+    let s = TaskSettings {
+        default_duration: one(
+            "default_duration",
+            &raw.default_duration,
+            d.default_duration,
+            1,
+        ),
+        max_duration: one("max_duration", &raw.max_duration, d.max_duration, 1),
+        heartbeat_interval: one(
+            "heartbeat_interval",
+            &raw.heartbeat_interval,
+            d.heartbeat_interval,
+            1,
+        ),
+        grace: one("grace", &raw.grace, d.grace, 1),
+        retention: one("retention", &raw.retention, d.retention, 0),
+    };
+    if s.default_duration > s.max_duration {
+        p.push(
+            "tasks.default_duration",
+            "is longer than tasks.max_duration",
+        );
+    }
+    s
 }
 
 fn ttl_limits(

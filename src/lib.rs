@@ -17,6 +17,7 @@ pub mod config;
 pub mod endpoints;
 pub mod http;
 pub mod id;
+pub mod lease;
 pub mod policy;
 pub mod secret;
 pub mod store;

@@ -47,6 +47,7 @@ async fn one_event_per_decision_with_fields_and_no_secrets() {
             audience: vec!["deploy".into()],
             ttl_seconds: Some(120),
             spiffe_id: String::new(),
+            task_id: String::new(),
         })
         .await
         .unwrap()
@@ -57,6 +58,7 @@ async fn one_event_per_decision_with_fields_and_no_secrets() {
             audience: vec!["deploy".into()],
             ttl_seconds: Some(3600),
             spiffe_id: String::new(),
+            task_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -70,6 +72,7 @@ async fn one_event_per_decision_with_fields_and_no_secrets() {
             csr: csr.der().to_vec(),
             ttl_seconds: Some(300),
             spiffe_id: String::new(),
+            task_id: String::new(),
         })
         .await
         .unwrap()

@@ -87,6 +87,7 @@ async fn x509_svid_from_csr_verifies_and_follows_the_spiffe_rules() {
             csr: csr(&params, &key),
             ttl_seconds: Some(600),
             spiffe_id: String::new(),
+            task_id: String::new(),
         })
         .await
         .unwrap()
@@ -180,6 +181,7 @@ async fn jwt_svid_verifies_against_served_jwks() {
             audience: vec!["https://deploy.example.org".into(), "vault".into()],
             ttl_seconds: Some(120),
             spiffe_id: String::new(),
+            task_id: String::new(),
         })
         .await
         .unwrap()
@@ -252,6 +254,7 @@ async fn ttl_is_clamped_to_the_maximum_and_the_ca_expiry() {
             audience: vec!["a".into()],
             ttl_seconds: Some(3600),
             spiffe_id: String::new(),
+            task_id: String::new(),
         })
         .await
         .unwrap()
@@ -357,6 +360,7 @@ async fn rejected_inputs_get_exact_codes() {
                 audience,
                 ttl_seconds: ttl,
                 spiffe_id: String::new(),
+                task_id: String::new(),
             })
             .await
             .expect_err(what);
@@ -372,6 +376,7 @@ fn x509(csr: Vec<u8>, ttl: Option<u64>) -> MintX509SvidRequest {
         csr,
         ttl_seconds: ttl,
         spiffe_id: String::new(),
+        task_id: String::new(),
     }
 }
 

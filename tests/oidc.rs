@@ -113,6 +113,7 @@ fn deploy(ttl: Option<u64>) -> MintJwtSvidRequest {
         audience: vec!["deploy".into()],
         ttl_seconds: ttl,
         spiffe_id: String::new(),
+        task_id: String::new(),
     }
 }
 

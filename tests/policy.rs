@@ -20,6 +20,7 @@ fn jwt(ttl: Option<u64>) -> MintJwtSvidRequest {
         audience: vec!["deploy".into()],
         ttl_seconds: ttl,
         spiffe_id: String::new(),
+        task_id: String::new(),
     }
 }
 

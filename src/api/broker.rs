@@ -4,12 +4,19 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio_stream::Stream;
+use tonic::Streaming;
+
 use super::pb::v1::{
-    MintJwtSvidRequest, MintJwtSvidResponse, MintX509SvidRequest, MintX509SvidResponse,
-    broker_server,
+    BeginTaskRequest, BeginTaskResponse, EndTaskRequest, EndTaskResponse, KeepAliveRequest,
+    KeepAliveResponse, MintJwtSvidRequest, MintJwtSvidResponse, MintX509SvidRequest,
+    MintX509SvidResponse, broker_server,
 };
 use super::status::to_status;
-use crate::broker::{Broker, BrokerError, JwtRequest, X509Request};
+use crate::broker::{self as core, Broker, BrokerError, JwtRequest, X509Request};
 use crate::ca::x509::MAX_CSR_BYTES;
 use crate::clock::unix_secs;
 use crate::id::{Audience, SpiffeId, Ttl};
@@ -36,6 +43,24 @@ fn ttl(secs: Option<u64>) -> Result<Option<Ttl>, BrokerError> {
         })
 }
 
+/// Longest task id accepted (a UUID is 36).
+const MAX_TASK_ID: usize = 64;
+/// Most labels on a task.
+const MAX_LABELS: usize = 32;
+
+fn task_id(s: &str) -> Result<Option<String>, BrokerError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_TASK_ID || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(BrokerError::BadRequest {
+            field: "task_id",
+            reason: "not a task id".into(),
+        });
+    }
+    Ok(Some(s.to_owned()))
+}
+
 fn spiffe_id(s: &str) -> Result<Option<SpiffeId>, BrokerError> {
     if s.is_empty() {
         return Ok(None);
@@ -48,8 +73,168 @@ fn spiffe_id(s: &str) -> Result<Option<SpiffeId>, BrokerError> {
         })
 }
 
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<KeepAliveResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl broker_server::Broker for BrokerService {
+    type KeepAliveStream = KeepAliveStream;
+
+    async fn begin_task(
+        &self,
+        request: Request<BeginTaskRequest>,
+    ) -> Result<Response<BeginTaskResponse>, Status> {
+        let evidence = super::evidence(&request);
+        let req = request.into_inner();
+        let result = async {
+            if req.labels.len() > MAX_LABELS {
+                return Err(BrokerError::BadRequest {
+                    field: "labels",
+                    reason: format!("at most {MAX_LABELS} labels"),
+                });
+            }
+            for (k, v) in &req.labels {
+                let ok_key = !k.is_empty()
+                    && k.len() <= 63
+                    && k.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/')
+                    });
+                if !ok_key || v.len() > 255 || v.chars().any(char::is_control) {
+                    return Err(BrokerError::BadRequest {
+                        field: "labels",
+                        reason: format!("invalid label {k:?}"),
+                    });
+                }
+            }
+            let max_duration =
+                match req.max_duration_seconds {
+                    None => None,
+                    Some(secs) => Some(Ttl::from_secs(secs).map_err(|source| {
+                        BrokerError::InvalidArgument {
+                            field: "max_duration_seconds",
+                            source,
+                        }
+                    })?),
+                };
+            self.broker
+                .begin_task(
+                    &evidence,
+                    core::BeginTaskRequest {
+                        max_duration: max_duration.map(Ttl::duration),
+                        labels: req.labels.into_iter().collect(),
+                        spiffe_id: spiffe_id(&req.spiffe_id)?,
+                    },
+                )
+                .await
+        }
+        .await;
+        let task = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(BeginTaskResponse {
+            task_id: task.id,
+            spiffe_id: task.spiffe_id,
+            deadline: task.deadline,
+            heartbeat_interval_seconds: u64::try_from(task.heartbeat_secs).unwrap_or(0),
+            grace_seconds: u64::try_from(task.grace_secs).unwrap_or(0),
+        }))
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let evidence = super::evidence(&request);
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the first message must name the task"))?;
+        let id = task_id(&first.task_id)
+            .and_then(|t| {
+                t.ok_or(BrokerError::BadRequest {
+                    field: "task_id",
+                    reason: "required in the first message".into(),
+                })
+            })
+            .map_err(|e| to_status(&e))?;
+        let broker = self.broker.clone();
+        let task = broker
+            .keep_alive_open(&evidence, &id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let mut revocations = broker.bus().subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let deadline = task.deadline;
+        let _ = tx.send(Ok(KeepAliveResponse { deadline })).await;
+        let silence =
+            Duration::from_secs(u64::try_from(task.heartbeat_secs + task.grace_secs).unwrap_or(60));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    msg = tokio::time::timeout(silence, inbound.message()) => match msg {
+                        Ok(Ok(Some(m))) => {
+                            if !m.task_id.is_empty() && m.task_id != task.id {
+                                let _ = tx.send(Err(Status::invalid_argument("task_id must not change on a stream"))).await;
+                                break;
+                            }
+                            match broker.ping(&task).await {
+                                Ok(true) => {
+                                    if tx.send(Ok(KeepAliveResponse { deadline })).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Ok(false) => {
+                                    let _ = tx.send(Err(Status::failed_precondition("the task has ended"))).await;
+                                    break;
+                                }
+                                Err(e) => {
+                                    let _ = tx.send(Err(to_status(&e))).await;
+                                    break;
+                                }
+                            }
+                        }
+                        // Stream ended, broke, or went silent: the task gets one grace period.
+                        _ => break,
+                    },
+                    r = revocations.recv() => match r {
+                        Ok(ev) if ev.task_id.as_deref() == Some(task.id.as_str()) => {
+                            let _ = tx.send(Err(Status::failed_precondition(format!("the task has ended: {}", ev.reason)))).await;
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
+            if let Err(e) = broker.keep_alive_closed(&task).await {
+                tracing::warn!(task_id = %task.id, error = %e, "cannot record keep-alive loss");
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn end_task(
+        &self,
+        request: Request<EndTaskRequest>,
+    ) -> Result<Response<EndTaskResponse>, Status> {
+        let evidence = super::evidence(&request);
+        let req = request.into_inner();
+        let result = async {
+            let id = task_id(&req.task_id)?.ok_or(BrokerError::BadRequest {
+                field: "task_id",
+                reason: "required".into(),
+            })?;
+            self.broker.end_task(&evidence, &id).await
+        }
+        .await;
+        let (state, already_ended) = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(EndTaskResponse {
+            state: state.as_str().to_owned(),
+            already_ended,
+        }))
+    }
+
     async fn mint_x509_svid(
         &self,
         request: Request<MintX509SvidRequest>,
@@ -66,6 +251,7 @@ impl broker_server::Broker for BrokerService {
             let typed = X509Request {
                 ttl: ttl(req.ttl_seconds)?,
                 spiffe_id: spiffe_id(&req.spiffe_id)?,
+                task_id: task_id(&req.task_id)?,
                 csr: (!req.csr.is_empty()).then_some(req.csr),
             };
             self.broker.mint_x509(&evidence, typed).await
@@ -83,6 +269,7 @@ impl broker_server::Broker for BrokerService {
             bundle: minted.bundle,
             expires_at: unix_secs(minted.svid.not_after),
             serial: minted.svid.serial.to_string(),
+            lease_id: minted.lease_id,
         }))
     }
 
@@ -102,6 +289,7 @@ impl broker_server::Broker for BrokerService {
                 })?,
                 ttl: ttl(req.ttl_seconds)?,
                 spiffe_id: spiffe_id(&req.spiffe_id)?,
+                task_id: task_id(&req.task_id)?,
             };
             self.broker.mint_jwt(&evidence, typed).await
         }

@@ -48,6 +48,11 @@ pub fn to_status(err: &BrokerError) -> Status {
         BrokerError::Policy(PolicyError::Request(_)) => {
             Status::permission_denied("request could not be authorized")
         }
+        BrokerError::TaskNotFound(_) | BrokerError::LeaseNotFound(_) => {
+            Status::not_found(err.to_string())
+        }
+        BrokerError::NotTaskOwner { .. } => Status::permission_denied(err.to_string()),
+        BrokerError::TaskNotActive { .. } => Status::failed_precondition(err.to_string()),
         BrokerError::Store(e) => {
             tracing::error!(error = %e, "store failure");
             Status::unavailable("the broker cannot record credentials now; retry later")

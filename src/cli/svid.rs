@@ -26,6 +26,9 @@ pub struct SvidArgs {
     /// Which of your SPIFFE IDs to use when you have several.
     #[arg(long)]
     pub spiffe_id: Option<String>,
+    /// Bind the credential to this task (you must own it); it is revoked when the task ends.
+    #[arg(long, env = "EPHEMERA_TASK_ID")]
+    pub task: Option<String>,
     /// Evidence to present.
     #[command(flatten)]
     pub evidence: EvidenceArgs,
@@ -69,6 +72,7 @@ pub async fn run(args: SvidArgs) -> Result<(), Failure> {
             csr: csr.der().to_vec(),
             ttl_seconds: ttl_secs(args.ttl.as_deref())?,
             spiffe_id: args.spiffe_id.unwrap_or_default(),
+            task_id: args.task.unwrap_or_default(),
         })?)
         .await?
         .into_inner();

@@ -22,6 +22,9 @@ pub struct TokenArgs {
     /// Which of your SPIFFE IDs to use when you have several.
     #[arg(long)]
     pub spiffe_id: Option<String>,
+    /// Bind the credential to this task (you must own it); it is revoked when the task ends.
+    #[arg(long, env = "EPHEMERA_TASK_ID")]
+    pub task: Option<String>,
     /// Print JSON with the token, its SPIFFE ID, expiry and decoded header and claims.
     #[arg(long)]
     pub json: bool,
@@ -46,6 +49,7 @@ pub async fn run(args: TokenArgs) -> Result<(), Failure> {
             audience: args.audience,
             ttl_seconds: ttl_secs(args.ttl.as_deref())?,
             spiffe_id: args.spiffe_id.unwrap_or_default(),
+            task_id: args.task.unwrap_or_default(),
         })?)
         .await?
         .into_inner();

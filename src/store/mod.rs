@@ -63,8 +63,254 @@ pub struct JoinToken {
     pub used_at: Option<i64>,
 }
 
+/// A task's state. Only `Active` tasks' leases are honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    /// Running.
+    Active,
+    /// Ended by its owner (`EndTask`).
+    Ended,
+    /// Ended by the broker: deadline passed or keep-alive lost.
+    Expired,
+    /// Revoked by an admin or by policy.
+    Revoked,
+}
+
+impl TaskState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Ended => "ended",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Active, Self::Ended, Self::Expired, Self::Revoked]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
+
+/// A task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// Time-ordered id (UUIDv7).
+    pub id: String,
+    /// The owner.
+    pub spiffe_id: String,
+    /// The attestor that proved the owner.
+    pub attestor: String,
+    /// The owner's attested claims at begin time (for re-evaluation after a policy reload).
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Begin time, Unix seconds.
+    pub created_at: i64,
+    /// Latest end, Unix seconds.
+    pub deadline: i64,
+    /// Keep-alive interval, seconds.
+    pub heartbeat_secs: i64,
+    /// Grace after a missed keep-alive, seconds.
+    pub grace_secs: i64,
+    /// When the task is due to end unless kept alive: min(deadline, last ping + heartbeat +
+    /// grace). Updated coarsely by keep-alives.
+    pub due_at: i64,
+    /// State.
+    pub state: TaskState,
+    /// When it stopped being active.
+    pub ended_at: Option<i64>,
+    /// Why it stopped.
+    pub reason: Option<String>,
+}
+
+/// What a lease records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseKind {
+    /// An X.509-SVID (identified by serial).
+    X509,
+    /// A JWT-SVID (identified by jti = lease id).
+    Jwt,
+}
+
+impl LeaseKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::X509 => "x509",
+            Self::Jwt => "jwt",
+        }
+    }
+}
+
+/// One issued credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Time-ordered id (UUIDv7); the `jti` of a JWT-SVID.
+    pub id: String,
+    /// The task, or `None` for a standalone credential.
+    pub task_id: Option<String>,
+    /// Kind.
+    pub kind: LeaseKind,
+    /// X.509 serial (lowercase hex).
+    pub serial: Option<String>,
+    /// The identity in the credential.
+    pub spiffe_id: String,
+    /// JWT audiences.
+    pub audience: Vec<String>,
+    /// Issue time, Unix seconds.
+    pub issued_at: i64,
+    /// Expiry, Unix seconds.
+    pub expires_at: i64,
+    /// Whether the lease itself was revoked (its task may also have ended).
+    pub revoked: bool,
+    /// When and why it was revoked.
+    pub revoked_at: Option<i64>,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// A lease and whether it is honoured right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseStatus {
+    /// The lease.
+    pub lease: Lease,
+    /// The state of its task, if it has one.
+    pub task_state: Option<TaskState>,
+}
+
+impl LeaseStatus {
+    /// Honoured: unexpired, not revoked, and its task (if any) active.
+    pub fn active(&self, now: i64) -> bool {
+        !self.lease.revoked
+            && self.lease.expires_at > now
+            && self.task_state.is_none_or(|s| s == TaskState::Active)
+    }
+}
+
+/// One revocation, as recorded and streamed to watchers; `seq` is the resumable cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Cursor: strictly increasing.
+    pub seq: i64,
+    /// When.
+    pub at: i64,
+    /// The task ended, if a whole task was.
+    pub task_id: Option<String>,
+    /// The lease revoked, if a single lease was.
+    pub lease_id: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+/// A revoked, unexpired X.509 serial (for the CRL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedSerial {
+    /// Lowercase hex serial.
+    pub serial: String,
+    /// When it stopped being honoured.
+    pub revoked_at: i64,
+    /// The certificate's notAfter.
+    pub expires_at: i64,
+}
+
+/// Filters and paging for listings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only this task's leases.
+    pub task_id: Option<String>,
+    /// Only this SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// Only active (`true`) or only inactive (`false`).
+    pub active: Option<bool>,
+    /// Return rows with id greater than this (the previous page's last id).
+    pub after: Option<String>,
+    /// At most this many rows.
+    pub limit: u32,
+}
+
 /// The broker's durable state.
 pub trait Store: Send + Sync {
+    /// Records a new task.
+    fn insert_task(&self, task: Task) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// A task by id.
+    fn task(&self, id: &str) -> BoxFuture<'_, Result<Option<Task>, StoreError>>;
+
+    /// Pushes an active task's `due_at` forward (a keep-alive); `false` if it is not active.
+    fn keep_alive(&self, id: &str, due_at: i64) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Ends an active task with `state` and records one revocation event; one write whatever
+    /// the task's lease count. `None` if the task was not active.
+    fn end_task(
+        &self,
+        id: &str,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revocation>, StoreError>>;
+
+    /// Active tasks whose `due_at` is at or before `now` (at most `limit`).
+    fn due_tasks(&self, now: i64, limit: u32) -> BoxFuture<'_, Result<Vec<Task>, StoreError>>;
+
+    /// After a restart: gives every active task one fresh grace period to reconnect.
+    fn refresh_active_tasks(&self, now: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Records a lease durably (group-committed); returns once committed.
+    fn insert_lease(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// A lease by id, or by X.509 serial.
+    fn lease(&self, id_or_serial: &str) -> BoxFuture<'_, Result<Option<LeaseStatus>, StoreError>>;
+
+    /// Revokes one lease and records a revocation event; `None` if already revoked or unknown.
+    fn revoke_lease(
+        &self,
+        id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revocation>, StoreError>>;
+
+    /// Revocation events after `cursor`, oldest first.
+    fn revocations_after(
+        &self,
+        cursor: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Revocation>, StoreError>>;
+
+    /// Leases affected by a revocation event (the lease, or every lease of the task).
+    fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>>;
+
+    /// Serials of X.509 leases no longer honoured but not yet expired at `now`.
+    fn revoked_serials(&self, now: i64) -> BoxFuture<'_, Result<Vec<RevokedSerial>, StoreError>>;
+
+    /// Tasks, newest first by id order, filtered and paged.
+    fn list_tasks(
+        &self,
+        filter: ListFilter,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Vec<Task>, StoreError>>;
+
+    /// Leases, filtered and paged.
+    fn list_leases(
+        &self,
+        filter: ListFilter,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Vec<LeaseStatus>, StoreError>>;
+
+    /// Active tasks (for re-evaluation after a policy reload), paged by id.
+    fn active_tasks(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Task>, StoreError>>;
+
+    /// Deletes leases and tasks that stopped mattering before `before` (expired or ended), and
+    /// revocation events older than that. Returns rows deleted.
+    fn prune(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
+
     /// Stores a new join token.
     fn create_join_token(&self, token: NewJoinToken) -> BoxFuture<'_, Result<(), StoreError>>;
 

@@ -10,24 +10,77 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{BoxFuture, JoinToken, NewJoinToken, Store, StoreError, TokenHash};
+use super::{
+    BoxFuture, JoinToken, Lease, LeaseKind, LeaseStatus, ListFilter, NewJoinToken, Revocation,
+    RevokedSerial, Store, StoreError, Task, TaskState, TokenHash,
+};
 
 /// File name of the database inside the data directory.
 pub const FILE: &str = "ephemera.db";
 
 /// Migrations, applied in order; a migration never changes once released.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE join_tokens (
-        hash BLOB PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL,
-        claims TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL,
-        used_at INTEGER
-    );",
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE join_tokens (
+            hash BLOB PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            claims TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            used_at INTEGER
+        );",
+    ),
+    (
+        2,
+        "CREATE TABLE tasks (
+            id TEXT PRIMARY KEY,
+            spiffe_id TEXT NOT NULL,
+            attestor TEXT NOT NULL,
+            claims TEXT NOT NULL,
+            labels TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            deadline INTEGER NOT NULL,
+            heartbeat_secs INTEGER NOT NULL,
+            grace_secs INTEGER NOT NULL,
+            due_at INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            ended_at INTEGER,
+            reason TEXT
+        );
+        CREATE INDEX tasks_due ON tasks (state, due_at);
+        CREATE INDEX tasks_spiffe_id ON tasks (spiffe_id, state);
+        CREATE TABLE leases (
+            id TEXT PRIMARY KEY,
+            task_id TEXT REFERENCES tasks (id),
+            kind TEXT NOT NULL,
+            serial TEXT UNIQUE,
+            spiffe_id TEXT NOT NULL,
+            audience TEXT NOT NULL,
+            issued_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            revoked_at INTEGER,
+            reason TEXT
+        );
+        CREATE INDEX leases_task ON leases (task_id);
+        CREATE INDEX leases_expires ON leases (expires_at);
+        CREATE INDEX leases_spiffe_id ON leases (spiffe_id);
+        CREATE TABLE revocations (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            at INTEGER NOT NULL,
+            task_id TEXT,
+            lease_id TEXT,
+            reason TEXT NOT NULL
+        );",
+    ),
+];
+
+/// Most leases committed in one transaction.
+const BATCH: usize = 256;
+
+type LeaseAck = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
 fn unavailable(e: sqlx::Error) -> StoreError {
     match e {
@@ -40,6 +93,110 @@ fn unavailable(e: sqlx::Error) -> StoreError {
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    leases: tokio::sync::mpsc::Sender<(Lease, LeaseAck)>,
+}
+
+/// Group commit: one writer drains every queued lease into one transaction, then acknowledges
+/// each caller. Under load a commit carries many leases; alone, a lease commits at once.
+async fn lease_writer(pool: SqlitePool, mut rx: tokio::sync::mpsc::Receiver<(Lease, LeaseAck)>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let result = write_leases(&pool, batch.iter().map(|(l, _)| l)).await;
+        for (_, ack) in batch.drain(..) {
+            let _ = ack.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            });
+        }
+    }
+}
+
+async fn write_leases<'a>(
+    pool: &SqlitePool,
+    leases: impl Iterator<Item = &'a Lease>,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    for l in leases {
+        sqlx::query(
+            "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&l.id)
+        .bind(&l.task_id)
+        .bind(l.kind.as_str())
+        .bind(&l.serial)
+        .bind(&l.spiffe_id)
+        .bind(serde_json::Value::from(l.audience.clone()).to_string())
+        .bind(l.issued_at)
+        .bind(l.expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
+
+fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<Task, StoreError> {
+    let labels: String = row.try_get("labels").map_err(unavailable)?;
+    let claims: String = row.try_get("claims").map_err(unavailable)?;
+    let state: String = row.try_get("state").map_err(unavailable)?;
+    Ok(Task {
+        id: row.try_get("id").map_err(unavailable)?,
+        spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
+        attestor: row.try_get("attestor").map_err(unavailable)?,
+        claims: serde_json::from_str(&claims).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        created_at: row.try_get("created_at").map_err(unavailable)?,
+        deadline: row.try_get("deadline").map_err(unavailable)?,
+        heartbeat_secs: row.try_get("heartbeat_secs").map_err(unavailable)?,
+        grace_secs: row.try_get("grace_secs").map_err(unavailable)?,
+        due_at: row.try_get("due_at").map_err(unavailable)?,
+        state: TaskState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("task state {state}")))?,
+        ended_at: row.try_get("ended_at").map_err(unavailable)?,
+        reason: row.try_get("reason").map_err(unavailable)?,
+    })
+}
+
+const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
+
+fn lease_row(row: &sqlx::sqlite::SqliteRow) -> Result<LeaseStatus, StoreError> {
+    let kind: String = row.try_get("kind").map_err(unavailable)?;
+    let audience: String = row.try_get("audience").map_err(unavailable)?;
+    let task_state: Option<String> = row.try_get("task_state").map_err(unavailable)?;
+    Ok(LeaseStatus {
+        lease: Lease {
+            id: row.try_get("id").map_err(unavailable)?,
+            task_id: row.try_get("task_id").map_err(unavailable)?,
+            kind: match kind.as_str() {
+                "x509" => LeaseKind::X509,
+                "jwt" => LeaseKind::Jwt,
+                other => return Err(StoreError::Corrupt(format!("lease kind {other}"))),
+            },
+            serial: row.try_get("serial").map_err(unavailable)?,
+            spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
+            audience: serde_json::from_str(&audience)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            issued_at: row.try_get("issued_at").map_err(unavailable)?,
+            expires_at: row.try_get("expires_at").map_err(unavailable)?,
+            revoked: row.try_get::<i64, _>("revoked").map_err(unavailable)? != 0,
+            revoked_at: row.try_get("revoked_at").map_err(unavailable)?,
+            reason: row.try_get("reason").map_err(unavailable)?,
+        },
+        task_state: task_state.as_deref().and_then(TaskState::parse),
+    })
+}
+
+fn revocation_row(row: &sqlx::sqlite::SqliteRow) -> Result<Revocation, StoreError> {
+    Ok(Revocation {
+        seq: row.try_get("seq").map_err(unavailable)?,
+        at: row.try_get("at").map_err(unavailable)?,
+        task_id: row.try_get("task_id").map_err(unavailable)?,
+        lease_id: row.try_get("lease_id").map_err(unavailable)?,
+        reason: row.try_get("reason").map_err(unavailable)?,
+    })
 }
 
 impl SqliteStore {
@@ -53,23 +210,26 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
-        Self::connect(options).await
+        Self::connect(options, 4).await
     }
 
     /// A private in-memory database (tests).
     pub async fn in_memory() -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(unavailable)?;
-        Self::connect(options).await
+        // An in-memory database exists per connection: exactly one.
+        Self::connect(options, 1).await
     }
 
-    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+    async fn connect(options: SqliteConnectOptions, connections: u32) -> Result<Self, StoreError> {
         let pool = SqlitePoolOptions::new()
-            // One connection: SQLite has one writer, and an in-memory database is per connection.
-            .max_connections(1)
+            // WAL: readers run beside the one writer; SQLite serializes writers itself.
+            .max_connections(connections)
             .connect_with(options)
             .await
             .map_err(unavailable)?;
-        let store = Self { pool };
+        let (tx, rx) = tokio::sync::mpsc::channel(4 * BATCH);
+        tokio::spawn(lease_writer(pool.clone(), rx));
+        let store = Self { pool, leases: tx };
         store.migrate().await?;
         Ok(store)
     }
@@ -169,6 +329,376 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
             Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn insert_task(&self, t: Task) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let labels =
+                serde_json::to_string(&t.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let claims = serde_json::Value::Object(t.claims.clone()).to_string();
+            sqlx::query(
+                "INSERT INTO tasks (id, spiffe_id, attestor, claims, labels, created_at, deadline,
+                    heartbeat_secs, grace_secs, due_at, state)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&t.id)
+            .bind(&t.spiffe_id)
+            .bind(&t.attestor)
+            .bind(claims)
+            .bind(labels)
+            .bind(t.created_at)
+            .bind(t.deadline)
+            .bind(t.heartbeat_secs)
+            .bind(t.grace_secs)
+            .bind(t.due_at)
+            .bind(t.state.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn task(&self, id: &str) -> BoxFuture<'_, Result<Option<Task>, StoreError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"));
+            sqlx::query(sql)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .as_ref()
+                .map(task_row)
+                .transpose()
+        })
+    }
+
+    fn keep_alive(&self, id: &str, due_at: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let r = sqlx::query(
+                "UPDATE tasks SET due_at = MIN(deadline, ?) WHERE id = ? AND state = 'active'",
+            )
+            .bind(due_at)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(r.rows_affected() == 1)
+        })
+    }
+
+    fn end_task(
+        &self,
+        id: &str,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revocation>, StoreError>> {
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let r = sqlx::query(
+                "UPDATE tasks SET state = ?, ended_at = ?, reason = ? WHERE id = ? AND state = 'active'",
+            )
+            .bind(state.as_str())
+            .bind(now)
+            .bind(&reason)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if r.rows_affected() == 0 {
+                return Ok(None);
+            }
+            let row = sqlx::query(
+                "INSERT INTO revocations (at, task_id, reason) VALUES (?, ?, ?)
+                 RETURNING seq, at, task_id, lease_id, reason",
+            )
+            .bind(now)
+            .bind(&id)
+            .bind(&reason)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+            revocation_row(&row).map(Some)
+        })
+    }
+
+    fn due_tasks(&self, now: i64, limit: u32) -> BoxFuture<'_, Result<Vec<Task>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' AND due_at <= ? ORDER BY due_at LIMIT ?"
+            ));
+            sqlx::query(sql)
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(task_row)
+                .collect()
+        })
+    }
+
+    fn refresh_active_tasks(&self, now: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let r = sqlx::query(
+                "UPDATE tasks SET due_at = MIN(deadline, ? + heartbeat_secs + grace_secs)
+                 WHERE state = 'active'",
+            )
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(r.rows_affected())
+        })
+    }
+
+    fn insert_lease(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            self.leases
+                .send((lease, ack))
+                .await
+                .map_err(|_| StoreError::Unavailable("lease writer stopped".into()))?;
+            done.await
+                .map_err(|_| StoreError::Unavailable("lease writer stopped".into()))?
+        })
+    }
+
+    fn lease(&self, key: &str) -> BoxFuture<'_, Result<Option<LeaseStatus>, StoreError>> {
+        let key = key.to_owned();
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.id = ?1 OR l.serial = ?1"
+            ));
+            sqlx::query(sql)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .as_ref()
+                .map(lease_row)
+                .transpose()
+        })
+    }
+
+    fn revoke_lease(
+        &self,
+        id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revocation>, StoreError>> {
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let r = sqlx::query(
+                "UPDATE leases SET revoked = 1, revoked_at = ?, reason = ? WHERE id = ? AND revoked = 0",
+            )
+            .bind(now)
+            .bind(&reason)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if r.rows_affected() == 0 {
+                return Ok(None);
+            }
+            let row = sqlx::query(
+                "INSERT INTO revocations (at, lease_id, reason) VALUES (?, ?, ?)
+                 RETURNING seq, at, task_id, lease_id, reason",
+            )
+            .bind(now)
+            .bind(&id)
+            .bind(&reason)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+            revocation_row(&row).map(Some)
+        })
+    }
+
+    fn revocations_after(
+        &self,
+        cursor: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Revocation>, StoreError>> {
+        Box::pin(async move {
+            sqlx::query(
+                "SELECT seq, at, task_id, lease_id, reason FROM revocations
+                 WHERE seq > ? ORDER BY seq LIMIT ?",
+            )
+            .bind(cursor)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(revocation_row)
+            .collect()
+        })
+    }
+
+    fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
+        let event = event.clone();
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE (?1 IS NOT NULL AND l.task_id = ?1) OR (?2 IS NOT NULL AND l.id = ?2)
+                 ORDER BY l.id"
+            ));
+            sqlx::query(sql)
+                .bind(&event.task_id)
+                .bind(&event.lease_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(|r| lease_row(r).map(|s| s.lease))
+                .collect()
+        })
+    }
+
+    fn revoked_serials(&self, now: i64) -> BoxFuture<'_, Result<Vec<RevokedSerial>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT l.serial AS serial, COALESCE(l.revoked_at, t.ended_at) AS revoked_at,
+                        l.expires_at AS expires_at
+                 FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.kind = 'x509' AND l.serial IS NOT NULL AND l.expires_at > ?
+                   AND (l.revoked = 1 OR (t.id IS NOT NULL AND t.state != 'active'))
+                 ORDER BY l.serial",
+            )
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(RevokedSerial {
+                        serial: r.try_get("serial").map_err(unavailable)?,
+                        revoked_at: r
+                            .try_get::<Option<i64>, _>("revoked_at")
+                            .map_err(unavailable)?
+                            .unwrap_or(now),
+                        expires_at: r.try_get("expires_at").map_err(unavailable)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn list_tasks(&self, f: ListFilter, _now: i64) -> BoxFuture<'_, Result<Vec<Task>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {TASK_COLUMNS} FROM tasks
+                 WHERE (?1 IS NULL OR spiffe_id = ?1)
+                   AND (?2 IS NULL OR (state = 'active') = ?2)
+                   AND (?3 IS NULL OR id > ?3)
+                   AND (?4 IS NULL OR id = ?4)
+                 ORDER BY id LIMIT ?5"
+            ));
+            sqlx::query(sql)
+                .bind(&f.spiffe_id)
+                .bind(f.active)
+                .bind(&f.after)
+                .bind(&f.task_id)
+                .bind(i64::from(f.limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(task_row)
+                .collect()
+        })
+    }
+
+    fn list_leases(
+        &self,
+        f: ListFilter,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Vec<LeaseStatus>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE (?1 IS NULL OR l.task_id = ?1)
+                   AND (?2 IS NULL OR l.spiffe_id = ?2)
+                   AND (?3 IS NULL OR l.id > ?3)
+                   AND (?4 IS NULL OR
+                        ((l.revoked = 0 AND l.expires_at > ?5 AND (t.id IS NULL OR t.state = 'active')) = ?4))
+                 ORDER BY l.id LIMIT ?6"
+            ));
+            sqlx::query(sql)
+                .bind(&f.task_id)
+                .bind(&f.spiffe_id)
+                .bind(&f.after)
+                .bind(f.active)
+                .bind(now)
+                .bind(i64::from(f.limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(lease_row)
+                .collect()
+        })
+    }
+
+    fn active_tasks(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Task>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' AND (?1 IS NULL OR id > ?1)
+                 ORDER BY id LIMIT ?2"
+            ));
+            sqlx::query(sql)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(task_row)
+                .collect()
+        })
+    }
+
+    fn prune(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let leases = sqlx::query("DELETE FROM leases WHERE expires_at < ?")
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            let tasks = sqlx::query(
+                "DELETE FROM tasks WHERE state != 'active' AND ended_at < ?
+                   AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.task_id = tasks.id)",
+            )
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            let events = sqlx::query("DELETE FROM revocations WHERE at < ?")
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            tx.commit().await.map_err(unavailable)?;
+            Ok(leases + tasks + events)
         })
     }
 
