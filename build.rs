@@ -8,6 +8,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "proto/ephemera/v1/admin.proto",
     "proto/ephemera/v1/broker.proto",
+    "proto/ephemera/v1/revocations.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -18,6 +18,8 @@ use crate::api::admin::{AdminAuth, AdminService};
 use crate::api::broker::BrokerService;
 use crate::api::pb::v1::admin_server::AdminServer;
 use crate::api::pb::v1::broker_server::BrokerServer;
+use crate::api::pb::v1::revocations_server::RevocationsServer;
+use crate::api::revocations::RevocationsService;
 use crate::attest::Attestors;
 use crate::attest::join_token::JoinTokenAttestor;
 use crate::attest::jwks::JwksCache;
@@ -39,6 +41,12 @@ use crate::store::sqlite::SqliteStore;
 /// Largest HTTP/2 header list accepted: above the 16 KiB token limit, so an oversized token
 /// gets the attestor's `ResourceExhausted` naming the limit rather than a bare HTTP 431.
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// How long shutdown waits for servers to finish before aborting them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often the CRL is rebuilt without revocations (to drop expired serials).
+pub const CRL_REFRESH: Duration = Duration::from_secs(300);
 
 /// How often the policy directory is checked for changes.
 pub const POLICY_POLL: Duration = Duration::from_secs(1);
@@ -109,18 +117,24 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops every listener gracefully and removes the socket and `endpoints.json`.
+    /// Stops every listener gracefully (streams are told to end; anything still running after
+    /// [`SHUTDOWN_GRACE`] is aborted) and removes the socket and `endpoints.json`.
     pub async fn shutdown(self) -> Result<(), String> {
+        self.broker.close();
         let _ = self.shutdown.send(true);
         let mut first_err = None;
-        for t in self.tasks {
-            match t.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
+        for mut t in self.tasks {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut t).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
                     first_err.get_or_insert(e);
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     first_err.get_or_insert(e.to_string());
+                }
+                Err(_) => {
+                    t.abort();
+                    tracing::warn!("a server did not stop within the shutdown grace; aborted");
                 }
             }
         }
@@ -349,6 +363,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             .max_decoding_message_size(max_msg);
         let admin = AdminServer::new(AdminService::new(broker.clone(), admin_auth.clone()))
             .max_decoding_message_size(max_msg);
+        let revocations = RevocationsServer::new(RevocationsService::new(broker.clone()))
+            .max_decoding_message_size(max_msg);
         tokio::spawn(async move {
             health_reporter
                 .set_serving::<BrokerServer<BrokerService>>()
@@ -357,7 +373,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         Ok(tonic::service::Routes::new(health)
             .add_service(reflection)
             .add_service(svc)
-            .add_service(admin))
+            .add_service(admin)
+            .add_service(revocations))
     };
 
     let mut tasks = Vec::new();
@@ -374,6 +391,62 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         async move {
             crate::lease::reaper(store, bus, clock, retention, rx).await;
             Ok(())
+        }
+    }));
+
+    // The CRL: built now, rebuilt promptly after every revocation (events arriving together are
+    // folded into one rebuild) and periodically so expired serials drop off.
+    broker
+        .rebuild_crl()
+        .await
+        .map_err(|e| StartError::Setup(format!("building the CRL: {e}")))?;
+    tasks.push(tokio::spawn({
+        let (broker, mut rx) = (broker.clone(), shutdown_rx.clone());
+        let mut events = broker.bus().subscribe();
+        async move {
+            let mut tick = tokio::time::interval(CRL_REFRESH);
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() || *rx.borrow() { return Ok(()) },
+                    _ = tick.tick() => {}
+                    ev = events.recv() => {
+                        if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        while events.try_recv().is_ok() {}
+                    }
+                }
+                if let Err(e) = broker.rebuild_crl().await {
+                    tracing::warn!(error = %e, "CRL rebuild failed; serving the previous one");
+                }
+            }
+        }
+    }));
+
+    // After every policy reload, live tasks are decided again: one the policy no longer
+    // permits is revoked with its credentials.
+    tasks.push(tokio::spawn({
+        let (broker, mut rx) = (broker.clone(), shutdown_rx.clone());
+        let mut reloads = broker.policy().subscribe();
+        async move {
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() || *rx.borrow() { return Ok(()) },
+                    r = reloads.changed() => {
+                        if r.is_err() {
+                            return Ok(());
+                        }
+                        match broker.reevaluate_tasks().await {
+                            Ok(revoked) if !revoked.is_empty() => {
+                                tracing::info!(tasks = revoked.len(), "policy reload revoked live tasks");
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "re-evaluating tasks after a policy reload failed"),
+                        }
+                    }
+                }
+            }
         }
     }));
 

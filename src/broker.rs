@@ -196,7 +196,26 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     limits: Limits,
     bus: RevocationBus,
+    crl: std::sync::RwLock<Arc<Vec<u8>>>,
+    crl_number: std::sync::atomic::AtomicU64,
+    closing: tokio::sync::watch::Sender<bool>,
 }
+
+/// What introspection says of a token.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Introspection {
+    /// Honoured now.
+    pub active: bool,
+    /// Claims of an active token (empty otherwise).
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// The token's task, if any.
+    pub task_id: Option<String>,
+}
+
+/// Longest token accepted for introspection.
+pub const MAX_INTROSPECT_TOKEN: usize = 16 * 1024;
+/// How long a CRL is valid before relying parties must refetch it.
+pub const CRL_VALIDITY: Duration = Duration::from_secs(900);
 
 /// One audit event, filled in as the request goes through the flow.
 struct Audit {
@@ -312,6 +331,89 @@ impl Broker {
             clock,
             limits,
             bus,
+            crl: std::sync::RwLock::new(Arc::new(Vec::new())),
+            crl_number: std::sync::atomic::AtomicU64::new(0),
+            closing: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Tells long-lived streams (keep-alive, watch) to end: the broker is shutting down.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves when [`Broker::close`] is called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// The current CRL (DER); empty until first built.
+    pub fn crl(&self) -> Arc<Vec<u8>> {
+        self.crl
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Rebuilds the CRL from the store: every serial no longer honoured and not yet expired.
+    pub async fn rebuild_crl(&self) -> Result<usize, BrokerError> {
+        let now = self.clock.now();
+        let revoked = self.store.revoked_serials(unix_secs(now)).await?;
+        let list: Vec<(String, SystemTime)> = revoked
+            .iter()
+            .map(|r| {
+                (
+                    r.serial.clone(),
+                    SystemTime::UNIX_EPOCH
+                        + Duration::from_secs(u64::try_from(r.revoked_at).unwrap_or(0)),
+                )
+            })
+            .collect();
+        // Strictly increasing CRL numbers, also across restarts: milliseconds of the build,
+        // bumped past the previous number when builds come faster than that.
+        let stamp = u64::try_from(unix_secs(now)).unwrap_or(0) * 1000;
+        let previous = self
+            .crl_number
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| Some(stamp.max(n + 1)),
+            )
+            .unwrap_or(0);
+        let number = stamp.max(previous + 1);
+        let der = self.ca.x509.crl(&list, number, now, now + CRL_VALIDITY)?;
+        *self
+            .crl
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(der);
+        Ok(list.len())
+    }
+
+    /// Whether a JWT-SVID is honoured now: signed by this broker, unexpired, and its lease and
+    /// task active. Anything else (garbage, foreign, revoked, expired) is inactive.
+    pub async fn introspect(&self, token: &str) -> Result<Introspection, BrokerError> {
+        if token.len() > MAX_INTROSPECT_TOKEN {
+            return Ok(Introspection::default());
+        }
+        let Some(claims) = self.ca.jwt.verify(token) else {
+            return Ok(Introspection::default());
+        };
+        let now = self.clock.unix_now();
+        let exp = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        let Some(jti) = claims.get("jti").and_then(serde_json::Value::as_str) else {
+            return Ok(Introspection::default());
+        };
+        match self.store.lease(jti).await? {
+            Some(status) if exp > now && status.active(now) => Ok(Introspection {
+                active: true,
+                task_id: status.lease.task_id.clone(),
+                claims,
+            }),
+            _ => Ok(Introspection::default()),
         }
     }
 

@@ -46,9 +46,72 @@ pub fn router(broker: Arc<Broker>, public_url: &str) -> Router {
             "/bundle",
             get(|State(s): State<Arc<HttpState>>| async move { json(s.bundle.clone()) }),
         )
+        .route("/crl", get(crl))
+        .route(
+            "/introspect",
+            axum::routing::post(introspect).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),
+        )
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// The current CRL, DER (`application/pkix-crl`).
+async fn crl(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
+    let der = s.broker.crl();
+    if der.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain")],
+            b"crl not built yet\n".to_vec(),
+        );
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/pkix-crl")],
+        der.as_ref().clone(),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct IntrospectForm {
+    token: Option<String>,
+}
+
+/// RFC 7662 token introspection: `POST` form `token=...`; `{"active": false}` for anything not
+/// honoured now, including malformed requests.
+async fn introspect(
+    State(s): State<Arc<HttpState>>,
+    form: Result<axum::Form<IntrospectForm>, axum::extract::rejection::FormRejection>,
+) -> impl IntoResponse {
+    let inactive = || {
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"active": false})),
+        )
+    };
+    let Some(token) = form.ok().and_then(|f| f.0.token) else {
+        return inactive();
+    };
+    match s.broker.introspect(&token).await {
+        Ok(i) if i.active => {
+            let mut body = i.claims;
+            body.insert("active".into(), serde_json::Value::Bool(true));
+            body.insert("token_type".into(), serde_json::Value::from("JWT-SVID"));
+            if let Some(t) = i.task_id {
+                body.insert("task_id".into(), serde_json::Value::from(t));
+            }
+            (StatusCode::OK, axum::Json(serde_json::Value::Object(body)))
+        }
+        Ok(_) => inactive(),
+        Err(e) => {
+            tracing::warn!(error = %e, "introspection unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({"error": "temporarily_unavailable"})),
+            )
+        }
+    }
 }
 
 /// Ready when the store answers: a broker that cannot record leases must not get traffic.

@@ -194,6 +194,10 @@ impl broker_server::Broker for BrokerService {
                         // Stream ended, broke, or went silent: the task gets one grace period.
                         _ => break,
                     },
+                    () = broker.closed() => {
+                        let _ = tx.send(Err(Status::unavailable("broker shutting down; reconnect the keep-alive within the grace"))).await;
+                        break;
+                    }
                     r = revocations.recv() => match r {
                         Ok(ev) if ev.task_id.as_deref() == Some(task.id.as_str()) => {
                             let _ = tx.send(Err(Status::failed_precondition(format!("the task has ended: {}", ev.reason)))).await;

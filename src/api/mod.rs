@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod revocations;
 pub mod status;
 pub mod tls;
 

@@ -248,6 +248,48 @@ impl X509Minter {
         self.ca_not_after
     }
 
+    /// A DER CRL listing `revoked` (serial hex, revocation time), signed by the intermediate.
+    pub fn crl(
+        &self,
+        revoked: &[(String, SystemTime)],
+        number: u64,
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<Vec<u8>, MintError> {
+        let mut certs = Vec::with_capacity(revoked.len());
+        for (serial_hex, at) in revoked {
+            let bytes = (0..serial_hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(serial_hex.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|_| {
+                    MintError::Signing(format!("stored serial {serial_hex:?} is not hex"))
+                })?;
+            certs.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: whole_secs(*at).into(),
+                reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: whole_secs(this_update).into(),
+            next_update: whole_secs(next_update).into(),
+            crl_number: {
+                let be = number.to_be_bytes();
+                let first = be.iter().position(|b| *b != 0).unwrap_or(be.len() - 1);
+                SerialNumber::from_slice(&be[first..])
+            },
+            issuing_distribution_point: None,
+            revoked_certs: certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .map(|c| c.der().to_vec())
+            .map_err(|e| MintError::Signing(format!("crl: {e}")))
+    }
+
     /// DER trust anchors of the trust domain.
     pub fn roots(&self) -> &[Vec<u8>] {
         &self.roots

@@ -151,6 +151,87 @@ pub async fn http_get(base: &str, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// A minimal HTTP/1.1 form POST.
+pub async fn http_post_form(base: &str, path: &str, body: &str) -> (u16, String) {
+    let host = base.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+/// A minimal HTTP/1.1 GET returning the raw body bytes.
+pub async fn http_get_bytes(base: &str, path: &str) -> (u16, Vec<u8>) {
+    let host = base.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        buf[split + 4..].to_vec(),
+    )
+}
+
+/// Checks `chain` against `roots` and a DER CRL with rustls-webpki's own revocation checking.
+pub fn check_with_crl(
+    chain: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    crl_der: &[u8],
+    at: SystemTime,
+) -> Result<(), webpki::Error> {
+    let root_ders: Vec<pki_types::CertificateDer<'_>> =
+        roots.iter().map(|r| r.as_slice().into()).collect();
+    let anchors: Vec<_> = root_ders
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap())
+        .collect();
+    let leaf: pki_types::CertificateDer<'_> = chain[0].as_slice().into();
+    let intermediates: Vec<pki_types::CertificateDer<'_>> =
+        chain[1..].iter().map(|c| c.as_slice().into()).collect();
+    let crl: webpki::CertRevocationList<'_> =
+        webpki::BorrowedCertRevocationList::from_der(crl_der)?.into();
+    let crls = [&crl];
+    let revocation = webpki::RevocationOptionsBuilder::new(&crls)
+        .unwrap()
+        .with_depth(webpki::RevocationCheckDepth::EndEntity)
+        .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+        .build();
+    let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+    let time =
+        pki_types::UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap());
+    ee.verify_for_usage(
+        &[webpki::ring::ECDSA_P256_SHA256],
+        &anchors,
+        &intermediates,
+        time,
+        webpki::KeyUsage::client_auth(),
+        Some(revocation),
+        None,
+    )
+    .map(|_| ())
+}
+
 /// The x509-svid trust anchors (DER) from a SPIFFE bundle document.
 pub fn bundle_roots(bundle: &serde_json::Value) -> Vec<Vec<u8>> {
     bundle["keys"]
