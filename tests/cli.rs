@@ -78,7 +78,13 @@ fn dev_tour_token_svid_and_clean_shutdown() {
     wait_for(&data.join("endpoints.json"), &mut dev);
     let endpoints: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
-    for key in ["trust_domain", "grpc_addr", "http_addr", "broker_socket"] {
+    for key in [
+        "trust_domain",
+        "grpc_addr",
+        "http_addr",
+        "broker_socket",
+        "admin_token_file",
+    ] {
         assert!(endpoints[key].is_string(), "endpoints.json has {key}");
     }
     assert_eq!(endpoints["trust_domain"], "dev.local");
@@ -153,6 +159,50 @@ fn dev_tour_token_svid_and_clean_shutdown() {
         assert!(o.status.success(), "openssl verify: {}", text(&o.stdout));
         assert_eq!(text(&o.stdout).trim(), "svid/svid.pem: OK");
     }
+
+    // An admin revokes the token from the CLI; introspection then says inactive.
+    let (_, live) = rt.block_on(http_post_form(
+        &http,
+        "/introspect",
+        &format!("token={token}"),
+    ));
+    assert!(live.contains("\"active\":true"), "{live}");
+    let out = run(&["admin", "leases", "list", "--json"], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let jti = claims["jti"].as_str().unwrap();
+    assert!(
+        text(&out.stdout).lines().any(|l| l.contains(jti)),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(&["admin", "revoke", "lease", jti], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("lease {jti}: revoked"));
+    let (_, dead) = rt.block_on(http_post_form(
+        &http,
+        "/introspect",
+        &format!("token={token}"),
+    ));
+    assert_eq!(dead, r#"{"active":false}"#);
+    let out = run(&["admin", "revoke", "lease", jti], work.path());
+    assert!(
+        text(&out.stdout).contains("nothing to revoke"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(&["admin", "tasks", "list"], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("TASK"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Without the admin token, the Admin API refuses (exit 77).
+    let out = run(
+        &["admin", "tasks", "list", "--admin-token-file", "/dev/null"],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
 
     // SIGTERM: clean exit, socket and endpoints.json removed, keys kept.
     sigterm(&dev);

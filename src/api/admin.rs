@@ -11,11 +11,155 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SecureRandom;
 use tonic::{Request, Response, Status};
 
-use super::pb::v1::{CreateJoinTokenRequest, CreateJoinTokenResponse, admin_server};
+use super::pb::v1::{
+    CreateJoinTokenRequest, CreateJoinTokenResponse, GetLeaseRequest, LeaseInfo, ListLeasesRequest,
+    ListLeasesResponse, ListTasksRequest, ListTasksResponse, ReloadPolicyRequest,
+    ReloadPolicyResponse, RevokeIdentityRequest, RevokeLeaseRequest, RevokeResponse,
+    RevokeTaskRequest, TaskInfo, admin_server,
+};
 use super::status::to_status;
 use crate::broker::{Broker, BrokerError};
 use crate::ca::CaError;
-use crate::id::Ttl;
+use crate::id::{SpiffeId, Ttl};
+use crate::store::{LeaseStatus, ListFilter, Task};
+
+/// Default page size of listings.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Largest page size of listings.
+pub const MAX_PAGE: u32 = 1000;
+
+/// Page tokens: the last id of a page, authenticated with a per-process key so a tampered or
+/// forged token is refused rather than silently listing something else.
+struct PageTokens {
+    key: ring::hmac::Key,
+}
+
+impl PageTokens {
+    fn new() -> Result<Self, CaError> {
+        let mut k = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut k)
+            .map_err(|_| CaError::Generate("random number generator failed".into()))?;
+        Ok(Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k),
+        })
+    }
+
+    fn issue(&self, scope: &str, last_id: &str) -> String {
+        let tag = ring::hmac::sign(&self.key, format!("{scope}\n{last_id}").as_bytes());
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(last_id),
+            URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16])
+        )
+    }
+
+    fn open(&self, scope: &str, token: &str) -> Result<Option<String>, Status> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let invalid = || Status::invalid_argument("invalid page token");
+        let (id, tag) = token.split_once('.').ok_or_else(invalid)?;
+        let id = String::from_utf8(URL_SAFE_NO_PAD.decode(id).map_err(|_| invalid())?)
+            .map_err(|_| invalid())?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| invalid())?;
+        let full = ring::hmac::sign(&self.key, format!("{scope}\n{id}").as_bytes());
+        // Constant-time comparison of the truncated tag.
+        let ok = tag.len() == 16
+            && tag
+                .iter()
+                .zip(&full.as_ref()[..16])
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if ok { Ok(Some(id)) } else { Err(invalid()) }
+    }
+}
+
+fn page_size(n: u32) -> Result<u32, Status> {
+    match n {
+        0 => Ok(DEFAULT_PAGE),
+        1..=MAX_PAGE => Ok(n),
+        _ => Err(Status::invalid_argument(format!(
+            "page_size must be at most {MAX_PAGE}"
+        ))),
+    }
+}
+
+fn state_filter(s: &str) -> Result<Option<bool>, Status> {
+    match s {
+        "" => Ok(None),
+        "active" => Ok(Some(true)),
+        "inactive" => Ok(Some(false)),
+        other => Err(Status::invalid_argument(format!(
+            "state {other:?}: use \"active\" or \"inactive\""
+        ))),
+    }
+}
+
+fn spiffe_filter(s: &str) -> Result<Option<String>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<SpiffeId>()
+        .map(|id| Some(id.to_string()))
+        .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))
+}
+
+fn id_filter(s: &str, field: &str) -> Result<Option<String>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(Status::invalid_argument(format!("invalid {field}")));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+fn task_info(t: Task) -> TaskInfo {
+    TaskInfo {
+        id: t.id,
+        spiffe_id: t.spiffe_id,
+        attestor: t.attestor,
+        labels: t.labels.into_iter().collect(),
+        created_at: t.created_at,
+        deadline: t.deadline,
+        due_at: t.due_at,
+        state: t.state.as_str().to_owned(),
+        ended_at: t.ended_at.unwrap_or(0),
+        reason: t.reason.unwrap_or_default(),
+    }
+}
+
+fn lease_info(s: LeaseStatus, now: i64) -> LeaseInfo {
+    let active = s.active(now);
+    let state = if s.lease.revoked {
+        "revoked".to_owned()
+    } else if s.lease.expires_at <= now {
+        "expired".to_owned()
+    } else if let Some(ts) = s
+        .task_state
+        .filter(|t| *t != crate::store::TaskState::Active)
+    {
+        format!("task_{}", ts.as_str())
+    } else {
+        "active".to_owned()
+    };
+    let l = s.lease;
+    LeaseInfo {
+        id: l.id,
+        task_id: l.task_id.unwrap_or_default(),
+        kind: l.kind.as_str().to_owned(),
+        serial: l.serial.unwrap_or_default(),
+        spiffe_id: l.spiffe_id,
+        audience: l.audience,
+        issued_at: l.issued_at,
+        expires_at: l.expires_at,
+        active,
+        state,
+        revoked_at: l.revoked_at.unwrap_or(0),
+        reason: l.reason.unwrap_or_default(),
+    }
+}
 
 /// Admin token file name in the data directory.
 pub const TOKEN_FILE: &str = "admin.token";
@@ -50,10 +194,11 @@ pub fn create_token_file(path: &Path) -> Result<bool, CaError> {
     Ok(true)
 }
 
-/// Who may call the Admin API.
+/// Who may call the Admin API, and the key of its page tokens.
 pub struct AdminAuth {
     token_hash: Option<[u8; 32]>,
     token_file: PathBuf,
+    pages: PageTokens,
 }
 
 fn sha256(b: &[u8]) -> [u8; 32] {
@@ -71,6 +216,7 @@ impl AdminAuth {
             return Ok(Self {
                 token_hash: None,
                 token_file: token_file.to_owned(),
+                pages: PageTokens::new()?,
             });
         }
         crate::ca::keys::check_key_mode(token_file)?;
@@ -88,6 +234,7 @@ impl AdminAuth {
         Ok(Self {
             token_hash: Some(sha256(token.as_bytes())),
             token_file: token_file.to_owned(),
+            pages: PageTokens::new()?,
         })
     }
 
@@ -146,6 +293,173 @@ fn valid_word(s: &str) -> bool {
 
 #[tonic::async_trait]
 impl admin_server::Admin for AdminService {
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        self.auth.check(&request, "ListTasks")?;
+        let req = request.into_inner();
+        let limit = page_size(req.page_size)?;
+        let filter = ListFilter {
+            task_id: None,
+            spiffe_id: spiffe_filter(&req.spiffe_id)?,
+            active: state_filter(&req.state)?,
+            after: self.auth.pages.open("tasks", &req.page_token)?,
+            limit,
+        };
+        let now = self.broker.clock().unix_now();
+        let tasks = self
+            .broker
+            .store()
+            .list_tasks(filter, now)
+            .await
+            .map_err(|e| to_status(&e.into()))?;
+        let next_page_token = match tasks.last() {
+            Some(t) if tasks.len() == limit as usize => self.auth.pages.issue("tasks", &t.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListTasksResponse {
+            tasks: tasks.into_iter().map(task_info).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<ListLeasesRequest>,
+    ) -> Result<Response<ListLeasesResponse>, Status> {
+        self.auth.check(&request, "ListLeases")?;
+        let req = request.into_inner();
+        let limit = page_size(req.page_size)?;
+        let filter = ListFilter {
+            task_id: id_filter(&req.task_id, "task_id")?,
+            spiffe_id: spiffe_filter(&req.spiffe_id)?,
+            active: state_filter(&req.state)?,
+            after: self.auth.pages.open("leases", &req.page_token)?,
+            limit,
+        };
+        let now = self.broker.clock().unix_now();
+        let leases = self
+            .broker
+            .store()
+            .list_leases(filter, now)
+            .await
+            .map_err(|e| to_status(&e.into()))?;
+        let next_page_token = match leases.last() {
+            Some(l) if leases.len() == limit as usize => {
+                self.auth.pages.issue("leases", &l.lease.id)
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(ListLeasesResponse {
+            leases: leases.into_iter().map(|l| lease_info(l, now)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_lease(
+        &self,
+        request: Request<GetLeaseRequest>,
+    ) -> Result<Response<LeaseInfo>, Status> {
+        self.auth.check(&request, "GetLease")?;
+        let id = request.into_inner().id;
+        let key =
+            id_filter(&id, "id")?.ok_or_else(|| Status::invalid_argument("id is required"))?;
+        let now = self.broker.clock().unix_now();
+        match self
+            .broker
+            .lease_status(&key)
+            .await
+            .map_err(|e| to_status(&e))?
+        {
+            Some(s) => Ok(Response::new(lease_info(s, now))),
+            None => Err(Status::not_found(format!("unknown lease {key}"))),
+        }
+    }
+
+    async fn revoke_lease(
+        &self,
+        request: Request<RevokeLeaseRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let admin = self.auth.check(&request, "RevokeLease")?;
+        let id = request.into_inner().id;
+        let key =
+            id_filter(&id, "id")?.ok_or_else(|| Status::invalid_argument("id is required"))?;
+        let done = self
+            .broker
+            .revoke_lease(admin, &key)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(RevokeResponse {
+            already_revoked: !done,
+            task_ids: Vec::new(),
+        }))
+    }
+
+    async fn revoke_task(
+        &self,
+        request: Request<RevokeTaskRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let admin = self.auth.check(&request, "RevokeTask")?;
+        let id = request.into_inner().task_id;
+        let key = id_filter(&id, "task_id")?
+            .ok_or_else(|| Status::invalid_argument("task_id is required"))?;
+        let done = self
+            .broker
+            .revoke_task(admin, &key)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(RevokeResponse {
+            already_revoked: !done,
+            task_ids: if done { vec![key] } else { Vec::new() },
+        }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        request: Request<RevokeIdentityRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let admin = self.auth.check(&request, "RevokeIdentity")?;
+        let raw = request.into_inner().spiffe_id;
+        let id: SpiffeId = raw
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))?;
+        let revoked = self
+            .broker
+            .revoke_identity(admin, &id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(RevokeResponse {
+            already_revoked: revoked.is_empty(),
+            task_ids: revoked,
+        }))
+    }
+
+    async fn reload_policy(
+        &self,
+        request: Request<ReloadPolicyRequest>,
+    ) -> Result<Response<ReloadPolicyResponse>, Status> {
+        let admin = self.auth.check(&request, "ReloadPolicy")?;
+        let broker = self.broker.clone();
+        let result = tokio::task::spawn_blocking(move || broker.policy().reload())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(target: "ephemera::audit", action = "ReloadPolicy", admin, decision = "allow", outcome = if result.is_ok() { "reloaded" } else { "refused" }, "admin action");
+        match result {
+            Ok(n) => Ok(Response::new(ReloadPolicyResponse {
+                policies: u32::try_from(n).unwrap_or(u32::MAX),
+            })),
+            Err(problems) => Err(Status::failed_precondition(format!(
+                "policies not reloaded; the previous ones keep serving:\n{}",
+                problems
+                    .iter()
+                    .map(|p| format!("  {p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ))),
+        }
+    }
+
     async fn create_join_token(
         &self,
         request: Request<CreateJoinTokenRequest>,

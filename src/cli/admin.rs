@@ -11,18 +11,140 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::{ConnectArgs, EXIT_USAGE, Failure, rfc3339, ttl_secs};
-use crate::api::pb::v1::CreateJoinTokenRequest;
 use crate::api::pb::v1::admin_client::AdminClient;
+use crate::api::pb::v1::{
+    CreateJoinTokenRequest, GetLeaseRequest, LeaseInfo, ListLeasesRequest, ListTasksRequest,
+    ReloadPolicyRequest, RevokeIdentityRequest, RevokeLeaseRequest, RevokeTaskRequest, TaskInfo,
+};
 use crate::endpoints::Endpoints;
 
 /// `ephemera admin ...`
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
+    /// Tasks.
+    Tasks {
+        /// The tasks command.
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+    /// Leases (one per issued credential).
+    Leases {
+        /// The leases command.
+        #[command(subcommand)]
+        command: LeasesCommand,
+    },
+    /// Revoke a lease, a task, or every task of an identity.
+    Revoke {
+        /// What to revoke.
+        #[command(subcommand)]
+        target: RevokeTarget,
+    },
+    /// Policy.
+    Policy {
+        /// The policy command.
+        #[command(subcommand)]
+        command: AdminPolicyCommand,
+    },
     /// Join tokens: single-use bootstrap credentials.
     JoinToken {
         /// The join-token command.
         #[command(subcommand)]
         command: JoinTokenCommand,
+    },
+}
+
+/// `ephemera admin tasks ...`
+#[derive(Debug, Subcommand)]
+pub enum TasksCommand {
+    /// List tasks (oldest first).
+    List(ListArgs),
+}
+
+/// `ephemera admin leases ...`
+#[derive(Debug, Subcommand)]
+pub enum LeasesCommand {
+    /// List leases (oldest first).
+    List {
+        /// Only this task's leases.
+        #[arg(long)]
+        task: Option<String>,
+        /// Listing options.
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Show one lease, by id, jti or serial.
+    Get {
+        /// Lease id, jti or serial.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Admin credentials and broker address.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Filters and output of listings.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this SPIFFE ID.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// "active" or "inactive".
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Rows per page (at most 1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Follow every page instead of stopping after the first.
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Admin credentials and broker address.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `ephemera admin revoke ...`
+#[derive(Debug, Subcommand)]
+pub enum RevokeTarget {
+    /// One lease, by id, jti or serial.
+    Lease {
+        /// Lease id, jti or serial.
+        id: String,
+        /// Admin credentials and broker address.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// A task and every credential of it.
+    Task {
+        /// Task id.
+        id: String,
+        /// Admin credentials and broker address.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Every active task of a SPIFFE ID.
+    Identity {
+        /// SPIFFE ID.
+        spiffe_id: String,
+        /// Admin credentials and broker address.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `ephemera admin policy ...`
+#[derive(Debug, Subcommand)]
+pub enum AdminPolicyCommand {
+    /// Reload the broker's policy directory now (live tasks are then re-evaluated).
+    Reload {
+        /// Admin credentials and broker address.
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -96,9 +218,245 @@ impl AdminArgs {
     }
 }
 
+fn when(secs: i64) -> String {
+    if secs == 0 {
+        "-".to_owned()
+    } else {
+        rfc3339(secs)
+    }
+}
+
+/// Prints rows as an aligned table with a header.
+fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for r in rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+fn task_json(t: &TaskInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id, "spiffe_id": t.spiffe_id, "attestor": t.attestor, "labels": t.labels,
+        "state": t.state, "created_at": t.created_at, "deadline": t.deadline, "due_at": t.due_at,
+        "ended_at": (t.ended_at != 0).then_some(t.ended_at), "reason": (!t.reason.is_empty()).then_some(&t.reason),
+    })
+}
+
+fn lease_json(l: &LeaseInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": l.id, "task_id": (!l.task_id.is_empty()).then_some(&l.task_id), "kind": l.kind,
+        "serial": (!l.serial.is_empty()).then_some(&l.serial), "spiffe_id": l.spiffe_id,
+        "audience": l.audience, "issued_at": l.issued_at, "expires_at": l.expires_at,
+        "active": l.active, "state": l.state,
+        "revoked_at": (l.revoked_at != 0).then_some(l.revoked_at), "reason": (!l.reason.is_empty()).then_some(&l.reason),
+    })
+}
+
+fn lease_row(l: &LeaseInfo) -> Vec<String> {
+    vec![
+        l.id.clone(),
+        l.kind.clone(),
+        l.state.clone(),
+        l.spiffe_id.clone(),
+        if l.task_id.is_empty() {
+            "-".into()
+        } else {
+            l.task_id.clone()
+        },
+        when(l.expires_at),
+    ]
+}
+
+async fn admin_client(
+    admin: &AdminArgs,
+) -> Result<AdminClient<tonic::transport::Channel>, Failure> {
+    Ok(AdminClient::new(admin.conn.options().connect().await?))
+}
+
 /// Runs `ephemera admin ...`.
 pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
     match cmd {
+        AdminCommand::Tasks {
+            command: TasksCommand::List(list),
+        } => {
+            let mut client = admin_client(&list.admin).await?;
+            let mut token = String::new();
+            let mut rows = Vec::new();
+            loop {
+                let resp = client
+                    .list_tasks(list.admin.request(ListTasksRequest {
+                        spiffe_id: list.spiffe_id.clone().unwrap_or_default(),
+                        state: list.state.clone().unwrap_or_default(),
+                        page_size: list.limit,
+                        page_token: token,
+                    })?)
+                    .await?
+                    .into_inner();
+                for t in &resp.tasks {
+                    if list.json {
+                        writeln!(out, "{}", task_json(t)).context("writing to stdout")?;
+                    } else {
+                        let labels: Vec<String> =
+                            t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        rows.push(vec![
+                            t.id.clone(),
+                            t.state.clone(),
+                            t.spiffe_id.clone(),
+                            when(t.deadline),
+                            labels.join(","),
+                        ]);
+                    }
+                }
+                token = resp.next_page_token;
+                if token.is_empty() || !list.all {
+                    break;
+                }
+            }
+            if !list.json {
+                table(
+                    &mut out,
+                    &["TASK", "STATE", "SPIFFE ID", "DEADLINE", "LABELS"],
+                    &rows,
+                )
+                .context("writing to stdout")?;
+                if !token.is_empty() {
+                    eprintln!("more tasks: pass --all");
+                }
+            }
+            Ok(())
+        }
+        AdminCommand::Leases {
+            command: LeasesCommand::List { task, list },
+        } => {
+            let mut client = admin_client(&list.admin).await?;
+            let mut token = String::new();
+            let mut rows = Vec::new();
+            loop {
+                let resp = client
+                    .list_leases(list.admin.request(ListLeasesRequest {
+                        task_id: task.clone().unwrap_or_default(),
+                        spiffe_id: list.spiffe_id.clone().unwrap_or_default(),
+                        state: list.state.clone().unwrap_or_default(),
+                        page_size: list.limit,
+                        page_token: token,
+                    })?)
+                    .await?
+                    .into_inner();
+                for l in &resp.leases {
+                    if list.json {
+                        writeln!(out, "{}", lease_json(l)).context("writing to stdout")?;
+                    } else {
+                        rows.push(lease_row(l));
+                    }
+                }
+                token = resp.next_page_token;
+                if token.is_empty() || !list.all {
+                    break;
+                }
+            }
+            if !list.json {
+                table(
+                    &mut out,
+                    &["LEASE", "KIND", "STATE", "SPIFFE ID", "TASK", "EXPIRES"],
+                    &rows,
+                )
+                .context("writing to stdout")?;
+                if !token.is_empty() {
+                    eprintln!("more leases: pass --all");
+                }
+            }
+            Ok(())
+        }
+        AdminCommand::Leases {
+            command: LeasesCommand::Get { id, json, admin },
+        } => {
+            let l = admin_client(&admin)
+                .await?
+                .get_lease(admin.request(GetLeaseRequest { id })?)
+                .await?
+                .into_inner();
+            if json {
+                writeln!(out, "{:#}", lease_json(&l))
+            } else {
+                table(
+                    &mut out,
+                    &["LEASE", "KIND", "STATE", "SPIFFE ID", "TASK", "EXPIRES"],
+                    &[lease_row(&l)],
+                )
+            }
+            .context("writing to stdout")?;
+            Ok(())
+        }
+        AdminCommand::Revoke { target } => {
+            let (what, resp) = match target {
+                RevokeTarget::Lease { id, admin } => (
+                    format!("lease {id}"),
+                    admin_client(&admin)
+                        .await?
+                        .revoke_lease(admin.request(RevokeLeaseRequest { id })?)
+                        .await?,
+                ),
+                RevokeTarget::Task { id, admin } => (
+                    format!("task {id}"),
+                    admin_client(&admin)
+                        .await?
+                        .revoke_task(admin.request(RevokeTaskRequest { task_id: id })?)
+                        .await?,
+                ),
+                RevokeTarget::Identity { spiffe_id, admin } => (
+                    format!("identity {spiffe_id}"),
+                    admin_client(&admin)
+                        .await?
+                        .revoke_identity(admin.request(RevokeIdentityRequest { spiffe_id })?)
+                        .await?,
+                ),
+            };
+            let r = resp.into_inner();
+            if r.already_revoked {
+                writeln!(out, "{what}: nothing to revoke (already revoked or ended)")
+            } else if r.task_ids.len() > 1 || what.starts_with("identity") {
+                writeln!(
+                    out,
+                    "{what}: revoked {} task(s): {}",
+                    r.task_ids.len(),
+                    r.task_ids.join(", ")
+                )
+            } else {
+                writeln!(out, "{what}: revoked")
+            }
+            .context("writing to stdout")?;
+            Ok(())
+        }
+        AdminCommand::Policy {
+            command: AdminPolicyCommand::Reload { admin },
+        } => {
+            let r = admin_client(&admin)
+                .await?
+                .reload_policy(admin.request(ReloadPolicyRequest {})?)
+                .await?
+                .into_inner();
+            writeln!(out, "policies reloaded: {} serving", r.policies)
+                .context("writing to stdout")?;
+            Ok(())
+        }
         AdminCommand::JoinToken {
             command: JoinTokenCommand::Create(args),
         } => {
@@ -117,12 +475,11 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
                 ttl_seconds: ttl_secs(args.ttl.as_deref())?,
                 claims,
             })?;
-            let channel = args.admin.conn.options().connect().await?;
-            let resp = AdminClient::new(channel)
+            let resp = admin_client(&args.admin)
+                .await?
                 .create_join_token(req)
                 .await?
                 .into_inner();
-            let mut out = std::io::stdout().lock();
             if args.json {
                 let doc = serde_json::json!({
                     "token": resp.token,

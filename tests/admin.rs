@@ -1,0 +1,408 @@
+//! The Admin API: listing with filters and tamper-evident paging, revocation of a lease, a task
+//! or an identity (idempotent, and saying so), policy reload; and a restart that keeps live
+//! tasks and ends overdue ones.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ephemera::api::pb::v1::admin_client::AdminClient;
+use ephemera::api::pb::v1::{
+    BeginTaskRequest, GetLeaseRequest, ListLeasesRequest, ListTasksRequest, MintJwtSvidRequest,
+    MintX509SvidRequest, ReloadPolicyRequest, RevokeIdentityRequest, RevokeLeaseRequest,
+    RevokeTaskRequest,
+};
+use ephemera::clock::Clock;
+use ephemera::store::TaskState;
+use tonic::{Code, Request};
+
+fn admin<T>(b: &TestBroker, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", b.admin_token()).parse().unwrap(),
+    );
+    r
+}
+
+#[tokio::test]
+async fn list_get_and_revoke() {
+    let b = start(&uid_rule()).await;
+    let mut client = b.unix_client().await;
+    let mut api = AdminClient::new(b.tls_channel().await);
+    let mut task_ids = Vec::new();
+    for _ in 0..5 {
+        task_ids.push(
+            client
+                .begin_task(BeginTaskRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .task_id,
+        );
+    }
+    let x = client
+        .mint_x509_svid(MintX509SvidRequest {
+            task_id: task_ids[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let jwt = client
+        .mint_jwt_svid(MintJwtSvidRequest {
+            audience: vec!["a".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Paging: 2 + 2 + 1, in id order, tokens chained.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = api
+            .list_tasks(admin(
+                &b,
+                ListTasksRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.tasks.into_iter().map(|t| t.id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(seen, task_ids);
+    // A tampered page token is refused, not silently honoured.
+    let page = api
+        .list_tasks(admin(
+            &b,
+            ListTasksRequest {
+                page_size: 2,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bad = page.next_page_token.clone();
+    bad.replace_range(0..1, if bad.starts_with('A') { "B" } else { "A" });
+    for t in [
+        bad,
+        "garbage".to_owned(),
+        format!("{}x", page.next_page_token),
+    ] {
+        let err = api
+            .list_tasks(admin(
+                &b,
+                ListTasksRequest {
+                    page_token: t,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+
+    // Lease filters and lookup by serial.
+    let of_task = api
+        .list_leases(admin(
+            &b,
+            ListLeasesRequest {
+                task_id: task_ids[0].clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!(of_task.len(), 1);
+    assert_eq!(of_task[0].serial, x.serial);
+    let got = api
+        .get_lease(admin(
+            &b,
+            GetLeaseRequest {
+                id: x.serial.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.id.as_str(), got.active, got.state.as_str()),
+        (x.lease_id.as_str(), true, "active")
+    );
+
+    // Revoke a lease: inactive; again: idempotent, says so.
+    let r = api
+        .revoke_lease(admin(
+            &b,
+            RevokeLeaseRequest {
+                id: jwt.jti.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.already_revoked);
+    let r = api
+        .revoke_lease(admin(
+            &b,
+            RevokeLeaseRequest {
+                id: jwt.jti.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.already_revoked);
+    let got = api
+        .get_lease(admin(
+            &b,
+            GetLeaseRequest {
+                id: jwt.jti.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.active, got.state.as_str()), (false, "revoked"));
+
+    // Revoke a task: its certificate's lease reports the task's end.
+    api.revoke_task(admin(
+        &b,
+        RevokeTaskRequest {
+            task_id: task_ids[0].clone(),
+        },
+    ))
+    .await
+    .unwrap();
+    let got = api
+        .get_lease(admin(
+            &b,
+            GetLeaseRequest {
+                id: x.lease_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.active, got.state.as_str()), (false, "task_revoked"));
+    let inactive = api
+        .list_leases(admin(
+            &b,
+            ListLeasesRequest {
+                state: "inactive".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!(inactive.len(), 2);
+
+    // Revoke an identity: every remaining active task of it.
+    let me = format!("spiffe://{TD}/uid/{}", my_uid());
+    let r = api
+        .revoke_identity(admin(
+            &b,
+            RevokeIdentityRequest {
+                spiffe_id: me.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.task_ids, task_ids[1..]);
+    let active = api
+        .list_tasks(admin(
+            &b,
+            ListTasksRequest {
+                state: "active".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert!(active.is_empty());
+
+    // Bad input: exact codes.
+    let rows: Vec<(&str, Code, tonic::Status)> = vec![
+        (
+            "unknown task",
+            Code::NotFound,
+            api.revoke_task(admin(
+                &b,
+                RevokeTaskRequest {
+                    task_id: "0195a1b2-0000-7000-8000-000000000000".into(),
+                },
+            ))
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "unknown lease",
+            Code::NotFound,
+            api.get_lease(admin(&b, GetLeaseRequest { id: "nope".into() }))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "bad state filter",
+            Code::InvalidArgument,
+            api.list_tasks(admin(
+                &b,
+                ListTasksRequest {
+                    state: "zombie".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "bad spiffe id",
+            Code::InvalidArgument,
+            api.revoke_identity(admin(
+                &b,
+                RevokeIdentityRequest {
+                    spiffe_id: "spiffe://x/../y".into(),
+                },
+            ))
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "page too large",
+            Code::InvalidArgument,
+            api.list_leases(admin(
+                &b,
+                ListLeasesRequest {
+                    page_size: 5000,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "no admin credential",
+            Code::PermissionDenied,
+            api.list_tasks(Request::new(ListTasksRequest::default()))
+                .await
+                .unwrap_err(),
+        ),
+    ];
+    for (what, code, err) in rows {
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+    }
+
+    // Policy reload: a broken file is refused with its problems, the old policy keeps serving.
+    std::fs::write(policy_file(&b), "permit (principal,").unwrap();
+    let err = api
+        .reload_policy(admin(&b, ReloadPolicyRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("test.cedar"), "{}", err.message());
+    client
+        .mint_jwt_svid(MintJwtSvidRequest {
+            audience: vec!["a".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("old policy still serving");
+    std::fs::write(policy_file(&b), ALLOW_ALL).unwrap();
+    let r = api
+        .reload_policy(admin(&b, ReloadPolicyRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.policies, 1);
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_keeps_live_tasks_and_ends_overdue_ones() {
+    let extra = format!(
+        "{}\n[tasks]\nheartbeat_interval = \"5s\"\ngrace = \"10s\"\n",
+        uid_rule()
+    );
+    let b = start(&extra).await;
+    let mut client = b.unix_client().await;
+    let short = client
+        .begin_task(BeginTaskRequest {
+            max_duration_seconds: Some(30),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let long = client
+        .begin_task(BeginTaskRequest {
+            max_duration_seconds: Some(3600),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dir = b.dir;
+    let clock = b.clock.clone();
+    b.running.shutdown().await.unwrap();
+
+    // Down for a minute: the short task's deadline passed, and nobody kept anything alive.
+    clock.advance(Duration::from_secs(60));
+    let config = ephemera::config::Config::from_toml(
+        &config_text(dir.path(), &extra),
+        std::path::Path::new("/"),
+    )
+    .unwrap();
+    let mut events = None;
+    let running = ephemera::app::start(config, std::sync::Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let store = running.broker.store();
+    // Live task: a fresh grace to reconnect.
+    let t = store.task(&long.task_id).await.unwrap().unwrap();
+    assert_eq!(t.state, TaskState::Active);
+    assert_eq!(t.due_at, clock.unix_now() + 15);
+    // Overdue task: ended by the first reaper pass.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let t = store.task(&short.task_id).await.unwrap().unwrap();
+        if t.state != TaskState::Active {
+            assert_eq!(t.reason.as_deref(), Some("deadline passed"));
+            break;
+        }
+        let rx = events.get_or_insert_with(|| running.broker.bus().subscribe());
+        tokio::select! {
+            _ = rx.recv() => {}
+            _ = tokio::time::sleep_until(deadline) => panic!("overdue task not ended after restart"),
+        }
+    }
+    assert_eq!(
+        store.task(&long.task_id).await.unwrap().unwrap().state,
+        TaskState::Active
+    );
+    running.shutdown().await.unwrap();
+}
