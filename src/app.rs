@@ -309,7 +309,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     } else {
         Some(ClientCas::load(&config.x509pop_ca_bundles).map_err(StartError::ClientCa)?)
     };
-    let client_cas_subjects = client_cas.as_ref().map(|c| c.subjects.clone());
+    // Client certificates are requested when someone may present one: x509pop workloads, or
+    // admins with an SVID of this broker's CA.
+    let mut client_cas_subjects = client_cas.as_ref().map(|c| c.subjects.clone());
+    if !config.admin_spiffe_ids.is_empty() {
+        let own = ClientCas::from_der(ca.x509.roots()).map_err(StartError::ClientCa)?;
+        client_cas_subjects
+            .get_or_insert_with(Vec::new)
+            .extend(own.subjects);
+    }
     let policy = Arc::new(PolicyEngine::load(&config.policy_dir).map_err(|problems| {
         StartError::Policy {
             dir: config.policy_dir.clone(),
@@ -320,7 +328,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         Arc::new(SqliteStore::open(&config.database).await.map_err(|e| {
             StartError::Setup(format!("opening {}: {e}", config.database.display()))
         })?);
-    let admin_auth = Arc::new(AdminAuth::load(&config.admin_token_file)?);
+    let admin_auth = Arc::new(AdminAuth::load(
+        &config.admin_token_file,
+        config.admin_spiffe_ids.clone(),
+        ca.x509.roots(),
+        clock.clone(),
+    )?);
     // After a restart every live task gets one fresh grace period to reconnect its keep-alive;
     // tasks past their deadline are ended by the reaper's first pass.
     let refreshed = store

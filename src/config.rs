@@ -104,6 +104,8 @@ impl Default for TaskSettings {
 pub struct RawAdmin {
     /// The admin token file.
     pub token_file: Option<PathBuf>,
+    /// Admin SPIFFE IDs (mTLS with an SVID of this broker's CA).
+    pub spiffe_ids: Vec<String>,
 }
 
 /// `[x509pop]` as written.
@@ -267,6 +269,8 @@ pub struct Config {
     pub x509pop_ca_bundles: Vec<PathBuf>,
     /// The admin token file (mode 0600); missing disables the Admin API.
     pub admin_token_file: PathBuf,
+    /// Admin SPIFFE IDs, accepted over mTLS with an X.509-SVID of this broker's CA.
+    pub admin_spiffe_ids: Vec<String>,
     /// The SQLite database file.
     pub database: PathBuf,
     /// Identity-mapping rules, tried in order.
@@ -588,6 +592,24 @@ impl Config {
         };
 
         let tasks = task_settings(&mut p, &raw.tasks);
+        let mut admin_spiffe_ids = Vec::new();
+        for (i, id) in raw.admin.spiffe_ids.iter().enumerate() {
+            let key = format!("admin.spiffe_ids[{i}]");
+            match (id.parse::<crate::id::SpiffeId>(), &trust_domain) {
+                (Ok(sid), Some(td)) if sid.trust_domain() == td.as_str() => {
+                    admin_spiffe_ids.push(sid.to_string())
+                }
+                (Ok(_), Some(td)) => p.push(key, format!("must be in trust domain {td}")),
+                (Ok(_), None) => {}
+                (Err(e), _) => p.push(key, e),
+            }
+        }
+        if insecure_plaintext && !raw.admin.spiffe_ids.is_empty() {
+            p.push(
+                "admin.spiffe_ids",
+                "admin certificates need TLS: remove grpc.insecure_plaintext",
+            );
+        }
 
         let mut oidc = Vec::new();
         for (i, raw) in raw.oidc.iter().enumerate() {
@@ -687,6 +709,7 @@ impl Config {
                         .map(|b| base.join(b))
                         .collect(),
                     admin_token_file,
+                    admin_spiffe_ids,
                     database,
                     mappings,
                     source: None,

@@ -406,3 +406,70 @@ async fn a_restart_keeps_live_tasks_and_ends_overdue_ones() {
     );
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn admins_may_use_an_svid_of_this_broker_over_mtls() {
+    let extra = format!(
+        "{}\n[admin]\nspiffe_ids = [\"spiffe://{TD}/admin/alice\"]\n\n[[mapping]]\nattestor = \"join_token\"\nspiffe_id = \"spiffe://{{trust_domain}}/admin/{{claims.name}}\"\n",
+        uid_rule()
+    );
+    let b = start(&extra).await;
+    // Alice bootstraps an admin SVID with a join token; a workload gets an ordinary one.
+    let mut api = AdminClient::new(b.tls_channel().await);
+    let jt = api
+        .create_join_token(admin(
+            &b,
+            ephemera::api::pb::v1::CreateJoinTokenRequest {
+                name: "alice".into(),
+                ttl_seconds: Some(60),
+                claims: Default::default(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut broker = ephemera::api::pb::v1::broker_client::BrokerClient::new(b.tls_channel().await);
+    let mut req = Request::new(MintX509SvidRequest::default());
+    req.metadata_mut()
+        .insert("x-ephemera-join-token", jt.parse().unwrap());
+    let alice = broker.mint_x509_svid(req).await.unwrap().into_inner();
+    assert_eq!(alice.spiffe_id, format!("spiffe://{TD}/admin/alice"));
+    let workload = b
+        .unix_client()
+        .await
+        .mint_x509_svid(MintX509SvidRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let connect = |svid: &ephemera::api::pb::v1::MintX509SvidResponse| {
+        let chain: String = svid
+            .cert_chain
+            .iter()
+            .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
+            .collect();
+        let key = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.private_key.clone()));
+        let bundle = std::fs::read(&b.running.endpoints.ca_bundle).unwrap();
+        tonic::transport::Endpoint::from_shared(b.running.endpoints.grpc_addr.clone())
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(bundle))
+                    .identity(tonic::transport::Identity::from_pem(chain, key)),
+            )
+            .unwrap()
+    };
+    let mut as_alice = AdminClient::new(connect(&alice).connect().await.unwrap());
+    as_alice
+        .list_tasks(Request::new(ListTasksRequest::default()))
+        .await
+        .expect("an admin SVID is an admin credential");
+    let mut as_workload = AdminClient::new(connect(&workload).connect().await.unwrap());
+    let err = as_workload
+        .list_tasks(Request::new(ListTasksRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "a workload SVID is not");
+    b.running.shutdown().await.unwrap();
+}

@@ -18,6 +18,7 @@ use super::pb::v1::{
     RevokeTaskRequest, TaskInfo, admin_server,
 };
 use super::status::to_status;
+use crate::attest::x509pop::{ClientCas, X509PopAttestor};
 use crate::broker::{Broker, BrokerError};
 use crate::ca::CaError;
 use crate::id::{SpiffeId, Ttl};
@@ -199,6 +200,9 @@ pub struct AdminAuth {
     token_hash: Option<[u8; 32]>,
     token_file: PathBuf,
     pages: PageTokens,
+    /// SPIFFE IDs whose X.509-SVIDs (from this broker's CA, over mTLS) are admins.
+    spiffe_ids: Vec<String>,
+    svids: Option<X509PopAttestor>,
 }
 
 fn sha256(b: &[u8]) -> [u8; 32] {
@@ -208,15 +212,34 @@ fn sha256(b: &[u8]) -> [u8; 32] {
 }
 
 impl AdminAuth {
-    /// Loads the admin token file; a missing file disables the Admin API, a file readable by
-    /// group or others refuses to start.
-    pub fn load(token_file: &Path) -> Result<Self, CaError> {
+    /// Loads the admin token file and the admin SPIFFE IDs. Admin SVIDs must chain to
+    /// `own_roots` (this broker's CA). A missing token file and no SPIFFE IDs disable the Admin
+    /// API; a token file readable by group or others refuses to start.
+    pub fn load(
+        token_file: &Path,
+        spiffe_ids: Vec<String>,
+        own_roots: &[Vec<u8>],
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> Result<Self, CaError> {
+        let svids = if spiffe_ids.is_empty() {
+            None
+        } else {
+            let cas = ClientCas::from_der(own_roots).map_err(|reason| CaError::Invalid {
+                path: PathBuf::from(crate::ca::keys::ROOT_CERT),
+                reason,
+            })?;
+            Some(X509PopAttestor::new(cas, clock))
+        };
         if !token_file.exists() {
-            tracing::warn!(file = %token_file.display(), "no admin token file: the Admin API is disabled");
+            if spiffe_ids.is_empty() {
+                tracing::warn!(file = %token_file.display(), "no admin token file and no admin.spiffe_ids: the Admin API is disabled");
+            }
             return Ok(Self {
                 token_hash: None,
                 token_file: token_file.to_owned(),
                 pages: PageTokens::new()?,
+                spiffe_ids,
+                svids,
             });
         }
         crate::ca::keys::check_key_mode(token_file)?;
@@ -235,18 +258,56 @@ impl AdminAuth {
             token_hash: Some(sha256(token.as_bytes())),
             token_file: token_file.to_owned(),
             pages: PageTokens::new()?,
+            spiffe_ids,
+            svids,
         })
     }
 
-    /// The admin identity of a request, or `PermissionDenied`.
-    pub fn check<T>(&self, request: &Request<T>, action: &str) -> Result<&'static str, Status> {
+    /// The admin SPIFFE ID of an mTLS client certificate, if it is one.
+    fn svid_admin<T>(&self, request: &Request<T>) -> Option<String> {
+        let verifier = self.svids.as_ref()?;
+        let chain = request.peer_certs()?;
+        let identity = verifier.verify(&chain).ok()?;
+        match identity
+            .claims
+            .get("san_uri")
+            .and_then(serde_json::Value::as_array)
+        {
+            Some(uris) if uris.len() == 1 => uris[0]
+                .as_str()
+                .filter(|u| self.spiffe_ids.iter().any(|a| a == u))
+                .map(str::to_owned),
+            _ => None,
+        }
+    }
+
+    /// Whether the Admin API can be used at all.
+    pub fn enabled(&self) -> bool {
+        self.token_hash.is_some() || !self.spiffe_ids.is_empty()
+    }
+
+    /// The admin identity of a request (`admin-token` or the admin's SPIFFE ID), or
+    /// `PermissionDenied`.
+    pub fn check<T>(&self, request: &Request<T>, action: &str) -> Result<String, Status> {
         let source = request.remote_addr().map(|a| a.to_string());
+        if let Some(id) = self.svid_admin(request) {
+            return Ok(id);
+        }
         let Some(expected) = self.token_hash else {
-            tracing::info!(target: "ephemera::audit", action, decision = "deny", reason = "admin API disabled", source = source.as_deref(), "admin action");
-            return Err(Status::permission_denied(format!(
-                "the Admin API is disabled: no admin token file at {}",
-                self.token_file.display()
-            )));
+            let reason = if self.enabled() {
+                "no admin credential"
+            } else {
+                "admin API disabled"
+            };
+            tracing::info!(target: "ephemera::audit", action, decision = "deny", reason, source = source.as_deref(), "admin action");
+            return Err(Status::permission_denied(if self.enabled() {
+                "admin credential required".to_owned()
+            } else {
+                format!(
+                    "the Admin API is disabled: no admin token file at {}",
+                    self.token_file.display()
+                )
+            }));
         };
         let presented = request
             .metadata()
@@ -256,7 +317,7 @@ impl AdminAuth {
             .map(|t| sha256(t.trim().as_bytes()));
         // Hashes are compared, so timing reveals nothing about the token.
         if presented == Some(expected) {
-            Ok("admin-token")
+            Ok("admin-token".to_owned())
         } else {
             tracing::info!(target: "ephemera::audit", action, decision = "deny", reason = "no admin credential", source = source.as_deref(), "admin action");
             Err(Status::permission_denied("admin credential required"))
@@ -387,7 +448,7 @@ impl admin_server::Admin for AdminService {
             id_filter(&id, "id")?.ok_or_else(|| Status::invalid_argument("id is required"))?;
         let done = self
             .broker
-            .revoke_lease(admin, &key)
+            .revoke_lease(&admin, &key)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(RevokeResponse {
@@ -406,7 +467,7 @@ impl admin_server::Admin for AdminService {
             .ok_or_else(|| Status::invalid_argument("task_id is required"))?;
         let done = self
             .broker
-            .revoke_task(admin, &key)
+            .revoke_task(&admin, &key)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(RevokeResponse {
@@ -426,7 +487,7 @@ impl admin_server::Admin for AdminService {
             .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))?;
         let revoked = self
             .broker
-            .revoke_identity(admin, &id)
+            .revoke_identity(&admin, &id)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(RevokeResponse {
@@ -444,7 +505,7 @@ impl admin_server::Admin for AdminService {
         let result = tokio::task::spawn_blocking(move || broker.policy().reload())
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(target: "ephemera::audit", action = "ReloadPolicy", admin, decision = "allow", outcome = if result.is_ok() { "reloaded" } else { "refused" }, "admin action");
+        tracing::info!(target: "ephemera::audit", action = "ReloadPolicy", admin = %admin, decision = "allow", outcome = if result.is_ok() { "reloaded" } else { "refused" }, "admin action");
         match result {
             Ok(n) => Ok(Response::new(ReloadPolicyResponse {
                 policies: u32::try_from(n).unwrap_or(u32::MAX),
@@ -498,7 +559,7 @@ impl admin_server::Admin for AdminService {
             }
             let ttl = Ttl::from_secs(secs).map_err(|e| bad("ttl_seconds", e.to_string()))?;
             self.broker
-                .create_join_token(admin, &req.name, ttl, claims)
+                .create_join_token(&admin, &req.name, ttl, claims)
                 .await
         }
         .await;

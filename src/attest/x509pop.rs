@@ -30,6 +30,23 @@ pub struct ClientCas {
 }
 
 impl ClientCas {
+    /// Trust anchors from DER certificates.
+    pub fn from_der(certs: &[Vec<u8>]) -> Result<Self, String> {
+        let mut anchors = Vec::new();
+        let mut subjects = Vec::new();
+        for der in certs {
+            let der = CertificateDer::from(der.clone());
+            anchors.push(
+                webpki::anchor_from_trusted_cert(&der)
+                    .map_err(|e| format!("not a usable CA certificate: {e:?}"))?
+                    .to_owned(),
+            );
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+            subjects.push(cert.subject().as_raw().to_vec());
+        }
+        Ok(Self { anchors, subjects })
+    }
+
     /// Loads every certificate in the PEM `files`.
     pub fn load(files: &[impl AsRef<Path>]) -> Result<Self, String> {
         let mut anchors = Vec::new();
@@ -70,7 +87,11 @@ impl X509PopAttestor {
         Self { cas, clock }
     }
 
-    fn verify(&self, chain: &[CertificateDer<'static>]) -> Result<AttestedIdentity, AttestError> {
+    /// Verifies a client certificate chain and returns its identity and claims.
+    pub fn verify(
+        &self,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<AttestedIdentity, AttestError> {
         let invalid = |m: &str| AttestError::CertificateInvalid(m.to_owned());
         let (leaf, intermediates) = chain
             .split_first()
