@@ -347,6 +347,245 @@ pub mod conformance {
         }
     }
 
+    fn task(id: &str, spiffe_id: &str, deadline: i64, due_at: i64) -> Task {
+        Task {
+            id: id.into(),
+            spiffe_id: spiffe_id.into(),
+            attestor: "unix".into(),
+            claims: serde_json::Map::new(),
+            labels: [("env".to_owned(), "test".to_owned())].into(),
+            created_at: 100,
+            deadline,
+            heartbeat_secs: 10,
+            grace_secs: 30,
+            due_at,
+            state: TaskState::Active,
+            ended_at: None,
+            reason: None,
+        }
+    }
+
+    fn lease(id: &str, task: Option<&str>, serial: Option<&str>, expires_at: i64) -> Lease {
+        Lease {
+            id: id.into(),
+            task_id: task.map(Into::into),
+            kind: if serial.is_some() {
+                LeaseKind::X509
+            } else {
+                LeaseKind::Jwt
+            },
+            serial: serial.map(Into::into),
+            spiffe_id: "spiffe://e.org/a".into(),
+            audience: if serial.is_some() {
+                vec![]
+            } else {
+                vec!["aud".into()]
+            },
+            issued_at: 100,
+            expires_at,
+            revoked: false,
+            revoked_at: None,
+            reason: None,
+        }
+    }
+
+    /// Tasks, leases and revocations: lifecycle, one-write task revocation, the CRL query,
+    /// the event log, listings with filters and paging, restart refresh, pruning.
+    pub async fn tasks_and_leases(store: std::sync::Arc<dyn Store>) {
+        let s = store.as_ref();
+        s.insert_task(task("t1", "spiffe://e.org/a", 1_000, 140))
+            .await
+            .unwrap();
+        s.insert_task(task("t2", "spiffe://e.org/a", 1_000, 500))
+            .await
+            .unwrap();
+        s.insert_task(task("t3", "spiffe://e.org/b", 120, 120))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.insert_task(task("t1", "x", 1, 1)).await,
+            Err(StoreError::Conflict)
+        ));
+        let t1 = s.task("t1").await.unwrap().unwrap();
+        assert_eq!(t1.labels["env"], "test");
+        assert!(s.task("nope").await.unwrap().is_none());
+
+        // Leases, concurrently through group commit.
+        let mut writers = Vec::new();
+        for i in 0..50 {
+            let st = store.clone();
+            writers.push(tokio::spawn(async move {
+                st.insert_lease(lease(&format!("l{i:02}"), Some("t1"), None, 900))
+                    .await
+            }));
+        }
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        s.insert_lease(lease("x1", Some("t1"), Some("aa01"), 900))
+            .await
+            .unwrap();
+        s.insert_lease(lease("x2", None, Some("aa02"), 900))
+            .await
+            .unwrap();
+        s.insert_lease(lease("x3", None, Some("aa03"), 900))
+            .await
+            .unwrap();
+        s.insert_lease(lease("x5", None, Some("aa05"), 150))
+            .await
+            .unwrap();
+        assert!(
+            s.revoke_lease("x5", "compromised", 120)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            s.insert_lease(lease("x4", None, Some("aa01"), 900))
+                .await
+                .is_err(),
+            "serials are unique"
+        );
+        let by_serial = s.lease("aa01").await.unwrap().unwrap();
+        assert_eq!(by_serial.lease.id, "x1");
+        assert!(by_serial.active(200));
+
+        // Due tasks and keep-alive.
+        let due: Vec<String> = s
+            .due_tasks(140, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(due, ["t3", "t1"]);
+        assert!(s.keep_alive("t1", 2_000).await.unwrap());
+        assert_eq!(
+            s.task("t1").await.unwrap().unwrap().due_at,
+            1_000,
+            "capped at the deadline"
+        );
+
+        // Ending a task: one event, its leases inactive, idempotent.
+        let ev = s
+            .end_task("t1", TaskState::Ended, "done", 200)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (ev.task_id.as_deref(), ev.reason.as_str()),
+            (Some("t1"), "done")
+        );
+        assert!(
+            s.end_task("t1", TaskState::Revoked, "again", 201)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!s.keep_alive("t1", 300).await.unwrap());
+        assert!(!s.lease("l07").await.unwrap().unwrap().active(200));
+        assert_eq!(s.revoked_leases(&ev).await.unwrap().len(), 51);
+
+        // Revoking a single lease.
+        let ev2 = s.revoke_lease("x2", "admin", 210).await.unwrap().unwrap();
+        let x5_seq = s.revocations_after(0, 10).await.unwrap()[0].seq;
+        assert!(ev2.seq > ev.seq);
+        assert!(s.revoke_lease("x2", "admin", 211).await.unwrap().is_none());
+        assert_eq!(s.revoked_leases(&ev2).await.unwrap()[0].id, "x2");
+
+        // The CRL query: task-ended and revoked X.509 leases until their expiry (x5 expired).
+        let serials: Vec<String> = s
+            .revoked_serials(210)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.serial)
+            .collect();
+        assert_eq!(serials, ["aa01", "aa02"]);
+        assert!(s.revoked_serials(901).await.unwrap().is_empty());
+
+        // The event log, in order, after a cursor.
+        let all = s.revocations_after(0, 10).await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [x5_seq, ev.seq, ev2.seq]
+        );
+        assert_eq!(s.revocations_after(ev.seq, 10).await.unwrap().len(), 1);
+        assert!(x5_seq < ev.seq);
+
+        // Listings.
+        let f =
+            |spiffe: Option<&str>, active: Option<bool>, after: Option<&str>, limit| ListFilter {
+                task_id: None,
+                spiffe_id: spiffe.map(Into::into),
+                active,
+                after: after.map(Into::into),
+                limit,
+            };
+        let ids = |v: Vec<Task>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.list_tasks(f(None, None, None, 10), 200).await.unwrap()),
+            ["t1", "t2", "t3"]
+        );
+        assert_eq!(
+            ids(s
+                .list_tasks(f(Some("spiffe://e.org/a"), Some(true), None, 10), 200)
+                .await
+                .unwrap()),
+            ["t2"]
+        );
+        assert_eq!(
+            ids(s
+                .list_tasks(f(None, None, Some("t1"), 1), 200)
+                .await
+                .unwrap()),
+            ["t2"]
+        );
+        let leases = s
+            .list_leases(
+                ListFilter {
+                    task_id: Some("t1".into()),
+                    limit: 100,
+                    ..ListFilter::default()
+                },
+                200,
+            )
+            .await
+            .unwrap();
+        assert_eq!(leases.len(), 51);
+        let active = s
+            .list_leases(f(None, Some(true), None, 100), 200)
+            .await
+            .unwrap();
+        assert_eq!(
+            active
+                .iter()
+                .map(|l| l.lease.id.as_str())
+                .collect::<Vec<_>>(),
+            ["x3"]
+        );
+        assert_eq!(ids(s.active_tasks(None, 10).await.unwrap()), ["t2", "t3"]);
+        assert_eq!(
+            ids(s.active_tasks(Some("t2".into()), 10).await.unwrap()),
+            ["t3"]
+        );
+
+        // Restart: live tasks get a fresh grace, capped at their deadline.
+        assert_eq!(s.refresh_active_tasks(300).await.unwrap(), 2);
+        assert_eq!(s.task("t2").await.unwrap().unwrap().due_at, 340);
+        assert_eq!(s.task("t3").await.unwrap().unwrap().due_at, 120);
+
+        // Pruning: expired leases, ended tasks without leases, old events.
+        assert!(s.prune(950).await.unwrap() > 0);
+        assert!(s.lease("x1").await.unwrap().is_none());
+        assert!(s.task("t1").await.unwrap().is_none());
+        assert!(
+            s.task("t2").await.unwrap().is_some(),
+            "active tasks are never pruned"
+        );
+        assert!(s.revocations_after(0, 10).await.unwrap().is_empty());
+    }
+
     /// Join tokens: stored by hash, single use, expiry honoured, concurrent use has one winner.
     pub async fn join_tokens(store: std::sync::Arc<dyn Store>) {
         store.ping().await.unwrap();

@@ -722,6 +722,17 @@ mod tests {
     async fn conformance_in_memory() {
         super::super::conformance::join_tokens(Arc::new(SqliteStore::in_memory().await.unwrap()))
             .await;
+        super::super::conformance::tasks_and_leases(Arc::new(
+            SqliteStore::in_memory().await.unwrap(),
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn conformance_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join(FILE)).await.unwrap();
+        super::super::conformance::tasks_and_leases(Arc::new(s)).await;
     }
 
     #[tokio::test]
