@@ -979,6 +979,7 @@ impl Broker {
 
     /// Admin: revokes one lease (by id or serial). `false` if it was already revoked.
     pub async fn revoke_lease(&self, admin: &str, key: &str) -> Result<bool, BrokerError> {
+        let key = &lease_key(key);
         let status = self
             .store
             .lease(key)
@@ -1107,7 +1108,7 @@ impl Broker {
 
     /// Whether a lease is honoured now, with its record.
     pub async fn lease_status(&self, key: &str) -> Result<Option<LeaseStatus>, BrokerError> {
-        Ok(self.store.lease(key).await?)
+        Ok(self.store.lease(&lease_key(key)).await?)
     }
 
     /// The revocation events after `cursor`.
@@ -1118,6 +1119,12 @@ impl Broker {
     ) -> Result<Vec<Revocation>, BrokerError> {
         Ok(self.store.revocations_after(cursor, limit).await?)
     }
+}
+
+/// Lease ids and serials as stored: lowercase, and serials without the colons tools print
+/// (`77:C2:6A:...` and `77C26A...` both find serial `77c26a...`).
+fn lease_key(key: &str) -> String {
+    key.trim().replace(':', "").to_ascii_lowercase()
 }
 
 /// What policy sees of a task.

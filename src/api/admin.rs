@@ -110,7 +110,12 @@ fn id_filter(s: &str, field: &str) -> Result<Option<String>, Status> {
     if s.is_empty() {
         return Ok(None);
     }
-    if s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    // Ids are UUIDs; serials are hex, possibly with the colons tools print.
+    if s.len() > 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b':')
+    {
         return Err(Status::invalid_argument(format!("invalid {field}")));
     }
     Ok(Some(s.to_owned()))
