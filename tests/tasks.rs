@@ -119,6 +119,14 @@ async fn credentials_die_with_their_task() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
+    // A keep-alive for an ended task is refused.
+    let err = client
+        .keep_alive(tokio_stream::iter(vec![KeepAliveRequest {
+            task_id: task.task_id.clone(),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
 
     // Unknown and malformed task ids.
     let err = client
