@@ -284,6 +284,47 @@ fn lease_row(l: &LeaseInfo) -> Vec<String> {
     ]
 }
 
+const LEASE_HEADER: [&str; 6] = ["LEASE", "KIND", "STATE", "SPIFFE ID", "TASK", "EXPIRES"];
+
+/// Fetches the first page, or every page with `all`; returns the items and whether more remain.
+async fn pages<T>(
+    all: bool,
+    mut fetch: impl AsyncFnMut(String) -> Result<(Vec<T>, String), Failure>,
+) -> Result<(Vec<T>, bool), Failure> {
+    let mut items = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = fetch(token).await?;
+        items.extend(page);
+        token = next;
+        if token.is_empty() || !all {
+            return Ok((items, !token.is_empty()));
+        }
+    }
+}
+
+/// Prints a listing as JSON lines or a table, with a hint on stderr when pages remain.
+fn print_list(
+    out: &mut impl Write,
+    json: bool,
+    docs: impl Iterator<Item = serde_json::Value>,
+    header: &[&str],
+    rows: &[Vec<String>],
+    more: Option<&str>,
+) -> Result<(), Failure> {
+    if json {
+        for d in docs {
+            writeln!(out, "{d}").context("writing to stdout")?;
+        }
+    } else {
+        table(out, header, rows).context("writing to stdout")?;
+    }
+    if let Some(hint) = more {
+        eprintln!("{hint}");
+    }
+    Ok(())
+}
+
 async fn admin_client(
     admin: &AdminArgs,
 ) -> Result<AdminClient<tonic::transport::Channel>, Failure> {
@@ -298,92 +339,69 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
             command: TasksCommand::List(list),
         } => {
             let mut client = admin_client(&list.admin).await?;
-            let mut token = String::new();
-            let mut rows = Vec::new();
-            loop {
-                let resp = client
+            let (tasks, more) = pages(list.all, async |page_token| {
+                let r = client
                     .list_tasks(list.admin.request(ListTasksRequest {
                         spiffe_id: list.spiffe_id.clone().unwrap_or_default(),
                         state: list.state.clone().unwrap_or_default(),
                         page_size: list.limit,
-                        page_token: token,
+                        page_token,
                     })?)
                     .await?
                     .into_inner();
-                for t in &resp.tasks {
-                    if list.json {
-                        writeln!(out, "{}", task_json(t)).context("writing to stdout")?;
-                    } else {
-                        let labels: Vec<String> =
-                            t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                        rows.push(vec![
-                            t.id.clone(),
-                            t.state.clone(),
-                            t.spiffe_id.clone(),
-                            when(t.deadline),
-                            labels.join(","),
-                        ]);
-                    }
-                }
-                token = resp.next_page_token;
-                if token.is_empty() || !list.all {
-                    break;
-                }
-            }
-            if !list.json {
-                table(
-                    &mut out,
-                    &["TASK", "STATE", "SPIFFE ID", "DEADLINE", "LABELS"],
-                    &rows,
-                )
-                .context("writing to stdout")?;
-                if !token.is_empty() {
-                    eprintln!("more tasks: pass --all");
-                }
-            }
-            Ok(())
+                Ok((r.tasks, r.next_page_token))
+            })
+            .await?;
+            let rows = tasks
+                .iter()
+                .map(|t| {
+                    let labels: Vec<String> =
+                        t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    vec![
+                        t.id.clone(),
+                        t.state.clone(),
+                        t.spiffe_id.clone(),
+                        when(t.deadline),
+                        labels.join(","),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_list(
+                &mut out,
+                list.json,
+                tasks.iter().map(task_json),
+                &["TASK", "STATE", "SPIFFE ID", "DEADLINE", "LABELS"],
+                &rows,
+                more.then_some("more tasks: pass --all"),
+            )
         }
         AdminCommand::Leases {
             command: LeasesCommand::List { task, list },
         } => {
             let mut client = admin_client(&list.admin).await?;
-            let mut token = String::new();
-            let mut rows = Vec::new();
-            loop {
-                let resp = client
+            let (leases, more) = pages(list.all, async |page_token| {
+                let r = client
                     .list_leases(list.admin.request(ListLeasesRequest {
                         task_id: task.clone().unwrap_or_default(),
                         spiffe_id: list.spiffe_id.clone().unwrap_or_default(),
                         state: list.state.clone().unwrap_or_default(),
                         page_size: list.limit,
-                        page_token: token,
+                        page_token,
                     })?)
                     .await?
                     .into_inner();
-                for l in &resp.leases {
-                    if list.json {
-                        writeln!(out, "{}", lease_json(l)).context("writing to stdout")?;
-                    } else {
-                        rows.push(lease_row(l));
-                    }
-                }
-                token = resp.next_page_token;
-                if token.is_empty() || !list.all {
-                    break;
-                }
-            }
-            if !list.json {
-                table(
-                    &mut out,
-                    &["LEASE", "KIND", "STATE", "SPIFFE ID", "TASK", "EXPIRES"],
-                    &rows,
-                )
-                .context("writing to stdout")?;
-                if !token.is_empty() {
-                    eprintln!("more leases: pass --all");
-                }
-            }
-            Ok(())
+                Ok((r.leases, r.next_page_token))
+            })
+            .await?;
+            let rows = leases.iter().map(lease_row).collect::<Vec<_>>();
+            print_list(
+                &mut out,
+                list.json,
+                leases.iter().map(lease_json),
+                &LEASE_HEADER,
+                &rows,
+                more.then_some("more leases: pass --all"),
+            )
         }
         AdminCommand::Leases {
             command: LeasesCommand::Get { id, json, admin },

@@ -189,6 +189,29 @@ fn lease_row(row: &sqlx::sqlite::SqliteRow) -> Result<LeaseStatus, StoreError> {
     })
 }
 
+/// Appends a revocation event inside the transaction that made the revocation, so the event
+/// log and the state can never disagree.
+async fn record_revocation(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    task_id: Option<&str>,
+    lease_id: Option<&str>,
+    reason: &str,
+    now: i64,
+) -> Result<Revocation, StoreError> {
+    let row = sqlx::query(
+        "INSERT INTO revocations (at, task_id, lease_id, reason) VALUES (?, ?, ?, ?)
+         RETURNING seq, at, task_id, lease_id, reason",
+    )
+    .bind(now)
+    .bind(task_id)
+    .bind(lease_id)
+    .bind(reason)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    revocation_row(&row)
+}
+
 fn revocation_row(row: &sqlx::sqlite::SqliteRow) -> Result<Revocation, StoreError> {
     Ok(Revocation {
         seq: row.try_get("seq").map_err(unavailable)?,
@@ -413,18 +436,9 @@ impl Store for SqliteStore {
             if r.rows_affected() == 0 {
                 return Ok(None);
             }
-            let row = sqlx::query(
-                "INSERT INTO revocations (at, task_id, reason) VALUES (?, ?, ?)
-                 RETURNING seq, at, task_id, lease_id, reason",
-            )
-            .bind(now)
-            .bind(&id)
-            .bind(&reason)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            let event = record_revocation(&mut tx, Some(&id), None, &reason, now).await?;
             tx.commit().await.map_err(unavailable)?;
-            revocation_row(&row).map(Some)
+            Ok(Some(event))
         })
     }
 
@@ -510,18 +524,9 @@ impl Store for SqliteStore {
             if r.rows_affected() == 0 {
                 return Ok(None);
             }
-            let row = sqlx::query(
-                "INSERT INTO revocations (at, lease_id, reason) VALUES (?, ?, ?)
-                 RETURNING seq, at, task_id, lease_id, reason",
-            )
-            .bind(now)
-            .bind(&id)
-            .bind(&reason)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            let event = record_revocation(&mut tx, None, Some(&id), &reason, now).await?;
             tx.commit().await.map_err(unavailable)?;
-            revocation_row(&row).map(Some)
+            Ok(Some(event))
         })
     }
 
