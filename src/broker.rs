@@ -848,6 +848,12 @@ impl Broker {
                 attestor: caller.identity.attestor.to_owned(),
                 claims: caller.identity.claims.clone(),
                 labels: req.labels,
+                source_ip: evidence.source.map(|a| a.ip().to_string()),
+                evidence_age_secs: caller
+                    .identity
+                    .issued_at
+                    .map_or(0, |t| now - unix_secs(t))
+                    .max(0),
                 created_at: now,
                 deadline,
                 heartbeat_secs: secs(settings.heartbeat_interval),
@@ -1070,10 +1076,12 @@ impl Broker {
                     attestor: &t.attestor,
                     claims: &t.claims,
                 };
+                // Decided as the task was begun (same source, same evidence), at the current
+                // time and with the lifetime it has left.
                 let ctx = RequestContext {
-                    source_ip: None,
+                    source_ip: t.source_ip.as_deref().and_then(|ip| ip.parse().ok()),
                     requested_ttl_secs: u64::try_from(t.deadline - now).unwrap_or(0),
-                    evidence_age_secs: u64::try_from(now - t.created_at).unwrap_or(0),
+                    evidence_age_secs: u64::try_from(t.evidence_age_secs).unwrap_or(0),
                     now: self.clock.now(),
                     task: Some(task_context(&t, now)),
                 };

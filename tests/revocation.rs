@@ -270,14 +270,20 @@ async fn a_policy_reload_that_forbids_a_live_task_revokes_it() {
         .unwrap()
         .into_inner();
     let mut events = b.running.broker.bus().subscribe();
+    // Time passes: re-evaluation decides each task as it was begun (same source, same evidence
+    // age), so only the policy change itself can revoke it.
+    b.clock.advance(Duration::from_secs(120));
     std::fs::write(
         policy_file(&b),
         r#"
 @id("no-prod-tasks")
 forbid (principal, action == Ephemera::Action::"BeginTask", resource)
 when { context has task && context.task.labels.contains("env=prod") };
-@id("allow-rest")
-permit (principal, action, resource);
+@id("fresh-local-evidence")
+permit (principal, action == Ephemera::Action::"BeginTask", resource)
+when { context.evidence_age_secs < 60 && !(context has source_ip) };
+@id("minting")
+permit (principal, action in [Ephemera::Action::"MintJwtSvid", Ephemera::Action::"MintX509Svid"], resource);
 "#,
     )
     .unwrap();

@@ -108,6 +108,10 @@ pub struct Task {
     pub claims: serde_json::Map<String, serde_json::Value>,
     /// Labels.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The owner's address at begin time (absent on the Unix socket), for re-evaluation.
+    pub source_ip: Option<String>,
+    /// The age of the owner's evidence at begin time, for re-evaluation.
+    pub evidence_age_secs: i64,
     /// Begin time, Unix seconds.
     pub created_at: i64,
     /// Latest end, Unix seconds.
@@ -354,6 +358,8 @@ pub mod conformance {
             attestor: "unix".into(),
             claims: serde_json::Map::new(),
             labels: [("env".to_owned(), "test".to_owned())].into(),
+            source_ip: Some("10.1.2.3".into()),
+            evidence_age_secs: 5,
             created_at: 100,
             deadline,
             heartbeat_secs: 10,
@@ -407,7 +413,11 @@ pub mod conformance {
             Err(StoreError::Conflict)
         ));
         let t1 = s.task("t1").await.unwrap().unwrap();
-        assert_eq!(t1.labels["env"], "test");
+        assert_eq!(
+            t1,
+            task("t1", "spiffe://e.org/a", 1_000, 140),
+            "stored as given"
+        );
         assert!(s.task("nope").await.unwrap().is_none());
 
         // Leases, concurrently through group commit.

@@ -40,6 +40,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
             attestor TEXT NOT NULL,
             claims TEXT NOT NULL,
             labels TEXT NOT NULL,
+            source_ip TEXT,
+            evidence_age_secs INTEGER NOT NULL DEFAULT 0,
             created_at INTEGER NOT NULL,
             deadline INTEGER NOT NULL,
             heartbeat_secs INTEGER NOT NULL,
@@ -136,7 +138,7 @@ async fn write_leases<'a>(
     tx.commit().await.map_err(unavailable)
 }
 
-const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
+const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
 
 fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<Task, StoreError> {
     let labels: String = row.try_get("labels").map_err(unavailable)?;
@@ -147,6 +149,8 @@ fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<Task, StoreError> {
         spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
         attestor: row.try_get("attestor").map_err(unavailable)?,
         claims: serde_json::from_str(&claims).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        source_ip: row.try_get("source_ip").map_err(unavailable)?,
+        evidence_age_secs: row.try_get("evidence_age_secs").map_err(unavailable)?,
         labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         created_at: row.try_get("created_at").map_err(unavailable)?,
         deadline: row.try_get("deadline").map_err(unavailable)?,
@@ -361,15 +365,17 @@ impl Store for SqliteStore {
                 serde_json::to_string(&t.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let claims = serde_json::Value::Object(t.claims.clone()).to_string();
             sqlx::query(
-                "INSERT INTO tasks (id, spiffe_id, attestor, claims, labels, created_at, deadline,
-                    heartbeat_secs, grace_secs, due_at, state)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tasks (id, spiffe_id, attestor, claims, labels, source_ip,
+                    evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&t.id)
             .bind(&t.spiffe_id)
             .bind(&t.attestor)
             .bind(claims)
             .bind(labels)
+            .bind(&t.source_ip)
+            .bind(t.evidence_age_secs)
             .bind(t.created_at)
             .bind(t.deadline)
             .bind(t.heartbeat_secs)
