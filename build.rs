@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/ephemera/v1/admin.proto",
     "proto/ephemera/v1/broker.proto",
     "proto/ephemera/v1/revocations.proto",
+    "proto/spiffe/workload.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

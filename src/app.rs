@@ -19,7 +19,9 @@ use crate::api::broker::BrokerService;
 use crate::api::pb::v1::admin_server::AdminServer;
 use crate::api::pb::v1::broker_server::BrokerServer;
 use crate::api::pb::v1::revocations_server::RevocationsServer;
+use crate::api::pb::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::api::revocations::RevocationsService;
+use crate::api::workload::WorkloadService;
 use crate::attest::Attestors;
 use crate::attest::join_token::JoinTokenAttestor;
 use crate::attest::jwks::JwksCache;
@@ -139,6 +141,9 @@ impl Running {
             }
         }
         let _ = std::fs::remove_file(&self.endpoints.broker_socket);
+        if let Some(w) = &self.endpoints.workload_socket {
+            let _ = std::fs::remove_file(w);
+        }
         if Endpoints::read(&self.data_dir).is_ok_and(|e| e == self.endpoints) {
             let _ = std::fs::remove_file(self.data_dir.join(crate::endpoints::FILE));
         }
@@ -533,6 +538,23 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             .map_err(|e| format!("grpc unix server: {e}"))
     }));
 
+    // The SPIFFE Workload API on its own socket: only SpiffeWorkloadAPI is served there.
+    if let Some(path) = &config.workload_socket {
+        let listener = bind_socket(path).await?;
+        let svc = SpiffeWorkloadApiServer::new(WorkloadService::new(broker.clone()))
+            .max_decoding_message_size(max_msg);
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+                .map_err(|e| format!("workload api server: {e}"))
+        }));
+    }
+
     let app = crate::http::router(broker.clone(), &public_url);
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -550,6 +572,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         http_addr: public_url,
         broker_socket: config.grpc.socket.clone(),
         ca_bundle: config.data_dir.join(keys::BUNDLE),
+        workload_socket: config.workload_socket.clone(),
         admin_token_file: config
             .admin_token_file
             .exists()

@@ -199,6 +199,7 @@ pub struct Broker {
     crl: std::sync::RwLock<Arc<Vec<u8>>>,
     crl_number: std::sync::atomic::AtomicU64,
     closing: tokio::sync::watch::Sender<bool>,
+    crl_updates: tokio::sync::watch::Sender<u64>,
 }
 
 /// What introspection says of a token.
@@ -334,7 +335,13 @@ impl Broker {
             crl: std::sync::RwLock::new(Arc::new(Vec::new())),
             crl_number: std::sync::atomic::AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
+            crl_updates: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Notified every time the CRL is rebuilt.
+    pub fn crl_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.crl_updates.subscribe()
     }
 
     /// Tells long-lived streams (keep-alive, watch) to end: the broker is shutting down.
@@ -387,6 +394,7 @@ impl Broker {
             .crl
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(der);
+        self.crl_updates.send_modify(|n| *n += 1);
         Ok(list.len())
     }
 
@@ -694,11 +702,24 @@ impl Broker {
             Some(csr) => SubjectKey::Csr(parse_csr(csr)?),
             None => SubjectKey::Generate,
         };
+        let minted = self.issue_x509(&caller, key, req.ttl, audit).await?;
+        self.consume_single_use(&caller.identity).await?;
+        Ok(minted)
+    }
+
+    /// Mints and records an X.509-SVID for an authorized caller.
+    async fn issue_x509(
+        &self,
+        caller: &Caller,
+        key: SubjectKey,
+        ttl: Option<Ttl>,
+        audit: &mut Audit,
+    ) -> Result<MintedX509, BrokerError> {
         let now = self.clock.now();
-        let cap = Self::task_cap(&caller).map_or(self.ca.x509.ca_not_after(), |d| {
+        let cap = Self::task_cap(caller).map_or(self.ca.x509.ca_not_after(), |d| {
             d.min(self.ca.x509.ca_not_after())
         });
-        let not_after = Self::grant(req.ttl, self.limits.x509, now, Some(cap))?;
+        let not_after = Self::grant(ttl, self.limits.x509, now, Some(cap))?;
         let svid = self.ca.x509.mint(&caller.spiffe_id, key, now, not_after)?;
         let lease_id = Uuid::now_v7().to_string();
         self.record(Lease {
@@ -715,11 +736,10 @@ impl Broker {
             reason: None,
         })
         .await?;
-        self.consume_single_use(&caller.identity).await?;
         audit.granted_ttl_secs = Some(granted_secs(now, svid.not_after));
         audit.lease_id = Some(lease_id.clone());
         Ok(MintedX509 {
-            spiffe_id: caller.spiffe_id,
+            spiffe_id: caller.spiffe_id.clone(),
             svid,
             bundle: self.ca.x509.roots().to_vec(),
             lease_id,
@@ -771,14 +791,29 @@ impl Broker {
             req.ttl.unwrap_or(self.limits.jwt.default_ttl).as_secs(),
             audit,
         )?;
+        let minted = self
+            .issue_jwt(&caller, &req.audiences, req.ttl, audit)
+            .await?;
+        self.consume_single_use(&caller.identity).await?;
+        Ok(minted)
+    }
+
+    /// Signs and records a JWT-SVID for an authorized caller.
+    async fn issue_jwt(
+        &self,
+        caller: &Caller,
+        audiences: &[Audience],
+        ttl: Option<Ttl>,
+        audit: &mut Audit,
+    ) -> Result<MintedJwt, BrokerError> {
         let now = self.clock.now();
-        let not_after = Self::grant(req.ttl, self.limits.jwt, now, Self::task_cap(&caller))?;
+        let not_after = Self::grant(ttl, self.limits.jwt, now, Self::task_cap(caller))?;
         let iat = unix_secs(now);
         let exp = unix_secs(not_after);
         let jti = Uuid::now_v7().to_string();
         let token = self.ca.jwt.sign(&JwtSvidClaims {
             sub: caller.spiffe_id.as_str(),
-            aud: &req.audiences,
+            aud: audiences,
             exp,
             iat,
             jti: &jti,
@@ -789,7 +824,7 @@ impl Broker {
             kind: LeaseKind::Jwt,
             serial: None,
             spiffe_id: caller.spiffe_id.to_string(),
-            audience: req.audiences.iter().map(ToString::to_string).collect(),
+            audience: audiences.iter().map(ToString::to_string).collect(),
             issued_at: iat,
             expires_at: exp,
             revoked: false,
@@ -797,11 +832,10 @@ impl Broker {
             reason: None,
         })
         .await?;
-        self.consume_single_use(&caller.identity).await?;
         audit.granted_ttl_secs = Some(u64::try_from(exp - iat).unwrap_or(0));
         audit.lease_id = Some(jti.clone());
         Ok(MintedJwt {
-            spiffe_id: caller.spiffe_id,
+            spiffe_id: caller.spiffe_id.clone(),
             token: Secret::new(token),
             expires_at: exp,
             jti,
@@ -839,32 +873,9 @@ impl Broker {
                 duration.as_secs(),
                 &mut audit,
             )?;
-            let now = self.clock.unix_now();
-            let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-            let deadline = now + secs(duration);
-            let task = Task {
-                id: Uuid::now_v7().to_string(),
-                spiffe_id: caller.spiffe_id.to_string(),
-                attestor: caller.identity.attestor.to_owned(),
-                claims: caller.identity.claims.clone(),
-                labels: req.labels,
-                source_ip: evidence.source.map(|a| a.ip().to_string()),
-                evidence_age_secs: caller
-                    .identity
-                    .issued_at
-                    .map_or(0, |t| now - unix_secs(t))
-                    .max(0),
-                created_at: now,
-                deadline,
-                heartbeat_secs: secs(settings.heartbeat_interval),
-                grace_secs: secs(settings.grace),
-                due_at: deadline
-                    .min(now + secs(settings.heartbeat_interval) + secs(settings.grace)),
-                state: TaskState::Active,
-                ended_at: None,
-                reason: None,
-            };
-            self.store.insert_task(task.clone()).await?;
+            let task = self
+                .start_task(evidence, &caller, duration, req.labels)
+                .await?;
             self.consume_single_use(&caller.identity).await?;
             audit.task_id = Some(task.id.clone());
             audit.granted_ttl_secs = Some(duration.as_secs());
@@ -873,6 +884,43 @@ impl Broker {
         .await;
         audit.emit(&result);
         result
+    }
+
+    /// Records a new active task owned by `caller`.
+    async fn start_task(
+        &self,
+        evidence: &Evidence,
+        caller: &Caller,
+        duration: Duration,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<Task, BrokerError> {
+        let settings = self.limits.tasks;
+        let now = self.clock.unix_now();
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        let deadline = now + secs(duration);
+        let task = Task {
+            id: Uuid::now_v7().to_string(),
+            spiffe_id: caller.spiffe_id.to_string(),
+            attestor: caller.identity.attestor.to_owned(),
+            claims: caller.identity.claims.clone(),
+            labels,
+            source_ip: evidence.source.map(|a| a.ip().to_string()),
+            evidence_age_secs: caller
+                .identity
+                .issued_at
+                .map_or(0, |t| now - unix_secs(t))
+                .max(0),
+            created_at: now,
+            deadline,
+            heartbeat_secs: secs(settings.heartbeat_interval),
+            grace_secs: secs(settings.grace),
+            due_at: deadline.min(now + secs(settings.heartbeat_interval) + secs(settings.grace)),
+            state: TaskState::Active,
+            ended_at: None,
+            reason: None,
+        };
+        self.store.insert_task(task.clone()).await?;
+        Ok(task)
     }
 
     /// Ends a task on its owner's request and revokes its credentials. Idempotent: ending an
@@ -1126,6 +1174,244 @@ impl Broker {
         limit: u32,
     ) -> Result<Vec<Revocation>, BrokerError> {
         Ok(self.store.revocations_after(cursor, limit).await?)
+    }
+}
+
+/// One workload's `FetchX509SVID` stream: the identities it is entitled to, bound to one task
+/// that ends when the stream does.
+#[derive(Debug, Clone)]
+pub struct WorkloadSession {
+    /// The task every SVID of the stream belongs to.
+    pub task: Task,
+    /// The workload's identities that policy permits an X.509-SVID, default first.
+    pub spiffe_ids: Vec<SpiffeId>,
+    identity: AttestedIdentity,
+}
+
+impl Broker {
+    /// Attests a Workload API caller and returns its identities that policy permits `action`
+    /// on every resource; none is `PermissionDenied`.
+    async fn workload_callers(
+        &self,
+        evidence: &Evidence,
+        action: Action,
+        resources: &[Resource],
+        requested_ttl_secs: u64,
+        only: Option<&SpiffeId>,
+    ) -> Result<Vec<Caller>, BrokerError> {
+        let mut audit = Audit::new(action.name(), evidence, "workload-api".to_owned(), None);
+        let result = async {
+            let identity = self.attestors.attest(evidence).await?;
+            audit.attested(&identity);
+            let mapper = self
+                .mapper
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let mut ids = mapper.map(&identity)?;
+            if let Some(want) = only {
+                ids.retain(|i| i == want);
+                if ids.is_empty() {
+                    return Err(MappingError::NotMapped {
+                        requested: want.to_string(),
+                    }
+                    .into());
+                }
+            }
+            let mut permitted = Vec::new();
+            let mut last_denial = None;
+            for spiffe_id in ids {
+                let caller = Caller {
+                    identity: identity.clone(),
+                    spiffe_id,
+                    task: None,
+                };
+                let mut probe = Audit::new(
+                    action.name(),
+                    evidence,
+                    "workload-api".to_owned(),
+                    Some(requested_ttl_secs),
+                );
+                match self.authorize(
+                    evidence,
+                    &caller,
+                    action,
+                    resources,
+                    requested_ttl_secs,
+                    &mut probe,
+                ) {
+                    Ok(()) => permitted.push(caller),
+                    Err(e) => last_denial = Some(e),
+                }
+            }
+            match (permitted.is_empty(), last_denial) {
+                (true, Some(e)) => Err(e),
+                _ => Ok(permitted),
+            }
+        }
+        .await;
+        if result.is_err() {
+            audit.emit(&result);
+        }
+        result
+    }
+
+    /// Opens a `FetchX509SVID` session: attests the workload and begins the task its SVIDs
+    /// belong to, owned by its default identity.
+    pub async fn workload_open(&self, evidence: &Evidence) -> Result<WorkloadSession, BrokerError> {
+        let x509 = [Resource::Target("x509-svid".to_owned())];
+        let ttl = self.limits.x509.default_ttl.as_secs();
+        let callers = self
+            .workload_callers(evidence, Action::MintX509Svid, &x509, ttl, None)
+            .await?;
+        let Some(first) = callers.first() else {
+            return Err(MappingError::NoMapping.into());
+        };
+        let duration = self.limits.tasks.max_duration;
+        let mut audit = Audit::new(
+            "BeginTask",
+            evidence,
+            "task".to_owned(),
+            Some(duration.as_secs()),
+        );
+        audit.attested(&first.identity);
+        audit.identified(&first.spiffe_id);
+        let labels = [("source".to_owned(), "workload-api".to_owned())].into();
+        let result = async {
+            self.authorize(
+                evidence,
+                first,
+                Action::BeginTask,
+                &[Resource::Target("task".to_owned())],
+                duration.as_secs(),
+                &mut audit,
+            )?;
+            self.start_task(evidence, first, duration, labels).await
+        }
+        .await;
+        if let Ok(t) = &result {
+            audit.task_id = Some(t.id.clone());
+        }
+        audit.emit(&result);
+        let task = result?;
+        Ok(WorkloadSession {
+            identity: first.identity.clone(),
+            spiffe_ids: callers.into_iter().map(|c| c.spiffe_id).collect(),
+            task,
+        })
+    }
+
+    /// Mints a fresh X.509-SVID (broker-generated key) for every identity of a session.
+    pub async fn workload_svids(
+        &self,
+        evidence: &Evidence,
+        session: &WorkloadSession,
+    ) -> Result<Vec<MintedX509>, BrokerError> {
+        let mut out = Vec::with_capacity(session.spiffe_ids.len());
+        for spiffe_id in &session.spiffe_ids {
+            let caller = Caller {
+                identity: session.identity.clone(),
+                spiffe_id: spiffe_id.clone(),
+                task: Some(session.task.clone()),
+            };
+            let mut audit = Audit::new("MintX509Svid", evidence, "x509-svid".to_owned(), None);
+            audit.attested(&caller.identity);
+            audit.identified(spiffe_id);
+            audit.task_id = Some(session.task.id.clone());
+            let result = self
+                .issue_x509(&caller, SubjectKey::Generate, None, &mut audit)
+                .await;
+            audit.emit(&result);
+            out.push(result?);
+        }
+        Ok(out)
+    }
+
+    /// A Workload API stream ended: its task ends and everything issued on it is revoked,
+    /// through the same path as `EndTask`.
+    pub async fn workload_close(&self, session: &WorkloadSession) -> Result<(), BrokerError> {
+        self.end(&session.task.id, TaskState::Ended, "workload stream closed")
+            .await
+            .map(|_| ())
+    }
+
+    /// `FetchJWTSVID`: a JWT-SVID for every identity of the caller (or just `only`) that policy
+    /// permits for all `audiences`.
+    pub async fn workload_jwts(
+        &self,
+        evidence: &Evidence,
+        audiences: &[Audience],
+        only: Option<&SpiffeId>,
+    ) -> Result<Vec<MintedJwt>, BrokerError> {
+        let resources: Vec<Resource> = audiences
+            .iter()
+            .map(|a| Resource::Audience(a.to_string()))
+            .collect();
+        let ttl = self.limits.jwt.default_ttl.as_secs();
+        let callers = self
+            .workload_callers(evidence, Action::MintJwtSvid, &resources, ttl, only)
+            .await?;
+        let resource = audiences
+            .iter()
+            .map(Audience::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut out = Vec::with_capacity(callers.len());
+        for caller in &callers {
+            let mut audit = Audit::new("MintJwtSvid", evidence, resource.clone(), None);
+            audit.attested(&caller.identity);
+            audit.identified(&caller.spiffe_id);
+            let result = self.issue_jwt(caller, audiences, None, &mut audit).await;
+            audit.emit(&result);
+            out.push(result?);
+        }
+        Ok(out)
+    }
+
+    /// Whether the caller has any identity at all (for the bundle streams).
+    pub async fn workload_identified(&self, evidence: &Evidence) -> Result<(), BrokerError> {
+        let identity = self.attestors.attest(evidence).await?;
+        let mapper = self
+            .mapper
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        mapper.map(&identity)?;
+        Ok(())
+    }
+
+    /// `ValidateJWTSVID`: a JWT-SVID signed by this broker, unexpired, for `audience`, whose
+    /// lease is honoured. Returns its SPIFFE ID and claims.
+    pub async fn validate_jwt(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(String, serde_json::Map<String, serde_json::Value>), BrokerError> {
+        let invalid = |reason: &str| BrokerError::BadRequest {
+            field: "svid",
+            reason: reason.to_owned(),
+        };
+        let i = self.introspect(token).await?;
+        if !i.active {
+            return Err(invalid("not a valid, live JWT-SVID of this trust domain"));
+        }
+        let aud_ok = match i.claims.get("aud") {
+            Some(serde_json::Value::String(a)) => a == audience,
+            Some(serde_json::Value::Array(list)) => {
+                list.iter().any(|a| a.as_str() == Some(audience))
+            }
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(invalid("audience does not match"));
+        }
+        let sub = i
+            .claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        Ok((sub, i.claims))
     }
 }
 

@@ -51,6 +51,8 @@ pub struct RawConfig {
     pub x509pop: RawX509Pop,
     /// The Admin API.
     pub admin: RawAdmin,
+    /// The SPIFFE Workload API.
+    pub workload_api: RawWorkloadApi,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
 }
@@ -96,6 +98,16 @@ impl Default for TaskSettings {
             retention: Duration::from_secs(24 * 3600),
         }
     }
+}
+
+/// `[workload_api]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawWorkloadApi {
+    /// Serve it (default true).
+    pub enabled: Option<bool>,
+    /// Its Unix socket.
+    pub socket: Option<PathBuf>,
 }
 
 /// `[admin]` as written.
@@ -273,6 +285,8 @@ pub struct Config {
     pub admin_spiffe_ids: Vec<String>,
     /// The SQLite database file.
     pub database: PathBuf,
+    /// The SPIFFE Workload API socket; `None` when disabled.
+    pub workload_socket: Option<PathBuf>,
     /// Identity-mapping rules, tried in order.
     pub mappings: Vec<MappingRule>,
     /// The file this configuration was read from, if any (watched for mapping changes).
@@ -682,6 +696,12 @@ impl Config {
                     .map(|f| base.join(f))
                     .unwrap_or_else(|| data_dir.join(crate::api::admin::TOKEN_FILE));
                 let database = data_dir.join(crate::store::sqlite::FILE);
+                let workload_socket = raw.workload_api.enabled.unwrap_or(true).then(|| {
+                    raw.workload_api
+                        .socket
+                        .map(|s| base.join(s))
+                        .unwrap_or_else(|| data_dir.join("workload.sock"))
+                });
                 Ok(Config {
                     trust_domain,
                     data_dir,
@@ -711,6 +731,7 @@ impl Config {
                     admin_token_file,
                     admin_spiffe_ids,
                     database,
+                    workload_socket,
                     mappings,
                     source: None,
                     tasks,

@@ -21,6 +21,9 @@ pub struct Endpoints {
     pub broker_socket: PathBuf,
     /// PEM trust anchors for verifying the broker's TLS certificate and every SVID.
     pub ca_bundle: PathBuf,
+    /// The SPIFFE Workload API socket (absent when disabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_socket: Option<PathBuf>,
     /// The admin token file, for `ephemera admin` (absent when the Admin API is disabled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token_file: Option<PathBuf>,

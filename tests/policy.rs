@@ -148,7 +148,7 @@ async fn mapping_reload_applies_good_edits_and_refuses_broken_ones() {
     let data = b.dir.path();
     let cfg = dir.path().join("ephemera.toml");
     let text = |rules: &str| {
-        config_text(data, rules).replace(
+        config_text(data, &format!("[workload_api]\nenabled = false\n{rules}")).replace(
             &format!("socket = \"{}/broker.sock\"", data.display()),
             &format!("socket = \"{}/second.sock\"", dir.path().display()),
         )

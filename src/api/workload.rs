@@ -1,0 +1,363 @@
+//! The SPIFFE Workload API (`SpiffeWorkloadAPI`) on its own Unix socket, for unmodified SPIFFE
+//! clients (go-spiffe, py-spiffe, the `spiffe` crate, spiffe-helper, Envoy).
+//!
+//! Every call must carry the `workload.spiffe.io: true` metadata (else `InvalidArgument`) and
+//! is attested from the caller's peer credentials; callers without an identity that policy
+//! permits get `PermissionDenied`. One `FetchX509SVID` stream is one task: its SVIDs are bound
+//! to the task, renewed at half their lifetime, and revoked when the stream ends. Streams send
+//! the full state at once and again on every change (rotation, revocation, new CRL).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::pb::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse, spiffe_workload_api_server,
+};
+use super::status::to_status;
+use crate::broker::{Broker, BrokerError, MintedX509, WorkloadSession};
+use crate::id::{Audience, SpiffeId};
+
+/// The security header every Workload API call must carry.
+pub const HEADER: &str = "workload.spiffe.io";
+
+/// The `SpiffeWorkloadAPI` service.
+pub struct WorkloadService {
+    broker: Arc<Broker>,
+}
+
+impl WorkloadService {
+    /// A service over `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.metadata().get(HEADER).and_then(|v| v.to_str().ok()) {
+        Some("true") => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "security header missing: requests must carry the metadata {HEADER}: true"
+        ))),
+    }
+}
+
+/// The hint of an identity: its path without the leading slash (unique per caller).
+fn hint(id: &SpiffeId) -> String {
+    id.path().trim_start_matches('/').to_owned()
+}
+
+fn concat(ders: &[Vec<u8>]) -> Vec<u8> {
+    ders.concat()
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn stream<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> Response<Stream_<T>> {
+    Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+fn x509_response(broker: &Broker, svids: &[MintedX509]) -> X509svidResponse {
+    let crl = broker.crl();
+    X509svidResponse {
+        svids: svids
+            .iter()
+            .map(|m| X509svid {
+                spiffe_id: m.spiffe_id.to_string(),
+                x509_svid: concat(&m.svid.cert_chain),
+                x509_svid_key: m
+                    .svid
+                    .private_key
+                    .as_ref()
+                    .map(|k| k.expose().clone())
+                    .unwrap_or_default(),
+                bundle: concat(&m.bundle),
+                hint: hint(&m.spiffe_id),
+            })
+            .collect(),
+        crl: if crl.is_empty() {
+            Vec::new()
+        } else {
+            vec![crl.as_ref().clone()]
+        },
+        federated_bundles: HashMap::new(),
+    }
+}
+
+/// Half the remaining lifetime of the shortest-lived SVID: when to renew.
+fn renew_after(svids: &[MintedX509], now: SystemTime) -> Duration {
+    svids
+        .iter()
+        .map(|m| m.svid.not_after.duration_since(now).unwrap_or_default() / 2)
+        .min()
+        .unwrap_or(Duration::from_secs(60))
+        .max(Duration::from_secs(1))
+}
+
+/// Serves one `FetchX509SVID` stream until the client leaves, the task ends, or shutdown.
+async fn x509_stream(
+    broker: Arc<Broker>,
+    evidence: crate::attest::Evidence,
+    session: WorkloadSession,
+    tx: mpsc::Sender<Result<X509svidResponse, Status>>,
+) {
+    let mut revocations = broker.bus().subscribe();
+    let mut crl_updates = broker.crl_updates();
+    let heartbeat = Duration::from_secs(
+        u64::try_from(session.task.heartbeat_secs)
+            .unwrap_or(10)
+            .max(1),
+    );
+    let mut keep_alive = tokio::time::interval(heartbeat);
+    let mut svids = Vec::new();
+    let mut renew = tokio::time::Instant::now();
+    loop {
+        if tokio::time::Instant::now() >= renew {
+            match broker.workload_svids(&evidence, &session).await {
+                Ok(fresh) => {
+                    svids = fresh;
+                    renew = tokio::time::Instant::now() + renew_after(&svids, broker.clock().now());
+                    if tx.send(Ok(x509_response(&broker, &svids))).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(to_status(&e))).await;
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            () = tx.closed() => break,
+            () = tokio::time::sleep_until(renew) => {}
+            _ = keep_alive.tick() => {
+                if let Ok(false) = broker.ping(&session.task).await {
+                    let _ = tx.send(Err(Status::permission_denied("the workload's task has ended"))).await;
+                    return;
+                }
+            }
+            changed = crl_updates.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if tx.send(Ok(x509_response(&broker, &svids))).await.is_err() {
+                    break;
+                }
+            }
+            ev = revocations.recv() => match ev {
+                Ok(r) if r.task_id.as_deref() == Some(session.task.id.as_str()) => {
+                    // The task was revoked or ended: every SVID of the stream is withdrawn.
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!("identity withdrawn: {}", r.reason))))
+                        .await;
+                    return;
+                }
+                Ok(r) if r.lease_id.as_ref().is_some_and(|l| svids.iter().any(|s| &s.lease_id == l)) => {
+                    // One SVID was revoked: replace it (and its siblings) at once.
+                    renew = tokio::time::Instant::now();
+                }
+                _ => {}
+            },
+            () = broker.closed() => {
+                let _ = tx.send(Err(Status::unavailable("broker shutting down"))).await;
+                return;
+            }
+        }
+    }
+    if let Err(e) = broker.workload_close(&session).await {
+        tracing::warn!(task_id = %session.task.id, error = %e, "cannot end the workload's task");
+    }
+}
+
+fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_prost).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_prost(v)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
+    type FetchX509SVIDStream = Stream_<X509svidResponse>;
+    type FetchX509BundlesStream = Stream_<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Stream_<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&request)?;
+        let evidence = super::evidence(&request);
+        let session = self
+            .broker
+            .workload_open(&evidence)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(x509_stream(self.broker.clone(), evidence, session, tx));
+        Ok(stream(rx))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&request)?;
+        let evidence = super::evidence(&request);
+        self.broker
+            .workload_identified(&evidence)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let (tx, rx) = mpsc::channel(4);
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            let mut crl_updates = broker.crl_updates();
+            let td = broker.trust_domain().id_uri();
+            loop {
+                let crl = broker.crl();
+                let msg = X509BundlesResponse {
+                    crl: if crl.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![crl.as_ref().clone()]
+                    },
+                    bundles: [(td.clone(), concat(broker.ca().x509.roots()))].into(),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = broker.closed() => return,
+                    changed = crl_updates.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(stream(rx))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        let evidence = super::evidence(&request);
+        let req = request.into_inner();
+        let result = async {
+            let audiences = Audience::parse_list(&req.audience).map_err(|source| {
+                BrokerError::InvalidArgument {
+                    field: "audience",
+                    source,
+                }
+            })?;
+            let only = if req.spiffe_id.is_empty() {
+                None
+            } else {
+                Some(req.spiffe_id.parse::<SpiffeId>().map_err(|source| {
+                    BrokerError::InvalidArgument {
+                        field: "spiffe_id",
+                        source,
+                    }
+                })?)
+            };
+            self.broker
+                .workload_jwts(&evidence, &audiences, only.as_ref())
+                .await
+        }
+        .await;
+        let minted = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(JwtsvidResponse {
+            svids: minted
+                .into_iter()
+                .map(|m| Jwtsvid {
+                    hint: hint(&m.spiffe_id),
+                    spiffe_id: m.spiffe_id.to_string(),
+                    svid: m.token.into_inner(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        let evidence = super::evidence(&request);
+        self.broker
+            .workload_identified(&evidence)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let (tx, rx) = mpsc::channel(2);
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            let msg = JwtBundlesResponse {
+                bundles: [(
+                    broker.trust_domain().id_uri(),
+                    broker.ca().jwks_json.clone().into_bytes(),
+                )]
+                .into(),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
+            // JWT keys change only with a key rotation, which restarts the broker today: the
+            // stream stays open so clients keep their subscription.
+            tokio::select! {
+                () = tx.closed() => {}
+                () = broker.closed() => {}
+            }
+        });
+        Ok(stream(rx))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        let evidence = super::evidence(&request);
+        self.broker
+            .workload_identified(&evidence)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.svid.is_empty() {
+            return Err(Status::invalid_argument("audience and svid are required"));
+        }
+        let (spiffe_id, claims) = self
+            .broker
+            .validate_jwt(&req.svid, &req.audience)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id,
+            claims: Some(prost_types::Struct {
+                fields: claims
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json_to_prost(v)))
+                    .collect(),
+            }),
+        }))
+    }
+}

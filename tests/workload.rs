@@ -1,0 +1,288 @@
+//! The SPIFFE Workload API, exercised with an independent client (the `spiffe` crate): X.509
+//! context and both bundle kinds, JWT-SVIDs validated locally (ring, against the JWT bundle) and
+//! through ValidateJWTSVID, the security header, rotation at half-life, and a killed workload's
+//! SVIDs revoked.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ephemera::clock::Clock;
+use spiffe::{TrustDomain, WorkloadApiClient};
+use tokio_stream::StreamExt;
+
+fn endpoint(b: &TestBroker) -> String {
+    format!(
+        "unix://{}",
+        b.running
+            .endpoints
+            .workload_socket
+            .as_ref()
+            .unwrap()
+            .display()
+    )
+}
+
+#[tokio::test]
+async fn standard_client_gets_verifiable_x509_and_jwt_svids() {
+    let b = start(&uid_rule()).await;
+    let client = WorkloadApiClient::connect_to(endpoint(&b)).await.unwrap();
+    let td = TrustDomain::new(TD).unwrap();
+
+    let ctx = client.fetch_x509_context().await.unwrap();
+    let svid = ctx.default_svid().unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        format!("spiffe://{TD}/uid/{}", my_uid())
+    );
+    let bundle = ctx
+        .bundle_set()
+        .get(&td)
+        .expect("bundle for our trust domain");
+    let roots: Vec<Vec<u8>> = bundle
+        .authorities()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    verify_chain(&chain, &roots, b.clock.now());
+    // The key the client got belongs to the certificate.
+    let rng = ring::rand::SystemRandom::new();
+    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        svid.private_key().as_ref(),
+        &rng,
+    )
+    .unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert_eq!(
+        ring::signature::KeyPair::public_key(&key).as_ref(),
+        leaf.public_key().subject_public_key.data.as_ref()
+    );
+
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    assert_eq!(
+        bundles.get(&td).unwrap().authorities()[0].as_bytes(),
+        roots[0].as_slice()
+    );
+
+    // JWT-SVID: kid always present, verified locally against the JWT bundle with ring.
+    let jwt = client.fetch_jwt_svid(&["payments"], None).await.unwrap();
+    let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
+    let keys: Vec<serde_json::Value> = jwt_bundles
+        .get(&td)
+        .unwrap()
+        .jwt_authorities()
+        .map(|a| {
+            let mut k: serde_json::Value = serde_json::from_slice(a.jwk_json()).unwrap();
+            k["kid"] = serde_json::Value::from(a.key_id());
+            k
+        })
+        .collect();
+    let (header, claims) = verify_jwt(jwt.token(), &serde_json::json!({ "keys": keys }));
+    assert!(header["kid"].is_string());
+    assert_eq!(claims["aud"], "payments");
+    assert_eq!(claims["sub"], svid.spiffe_id().to_string());
+
+    // And through ValidateJWTSVID.
+    let validated = client
+        .validate_jwt_token("payments", jwt.token())
+        .await
+        .unwrap();
+    assert_eq!(validated.spiffe_id(), svid.spiffe_id());
+    assert!(
+        client
+            .validate_jwt_token("other-audience", jwt.token())
+            .await
+            .is_err()
+    );
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn calls_without_the_security_header_are_refused() {
+    use ephemera::api::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use ephemera::api::pb::workload::{JwtsvidRequest, X509svidRequest};
+    let b = start(&uid_rule()).await;
+    let channel = ephemera::client::connect(
+        &ephemera::client::Target::Socket(b.running.endpoints.workload_socket.clone().unwrap()),
+        std::path::Path::new("/nonexistent"),
+    )
+    .await
+    .unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let err = raw.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = raw
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // With the header but no identity: PermissionDenied.
+    b.running.broker.set_mapper(ephemera::policy::Mapper::new(
+        TD.parse().unwrap(),
+        Vec::new(),
+    ));
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let err = raw.fetch_x509svid(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn svids_rotate_at_half_life_on_the_open_stream() {
+    let b = start(&format!(
+        "{}\n[x509_svid]\ndefault_ttl = \"4s\"\n",
+        uid_rule()
+    ))
+    .await;
+    let client = WorkloadApiClient::connect_to(endpoint(&b)).await.unwrap();
+    let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let first = contexts.next().await.unwrap().unwrap();
+    let started = tokio::time::Instant::now();
+    let serial = |c: &spiffe::X509Context| {
+        let svid = c.default_svid().unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
+        leaf.raw_serial().to_vec()
+    };
+    let first_serial = serial(&first);
+    let rotated = loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), contexts.next())
+            .await
+            .expect("a rotated SVID within 10s")
+            .unwrap()
+            .unwrap();
+        if serial(&next) != first_serial {
+            break next;
+        }
+    };
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited <= Duration::from_secs(4),
+        "rotated after {waited:?}, expected about half of 4s"
+    );
+    assert_eq!(
+        rotated.default_svid().unwrap().spiffe_id(),
+        first.default_svid().unwrap().spiffe_id()
+    );
+    b.running.shutdown().await.unwrap();
+}
+
+/// Run as a child process by `a_killed_workloads_svids_are_revoked`: opens FetchX509SVID, prints
+/// its SVID's serial, and waits to be killed.
+#[tokio::test]
+async fn child_workload() {
+    let Ok(socket) = std::env::var("EPHEMERA_TEST_CHILD_SOCKET") else {
+        return;
+    };
+    let client = WorkloadApiClient::connect_to(format!("unix://{socket}"))
+        .await
+        .unwrap();
+    let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let ctx = contexts.next().await.unwrap().unwrap();
+    let (_, leaf) =
+        x509_parser::parse_x509_certificate(ctx.default_svid().unwrap().leaf().as_bytes()).unwrap();
+    let serial: String = leaf
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "SERIAL={serial}").unwrap();
+    loop {
+        let _ = contexts.next().await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_workloads_svids_are_revoked() {
+    use std::io::BufRead;
+    let b = start(&uid_rule()).await;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_workload",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "EPHEMERA_TEST_CHILD_SOCKET",
+            b.running.endpoints.workload_socket.as_ref().unwrap(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let serial = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split("SERIAL=").nth(1).map(|s| s.trim().to_owned()))
+    })
+    .await
+    .unwrap()
+    .expect("child printed its serial");
+    let lease = b
+        .running
+        .broker
+        .store()
+        .lease(&serial)
+        .await
+        .unwrap()
+        .unwrap();
+    let now = b.clock.unix_now();
+    assert!(lease.active(now));
+
+    let mut events = b.running.broker.bus().subscribe();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(30), events.recv())
+        .await
+        .expect("task revoked within the grace")
+        .unwrap();
+    assert_eq!(ev.task_id, lease.lease.task_id);
+    assert!(
+        !b.running
+            .broker
+            .store()
+            .lease(&serial)
+            .await
+            .unwrap()
+            .unwrap()
+            .active(now)
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, der) = http_get_bytes(&b.running.endpoints.http_addr, "/crl").await;
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        if crl.iter_revoked_certificates().any(|r| {
+            r.raw_serial()
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
+                == serial
+        }) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "serial not in /crl");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.running.shutdown().await.unwrap();
+}
