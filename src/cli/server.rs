@@ -268,6 +268,7 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
         "\nEphemera dev broker for trust domain {td}\n  \
          gRPC (TLS)   {grpc}   trust anchors: {bundle}\n  \
          gRPC socket  {sock}\n  \
+         SPIFFE Workload API  SPIFFE_ENDPOINT_SOCKET=unix://{workload}\n  \
          HTTP         {http}   (/bundle /keys /.well-known/openid-configuration /livez)\n  \
          Your identity on the socket: spiffe://{td}/uid/{uid}\n\n\
          Try it from another terminal in this directory:\n  \
@@ -278,6 +279,11 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
         grpc = e.grpc_addr,
         bundle = e.ca_bundle.display(),
         sock = e.broker_socket.display(),
+        workload = e
+            .workload_socket
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         http = e.http_addr,
         dir = data_dir.display(),
     );
