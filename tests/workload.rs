@@ -286,3 +286,34 @@ async fn a_killed_workloads_svids_are_revoked() {
     }
     b.running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn several_identities_come_with_unique_hints_and_the_first_is_the_default() {
+    let two_rules = format!(
+        "{}\n[[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://{{trust_domain}}/svc/agent\"\nmatch = {{ uid = {} }}\n",
+        uid_rule(),
+        my_uid()
+    );
+    let b = start(&two_rules).await;
+    let client = WorkloadApiClient::connect_to(endpoint(&b)).await.unwrap();
+    let svids = client.fetch_all_x509_svids().await.unwrap();
+    let ids: Vec<String> = svids.iter().map(|s| s.spiffe_id().to_string()).collect();
+    assert_eq!(
+        ids,
+        [
+            format!("spiffe://{TD}/uid/{}", my_uid()),
+            format!("spiffe://{TD}/svc/agent")
+        ]
+    );
+    let hints: Vec<&str> = svids.iter().map(|s| s.hint().unwrap()).collect();
+    assert_eq!(hints, [format!("uid/{}", my_uid()).as_str(), "svc/agent"]);
+    let ctx = client.fetch_x509_context().await.unwrap();
+    assert_eq!(ctx.default_svid().unwrap().spiffe_id().to_string(), ids[0]);
+    // JWT-SVIDs: one per identity, or only the one asked for.
+    let all = client.fetch_all_jwt_svids(&["a"], None).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let agent: spiffe::SpiffeId = format!("spiffe://{TD}/svc/agent").parse().unwrap();
+    let one = client.fetch_jwt_svid(&["a"], Some(&agent)).await.unwrap();
+    assert_eq!(one.spiffe_id(), &agent);
+    b.running.shutdown().await.unwrap();
+}
