@@ -377,10 +377,11 @@ async fn a_restart_keeps_live_tasks_and_ends_overdue_ones() {
         std::path::Path::new("/"),
     )
     .unwrap();
-    let mut events = None;
     let running = ephemera::app::start(config, std::sync::Arc::new(clock.clone()))
         .await
         .unwrap();
+    // Subscribe before looking, so an end between the look and the wait is not missed.
+    let mut events = running.broker.bus().subscribe();
     let store = running.broker.store();
     // Live task: a fresh grace to reconnect.
     let t = store.task(&long.task_id).await.unwrap().unwrap();
@@ -394,9 +395,8 @@ async fn a_restart_keeps_live_tasks_and_ends_overdue_ones() {
             assert_eq!(t.reason.as_deref(), Some("deadline passed"));
             break;
         }
-        let rx = events.get_or_insert_with(|| running.broker.bus().subscribe());
         tokio::select! {
-            _ = rx.recv() => {}
+            _ = events.recv() => {}
             _ = tokio::time::sleep_until(deadline) => panic!("overdue task not ended after restart"),
         }
     }
