@@ -1,9 +1,11 @@
 //! Ephemera: a short-lived credential broker for services, CI jobs and agents.
 //!
-//! A caller proves what it is (attestation) on every request; identity mapping turns what was
-//! proven into a SPIFFE ID; the broker clamps the lifetime and mints an X.509-SVID or JWT-SVID;
-//! every decision is audited. Transports live at the edge (`api`, `http`); the core
-//! (`broker`) and its parts (`attest`, `policy`, `ca`) are plain Rust.
+//! Every request: attest (`attest`) → map to a SPIFFE ID and authorize with Cedar (`policy`) →
+//! clamp the lifetime → mint an X.509-SVID or JWT-SVID (`ca`) → record its lease durably
+//! (`store`) → audit. Credentials belong to tasks; when a task ends, its leases stop being
+//! honoured and the revocation is announced (`lease`) to the CRL, watch streams,
+//! introspection and Workload API streams. Transports live at the edge (`api`, `http`); the
+//! core (`broker`) and its parts are plain Rust.
 
 pub mod api;
 pub mod app;
