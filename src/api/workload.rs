@@ -38,6 +38,16 @@ impl WorkloadService {
     pub fn new(broker: Arc<Broker>) -> Self {
         Self { broker }
     }
+
+    /// Admits a call that needs no particular identity but some identity: the security header,
+    /// then attestation and mapping.
+    async fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        check_header(request)?;
+        self.broker
+            .workload_identified(&super::evidence(request))
+            .await
+            .map_err(|e| to_status(&e))
+    }
 }
 
 fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
@@ -222,12 +232,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        check_header(&request)?;
-        let evidence = super::evidence(&request);
-        self.broker
-            .workload_identified(&evidence)
-            .await
-            .map_err(|e| to_status(&e))?;
+        self.admit(&request).await?;
         let (tx, rx) = mpsc::channel(4);
         let broker = self.broker.clone();
         tokio::spawn(async move {
@@ -302,12 +307,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&request)?;
-        let evidence = super::evidence(&request);
-        self.broker
-            .workload_identified(&evidence)
-            .await
-            .map_err(|e| to_status(&e))?;
+        self.admit(&request).await?;
         let (tx, rx) = mpsc::channel(2);
         let broker = self.broker.clone();
         tokio::spawn(async move {
@@ -335,12 +335,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        check_header(&request)?;
-        let evidence = super::evidence(&request);
-        self.broker
-            .workload_identified(&evidence)
-            .await
-            .map_err(|e| to_status(&e))?;
+        self.admit(&request).await?;
         let req = request.into_inner();
         if req.audience.is_empty() || req.svid.is_empty() {
             return Err(Status::invalid_argument("audience and svid are required"));
