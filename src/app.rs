@@ -289,6 +289,8 @@ fn attestors(
 
 /// Starts a broker from `config`; the CA must already exist in the data directory.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
+    // Install the metrics recorder before anything records.
+    let _ = crate::telemetry::handle();
     let grpc_tcp = bind_tcp("grpc", config.grpc.listen).await?;
     let http_tcp = bind_tcp("http", config.http.listen).await?;
     let grpc_addr = grpc_tcp
@@ -431,8 +433,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
                         if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
                             return Ok(());
                         }
+                        let arrived = std::time::Instant::now();
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         while events.try_recv().is_ok() {}
+                        if let Err(e) = broker.rebuild_crl().await {
+                            tracing::warn!(error = %e, "CRL rebuild failed; serving the previous one");
+                        }
+                        ::metrics::histogram!(crate::telemetry::PROPAGATION_SECONDS, "output" => "crl")
+                            .record(arrived.elapsed().as_secs_f64());
+                        continue;
                     }
                 }
                 if let Err(e) = broker.rebuild_crl().await {

@@ -267,6 +267,9 @@ impl Audit {
     }
 
     fn emit<T>(self, result: &Result<T, BrokerError>) {
+        let decision = if result.is_ok() { "allow" } else { "deny" };
+        ::metrics::counter!(crate::telemetry::DECISIONS, "action" => self.action, "decision" => decision)
+            .increment(1);
         let attestor = self.attestor;
         let subject = self.subject.as_deref().unwrap_or("-");
         let source = self.source.map(|s| s.to_string());
@@ -664,6 +667,7 @@ impl Broker {
         evidence: &Evidence,
         req: X509Request,
     ) -> Result<MintedX509, BrokerError> {
+        let started = std::time::Instant::now();
         let mut audit = Audit::new(
             "MintX509Svid",
             evidence,
@@ -672,6 +676,8 @@ impl Broker {
         );
         let result = self.mint_x509_audited(evidence, req, &mut audit).await;
         audit.emit(&result);
+        ::metrics::histogram!(crate::telemetry::MINT_SECONDS, "kind" => "x509")
+            .record(started.elapsed().as_secs_f64());
         result
     }
 
@@ -738,6 +744,7 @@ impl Broker {
         .await?;
         audit.granted_ttl_secs = Some(granted_secs(now, svid.not_after));
         audit.lease_id = Some(lease_id.clone());
+        ::metrics::counter!(crate::telemetry::ISSUED, "kind" => "x509").increment(1);
         Ok(MintedX509 {
             spiffe_id: caller.spiffe_id.clone(),
             svid,
@@ -758,9 +765,12 @@ impl Broker {
             .map(Audience::as_str)
             .collect::<Vec<_>>()
             .join(",");
+        let started = std::time::Instant::now();
         let mut audit = Audit::new("MintJwtSvid", evidence, resource, req.ttl.map(Ttl::as_secs));
         let result = self.mint_jwt_audited(evidence, req, &mut audit).await;
         audit.emit(&result);
+        ::metrics::histogram!(crate::telemetry::MINT_SECONDS, "kind" => "jwt")
+            .record(started.elapsed().as_secs_f64());
         result
     }
 
@@ -834,6 +844,7 @@ impl Broker {
         .await?;
         audit.granted_ttl_secs = Some(u64::try_from(exp - iat).unwrap_or(0));
         audit.lease_id = Some(jti.clone());
+        ::metrics::counter!(crate::telemetry::ISSUED, "kind" => "jwt").increment(1);
         Ok(MintedJwt {
             spiffe_id: caller.spiffe_id.clone(),
             token: Secret::new(token),
@@ -999,6 +1010,7 @@ impl Broker {
         {
             Some(r) => {
                 tracing::info!(task_id, state = state.as_str(), reason, "task ended");
+                crate::telemetry::revoked(reason);
                 self.bus.publish(r);
                 Ok(true)
             }
@@ -1049,6 +1061,7 @@ impl Broker {
             .await?;
         let done = r.is_some();
         if let Some(r) = r {
+            crate::telemetry::revoked(&r.reason);
             self.bus.publish(r);
         }
         self.admin_audit(

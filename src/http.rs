@@ -51,6 +51,7 @@ pub fn router(broker: Arc<Broker>, public_url: &str) -> Router {
             "/introspect",
             axum::routing::post(introspect).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),
         )
+        .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -112,6 +113,22 @@ async fn introspect(
             )
         }
     }
+}
+
+/// Prometheus text exposition; the task and lease gauges are sampled from the store now.
+async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
+    let now = s.broker.clock().unix_now();
+    match s.broker.store().counts(now).await {
+        Ok((tasks, leases)) => {
+            ::metrics::gauge!(crate::telemetry::ACTIVE_TASKS).set(tasks as f64);
+            ::metrics::gauge!(crate::telemetry::ACTIVE_LEASES).set(leases as f64);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot sample task and lease counts"),
+    }
+    let body = crate::telemetry::handle()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 /// Ready when the store answers: a broker that cannot record leases must not get traffic.

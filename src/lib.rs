@@ -23,3 +23,4 @@ pub mod lease;
 pub mod policy;
 pub mod secret;
 pub mod store;
+pub mod telemetry;

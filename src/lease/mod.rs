@@ -115,6 +115,7 @@ pub async fn reap_once(store: &dyn Store, bus: &RevocationBus, clock: &dyn Clock
         {
             Ok(Some(r)) => {
                 tracing::info!(task_id = %task.id, spiffe_id = %task.spiffe_id, reason, "task ended by the broker");
+                crate::telemetry::revoked(reason);
                 bus.publish(r);
                 ended += 1;
             }

@@ -329,6 +329,9 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
 
+    /// How many tasks are active and how many leases are honoured at `now` (for metrics).
+    fn counts(&self, now: i64) -> BoxFuture<'_, Result<(u64, u64), StoreError>>;
+
     /// Whether the store answers (for `/readyz`).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
@@ -579,6 +582,9 @@ pub mod conformance {
             ids(s.active_tasks(Some("t2".into()), 10).await.unwrap()),
             ["t3"]
         );
+
+        // Counts for metrics: t2 and t3 active; x3 the only honoured lease.
+        assert_eq!(s.counts(200).await.unwrap(), (2, 1));
 
         // Restart: live tasks get a fresh grace, capped at their deadline.
         assert_eq!(s.refresh_active_tasks(300).await.unwrap(), 2);

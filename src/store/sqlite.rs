@@ -103,7 +103,11 @@ pub struct SqliteStore {
 async fn lease_writer(pool: SqlitePool, mut rx: tokio::sync::mpsc::Receiver<(Lease, LeaseAck)>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let started = std::time::Instant::now();
         let result = write_leases(&pool, batch.iter().map(|(l, _)| l)).await;
+        ::metrics::histogram!(crate::telemetry::COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        ::metrics::histogram!(crate::telemetry::COMMIT_BATCH).record(batch.len() as f64);
         for (_, ack) in batch.drain(..) {
             let _ = ack.send(match &result {
                 Ok(()) => Ok(()),
@@ -710,6 +714,28 @@ impl Store for SqliteStore {
                 .rows_affected();
             tx.commit().await.map_err(unavailable)?;
             Ok(leases + tasks + events)
+        })
+    }
+
+    fn counts(&self, now: i64) -> BoxFuture<'_, Result<(u64, u64), StoreError>> {
+        Box::pin(async move {
+            let tasks: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE state = 'active'")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(unavailable)?;
+            let leases: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.expires_at > ? AND l.revoked = 0 AND (t.id IS NULL OR t.state = 'active')",
+            )
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok((
+                u64::try_from(tasks).unwrap_or(0),
+                u64::try_from(leases).unwrap_or(0),
+            ))
         })
     }
 
