@@ -142,6 +142,20 @@ async fn write_leases<'a>(
     tx.commit().await.map_err(unavailable)
 }
 
+/// Runs a bound task query and decodes every row.
+async fn fetch_tasks(
+    pool: &SqlitePool,
+    query: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+) -> Result<Vec<Task>, StoreError> {
+    query
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(task_row)
+        .collect()
+}
+
 const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
 
 fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<Task, StoreError> {
@@ -457,15 +471,8 @@ impl Store for SqliteStore {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' AND due_at <= ? ORDER BY due_at LIMIT ?"
             ));
-            sqlx::query(sql)
-                .bind(now)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(task_row)
-                .collect()
+            let query = sqlx::query(sql).bind(now).bind(i64::from(limit));
+            fetch_tasks(&self.pool, query).await
         })
     }
 
@@ -620,18 +627,13 @@ impl Store for SqliteStore {
                    AND (?4 IS NULL OR id = ?4)
                  ORDER BY id LIMIT ?5"
             ));
-            sqlx::query(sql)
+            let query = sqlx::query(sql)
                 .bind(&f.spiffe_id)
                 .bind(f.active)
                 .bind(&f.after)
                 .bind(&f.task_id)
-                .bind(i64::from(f.limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(task_row)
-                .collect()
+                .bind(i64::from(f.limit));
+            fetch_tasks(&self.pool, query).await
         })
     }
 
@@ -676,15 +678,8 @@ impl Store for SqliteStore {
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' AND (?1 IS NULL OR id > ?1)
                  ORDER BY id LIMIT ?2"
             ));
-            sqlx::query(sql)
-                .bind(after)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(task_row)
-                .collect()
+            let query = sqlx::query(sql).bind(after).bind(i64::from(limit));
+            fetch_tasks(&self.pool, query).await
         })
     }
 

@@ -136,19 +136,8 @@ impl TestBroker {
 
 /// A minimal HTTP/1.1 GET, independent of the server's HTTP stack.
 pub async fn http_get(base: &str, path: &str) -> (u16, String) {
-    let host = base.strip_prefix("http://").unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    let (status, body) = http_get_bytes(base, path).await;
+    (status, String::from_utf8(body).unwrap())
 }
 
 /// A minimal HTTP/1.1 form POST.
