@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::attest::jwks::{Alg, JwksSource, check_url};
+use crate::attest::jwks::{Alg, JwksSource};
+use crate::httpc::check_url;
 use crate::id::{TrustDomain, Ttl};
 use crate::policy::mapping::{ClaimPath, MappingRule, MatchValue};
 

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod endpoints;
 pub mod http;
+pub mod httpc;
 pub mod id;
 pub mod lease;
 pub mod policy;

@@ -377,3 +377,73 @@ async fn bad_tokens_get_exact_codes() {
         .unwrap();
     b.running.shutdown().await.unwrap();
 }
+
+/// A stand-in for the GitHub Actions runner's ID token service: checks the request token and
+/// hands out a GitHub-shaped token for the audience asked.
+async fn github_runner(issuer: std::sync::Arc<TestIssuer>, now: i64) -> String {
+    #[derive(serde::Deserialize)]
+    struct Query {
+        audience: String,
+    }
+    let app = axum::Router::new().route(
+        "/token",
+        axum::routing::get(
+            move |headers: axum::http::HeaderMap, q: axum::extract::Query<Query>| {
+                let issuer = issuer.clone();
+                async move {
+                    if headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some("Bearer runner-secret")
+                    {
+                        return Err(axum::http::StatusCode::UNAUTHORIZED);
+                    }
+                    let claims = issuer.github_claims(now, &q.audience, "refs/heads/main", "prod");
+                    Ok(axum::Json(
+                        json!({ "count": 1, "value": issuer.es256(&claims) }),
+                    ))
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/token?api-version=2.0",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_finds_github_actions_evidence_in_the_environment() {
+    let (issuer, b) = setup().await;
+    let url = github_runner(issuer.clone(), b.clock.unix_now()).await;
+    let token = |runner_secret: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+            .args(["token", "--audience", "deploy", "--ttl", "5m", "--addr"])
+            .arg(&b.running.endpoints.grpc_addr)
+            .arg("--ca-file")
+            .arg(&b.running.endpoints.ca_bundle)
+            .env("ACTIONS_ID_TOKEN_REQUEST_URL", &url)
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", runner_secret)
+            .env("EPHEMERA_OIDC_AUDIENCE", AUD)
+            .env_remove("EPHEMERA_ADDR")
+            .output()
+    };
+    let out = token("runner-secret").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let minted = String::from_utf8(out.stdout).unwrap();
+    let (_, jwks) = b.http_get("/keys").await;
+    let (_, claims) = verify_jwt(minted.trim(), &serde_json::from_str(&jwks).unwrap());
+    assert_eq!(claims["sub"], format!("spiffe://{TD}/gh/acme/prod"));
+
+    // The runner refuses (no `id-token: write`): unavailable, and the error says what to check.
+    let out = token("stolen-request-token-7f3a").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("id-token: write"), "{stderr}");
+    assert!(!stderr.contains("stolen-request-token-7f3a"), "{stderr}");
+    b.running.shutdown().await.unwrap();
+}

@@ -6,6 +6,7 @@
 
 mod admin;
 mod policy;
+mod run;
 mod server;
 mod svid;
 mod token;
@@ -14,7 +15,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::client::evidence::{self, Evidence, EvidenceError, EvidenceOptions};
 use crate::client::{ClientError, ConnectOptions};
+use crate::secret::Secret;
 
 /// Bad configuration or input (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -125,6 +128,8 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Mint an X.509-SVID from a locally generated key and write it to a directory.
     Svid(svid::SvidArgs),
+    /// Run a command inside a task with credentials that are revoked when it exits.
+    Run(run::RunArgs),
 }
 
 /// `ephemera ca ...`
@@ -162,42 +167,56 @@ pub struct ConnectArgs {
     pub ca_file: Option<PathBuf>,
 }
 
-/// Evidence a client command presents besides its Unix socket peer credentials.
+/// Evidence a client command presents besides its Unix socket peer credentials; see
+/// [`crate::client::evidence`] for the order in which sources are tried.
 #[derive(Debug, Clone, Args)]
 pub struct EvidenceArgs {
     /// A single-use join token from `ephemera admin join-token create`.
     #[arg(long, env = "EPHEMERA_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
-    /// A file holding an OIDC/JWT token to present as evidence (e.g. a Kubernetes projected
-    /// service-account token).
-    #[arg(long)]
+    /// A file holding an OIDC/JWT token to present as evidence.
+    #[arg(long, env = "EPHEMERA_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The variable holding a GitLab `id_tokens` token (default in GitLab CI: EPHEMERA_ID_TOKEN).
+    #[arg(long, env = "EPHEMERA_GITLAB_ID_TOKEN", value_name = "VAR")]
+    pub gitlab_id_token: Option<String>,
+    /// Audience of the ID token requested from GitHub Actions.
+    #[arg(long, env = "EPHEMERA_OIDC_AUDIENCE", default_value = evidence::DEFAULT_OIDC_AUDIENCE)]
+    pub oidc_audience: String,
+    /// The projected Kubernetes service-account token, used when it exists.
+    #[arg(long, env = "EPHEMERA_K8S_TOKEN_FILE", default_value = evidence::DEFAULT_K8S_TOKEN_FILE)]
+    pub k8s_token_file: PathBuf,
+    /// Do not look for GitHub Actions, GitLab CI or Kubernetes evidence in the environment.
+    #[arg(long)]
+    pub no_ambient: bool,
 }
 
 impl EvidenceArgs {
-    /// Wraps `msg` in a request carrying this evidence.
-    pub fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {
-        let mut req = tonic::Request::new(msg);
-        let invalid =
-            |what: &str| Failure::new(EXIT_USAGE, anyhow::anyhow!("{what} is not valid text"));
-        if let Some(t) = &self.join_token {
-            let v = t.trim().parse().map_err(|_| invalid("--join-token"))?;
-            req.metadata_mut()
-                .insert(crate::attest::join_token::METADATA_KEY, v);
+    /// The evidence options these flags describe.
+    pub fn options(&self) -> EvidenceOptions {
+        EvidenceOptions {
+            join_token: self.join_token.clone().map(Secret::new),
+            token_file: self.token_file.clone(),
+            gitlab_id_token_var: self.gitlab_id_token.clone(),
+            oidc_audience: self.oidc_audience.clone(),
+            k8s_token_file: self.k8s_token_file.clone(),
+            ambient: !self.no_ambient,
         }
-        if let Some(path) = &self.token_file {
-            let token = std::fs::read_to_string(path).map_err(|e| {
-                Failure::new(
-                    EXIT_USAGE,
-                    anyhow::anyhow!("--token-file {}: {e}", path.display()),
-                )
-            })?;
-            let v = format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|_| invalid("--token-file"))?;
-            req.metadata_mut().insert("authorization", v);
-        }
-        Ok(req)
+    }
+
+    /// Gathers the evidence.
+    pub async fn resolve(&self) -> Result<Evidence, Failure> {
+        self.options().resolve().await.map_err(Failure::from)
+    }
+}
+
+impl From<EvidenceError> for Failure {
+    fn from(e: EvidenceError) -> Self {
+        let code = match e {
+            EvidenceError::Invalid(_) => EXIT_USAGE,
+            EvidenceError::Unavailable(_) => EXIT_UNAVAILABLE,
+        };
+        Self::new(code, e)
     }
 }
 
@@ -233,9 +252,13 @@ fn rfc3339(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
-/// Runs one command.
-pub async fn run(cli: Cli) -> Result<(), Failure> {
+/// Runs one command; returns the exit status.
+pub async fn run(cli: Cli) -> Result<u8, Failure> {
+    if let Command::Run(args) = cli.command {
+        return run::run(args).await;
+    }
     match cli.command {
+        Command::Run(_) => Ok(()),
         Command::Serve { config } => server::serve(&config).await,
         Command::Dev(args) => server::dev(args).await,
         Command::Ca {
@@ -249,4 +272,5 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Token(args) => token::run(args).await,
         Command::Svid(args) => svid::run(args).await,
     }
+    .map(|()| 0)
 }

@@ -37,14 +37,14 @@ pub struct SvidArgs {
     pub conn: ConnectArgs,
 }
 
-fn pem_all(tag: &str, ders: &[Vec<u8>]) -> String {
+pub(super) fn pem_all(tag: &str, ders: &[Vec<u8>]) -> String {
     ders.iter()
         .map(|d| pem::encode(&pem::Pem::new(tag, d.clone())))
         .collect()
 }
 
 /// Writes `contents` to `path` with `mode`, replacing it atomically.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+pub(super) fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
@@ -66,14 +66,15 @@ pub async fn run(args: SvidArgs) -> Result<(), Failure> {
     let csr = CertificateParams::default()
         .serialize_request(&key)
         .context("creating CSR")?;
+    let evidence = args.evidence.resolve().await?;
     let mut client = args.conn.options().broker().await?;
     let resp = client
-        .mint_x509_svid(args.evidence.request(MintX509SvidRequest {
+        .mint_x509_svid(evidence.request(MintX509SvidRequest {
             csr: csr.der().to_vec(),
             ttl_seconds: ttl_secs(args.ttl.as_deref())?,
             spiffe_id: args.spiffe_id.unwrap_or_default(),
             task_id: args.task.unwrap_or_default(),
-        })?)
+        }))
         .await?
         .into_inner();
 

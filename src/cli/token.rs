@@ -43,14 +43,15 @@ fn decode_part(token: &str, index: usize) -> Option<serde_json::Value> {
 
 /// Runs `ephemera token`.
 pub async fn run(args: TokenArgs) -> Result<(), Failure> {
+    let evidence = args.evidence.resolve().await?;
     let mut client = args.conn.options().broker().await?;
     let resp = client
-        .mint_jwt_svid(args.evidence.request(MintJwtSvidRequest {
+        .mint_jwt_svid(evidence.request(MintJwtSvidRequest {
             audience: args.audience,
             ttl_seconds: ttl_secs(args.ttl.as_deref())?,
             spiffe_id: args.spiffe_id.unwrap_or_default(),
             task_id: args.task.unwrap_or_default(),
-        })?)
+        }))
         .await?
         .into_inner();
     let mut out = std::io::stdout().lock();

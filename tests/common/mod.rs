@@ -286,6 +286,42 @@ pub fn verify_jwt(token: &str, jwks: &serde_json::Value) -> (serde_json::Value, 
     (header, claims)
 }
 
+/// RFC 7662 introspection over HTTP.
+pub async fn introspect_http(b: &TestBroker, token: &str) -> serde_json::Value {
+    let (status, body) = http_post_form(
+        &b.running.endpoints.http_addr,
+        "/introspect",
+        &format!("token={token}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits (bounded) until the served CRL lists `serial`.
+pub async fn crl_listing(b: &TestBroker, serial: &str) -> Vec<u8> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, der) = http_get_bytes(&b.running.endpoints.http_addr, "/crl").await;
+        assert_eq!(status, 200);
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        if crl.iter_revoked_certificates().any(|r| {
+            r.raw_serial()
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
+                == serial
+        }) {
+            return der;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serial {serial} not in /crl within 5s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -6,6 +6,8 @@
 //! Unix socket. Addresses are `unix:///path`, `unix:path`, `https://host:port`,
 //! `http://host:port` (plaintext brokers only) or `host:port` (TLS).
 
+pub mod evidence;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
