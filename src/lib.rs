@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod dev;
 pub mod endpoints;
 pub mod http;
 pub mod httpc;

@@ -1,7 +1,6 @@
 //! Server-side commands: `serve`, `dev`, `ca init`, `config check`.
 
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -13,7 +12,8 @@ use super::{EXIT_USAGE, Failure};
 use crate::app::{self, StartError};
 use crate::ca::keys::{self, InitOptions};
 use crate::clock::SystemClock;
-use crate::config::{Config, LogFormat, RawConfig, RawGrpc, RawHttp, RawLog, RawMapping};
+use crate::config::{Config, LogFormat};
+use crate::dev::DevOptions;
 use crate::id::TrustDomain;
 
 /// `ephemera dev` arguments.
@@ -180,74 +180,27 @@ pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The uid this process runs as (the owner of `/proc/self`).
-fn current_uid() -> anyhow::Result<u32> {
-    Ok(std::fs::metadata("/proc/self")
-        .context("reading /proc/self")?
-        .uid())
-}
-
-/// The configuration `ephemera dev` runs with.
-pub fn dev_config(args: &DevArgs, uid: u32) -> RawConfig {
-    let mut matches = std::collections::BTreeMap::new();
-    matches.insert("uid".to_owned(), toml::Value::String(uid.to_string()));
-    RawConfig {
-        trust_domain: Some(args.trust_domain.clone()),
-        data_dir: Some(args.data_dir.clone()),
-        grpc: RawGrpc {
-            listen: Some(args.grpc_addr.clone()),
-            ..RawGrpc::default()
-        },
-        http: RawHttp {
-            listen: Some(args.http_addr.clone()),
-            public_url: None,
-        },
-        log: RawLog {
-            level: Some("info".into()),
-            format: None,
-        },
-        mapping: vec![RawMapping {
-            attestor: "unix".into(),
-            spiffe_id: "spiffe://{trust_domain}/uid/{claims.uid}".into(),
-            matches,
-        }],
-        ..RawConfig::default()
-    }
-}
-
-/// The policy `ephemera dev` starts with: identity mapping already limits it to the current
-/// user, so every action is permitted. Edit it to try policies; it is reloaded on save.
-const DEV_POLICY: &str = r#"// Ephemera dev policy: reloaded whenever this file changes.
-// Schema: `ephemera policy schema`. Deny by default: remove this and nothing is permitted.
-@id("dev-allow-all")
-permit (principal, action, resource);
-"#;
-
 /// `ephemera dev`.
 pub async fn dev(args: DevArgs) -> Result<(), Failure> {
-    let uid = current_uid()?;
+    let uid = crate::dev::current_uid()?;
     let cwd = std::env::current_dir().context("reading the current directory")?;
-    let config =
-        Config::from_raw(dev_config(&args, uid), &cwd).map_err(|e| Failure::new(EXIT_USAGE, e))?;
-    init_logging(&config.log.level, config.log.format);
-    if !keys::exists(&config.data_dir) {
-        keys::init(
-            &config.data_dir,
-            &config.trust_domain,
-            InitOptions::default(),
-            SystemTime::now(),
-        )
-        .map_err(|e| Failure::new(1, e))?;
-        tracing::info!(data_dir = %config.data_dir.display(), "created dev CA");
-    }
-    crate::api::admin::create_token_file(&config.admin_token_file)
-        .map_err(|e| Failure::new(1, e))?;
-    if !config.policy_dir.exists() {
-        std::fs::create_dir_all(&config.policy_dir)
-            .with_context(|| format!("creating {}", config.policy_dir.display()))?;
-        std::fs::write(config.policy_dir.join("dev.cedar"), DEV_POLICY)
-            .context("writing the dev policy")?;
-    }
+    init_logging("info", LogFormat::Text);
+    let opts = DevOptions {
+        data_dir: args.data_dir,
+        trust_domain: args.trust_domain,
+        grpc_addr: args.grpc_addr,
+        http_addr: args.http_addr,
+        log_level: "info".into(),
+        ..DevOptions::embedded("")
+    };
+    let config = opts.prepare(&cwd).map_err(|e| {
+        let code = if e.is::<crate::config::ConfigError>() {
+            EXIT_USAGE
+        } else {
+            1
+        };
+        Failure::new(code, e)
+    })?;
     let data_dir = config.data_dir.clone();
     let td = config.trust_domain.clone();
     let running = app::start(config, Arc::new(SystemClock))
