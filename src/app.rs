@@ -31,13 +31,14 @@ use crate::attest::x509pop::{ClientCas, X509PopAttestor};
 use crate::broker::{Broker, BrokerParts, Limits};
 use crate::ca::{Ca, CaError, keys};
 use crate::clock::Clock;
-use crate::config::{Config, ServerName};
+use crate::config::{Config, ServerName, StoreConfig};
 use crate::endpoints::Endpoints;
 use crate::id::SpiffeId;
 use crate::lease::RevocationBus;
 use crate::policy::cedar::PolicyProblem;
 use crate::policy::{Mapper, PolicyEngine};
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 
 /// Largest HTTP/2 header list accepted: above the 16 KiB token limit, so an oversized token
@@ -331,10 +332,22 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             problems,
         }
     })?);
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&config.database).await.map_err(|e| {
-            StartError::Setup(format!("opening {}: {e}", config.database.display()))
-        })?);
+    let (store, postgres): (Arc<dyn Store>, Option<PostgresStore>) = match &config.store {
+        StoreConfig::Sqlite { path } => (
+            Arc::new(
+                SqliteStore::open(path)
+                    .await
+                    .map_err(|e| StartError::Setup(format!("opening {}: {e}", path.display())))?,
+            ),
+            None,
+        ),
+        StoreConfig::Postgres(pg) => {
+            let s = PostgresStore::open(pg)
+                .await
+                .map_err(|e| StartError::Setup(format!("opening the PostgreSQL store: {e}")))?;
+            (Arc::new(s.clone()), Some(s))
+        }
+    };
     let admin_auth = Arc::new(AdminAuth::load(
         &config.admin_token_file,
         config.admin_spiffe_ids.clone(),
@@ -399,6 +412,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
 
     let mut tasks = Vec::new();
     let broker_store = store;
+
+    // Several brokers on one database: revocations committed by any of them reach this bus.
+    if let Some(pg) = postgres {
+        let (bus, rx) = (broker.bus().clone(), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            crate::store::postgres::revocation_feed(pg, bus, rx).await;
+            Ok(())
+        }));
+    }
 
     tasks.push(tokio::spawn({
         let (store, bus, clock, rx) = (

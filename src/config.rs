@@ -16,6 +16,7 @@ use crate::attest::jwks::{Alg, JwksSource};
 use crate::httpc::check_url;
 use crate::id::{TrustDomain, Ttl};
 use crate::policy::mapping::{ClaimPath, MappingRule, MatchValue};
+use crate::secret::Secret;
 
 /// Default gRPC TCP listen address.
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8443";
@@ -54,8 +55,62 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     /// The SPIFFE Workload API.
     pub workload_api: RawWorkloadApi,
+    /// Where durable state lives.
+    pub store: RawStore,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
+}
+
+/// `[store]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawStore {
+    /// `postgres://...` (several brokers on one database); absent: SQLite in the data directory.
+    pub url: Option<String>,
+    /// A file holding the URL (e.g. a mounted secret, since the URL may carry a password).
+    pub url_file: Option<PathBuf>,
+    /// Most connections per broker.
+    pub max_connections: Option<u32>,
+    /// Connections kept open when idle.
+    pub min_connections: Option<u32>,
+    /// How long a request waits for a free connection before failing with `Unavailable`.
+    pub acquire_timeout: Option<String>,
+}
+
+/// Where durable state lives.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// SQLite, one file (one broker).
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// PostgreSQL (one or more brokers).
+    Postgres(PostgresConfig),
+}
+
+/// PostgreSQL connection settings.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The URL; may carry a password, so it is never logged.
+    pub url: Secret<String>,
+    /// Most connections per broker.
+    pub max_connections: u32,
+    /// Connections kept open when idle.
+    pub min_connections: u32,
+    /// How long a request waits for a connection.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new(String::new()),
+            max_connections: 16,
+            min_connections: 1,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `[tasks]` as written.
@@ -284,8 +339,8 @@ pub struct Config {
     pub admin_token_file: PathBuf,
     /// Admin SPIFFE IDs, accepted over mTLS with an X.509-SVID of this broker's CA.
     pub admin_spiffe_ids: Vec<String>,
-    /// The SQLite database file.
-    pub database: PathBuf,
+    /// Where durable state lives.
+    pub store: StoreConfig,
     /// The SPIFFE Workload API socket; `None` when disabled.
     pub workload_socket: Option<PathBuf>,
     /// Identity-mapping rules, tried in order.
@@ -607,6 +662,7 @@ impl Config {
         };
 
         let tasks = task_settings(&mut p, &raw.tasks);
+        let postgres = store_settings(&mut p, &raw.store, base);
         let mut admin_spiffe_ids = Vec::new();
         for (i, id) in raw.admin.spiffe_ids.iter().enumerate() {
             let key = format!("admin.spiffe_ids[{i}]");
@@ -696,7 +752,12 @@ impl Config {
                     .token_file
                     .map(|f| base.join(f))
                     .unwrap_or_else(|| data_dir.join(crate::api::admin::TOKEN_FILE));
-                let database = data_dir.join(crate::store::sqlite::FILE);
+                let store = match postgres {
+                    Some(pg) => StoreConfig::Postgres(pg),
+                    None => StoreConfig::Sqlite {
+                        path: data_dir.join(crate::store::sqlite::FILE),
+                    },
+                };
                 let workload_socket = raw.workload_api.enabled.unwrap_or(true).then(|| {
                     raw.workload_api
                         .socket
@@ -731,7 +792,7 @@ impl Config {
                         .collect(),
                     admin_token_file,
                     admin_spiffe_ids,
-                    database,
+                    store,
                     workload_socket,
                     mappings,
                     source: None,
@@ -875,6 +936,78 @@ fn task_settings(p: &mut Problems, raw: &RawTasks) -> TaskSettings {
         );
     }
     s
+}
+
+/// `[store]`: `None` means SQLite.
+fn store_settings(p: &mut Problems, raw: &RawStore, base: &Path) -> Option<PostgresConfig> {
+    let url = match (&raw.url, &raw.url_file) {
+        (Some(_), Some(_)) => {
+            p.push(
+                "store.url_file",
+                "give store.url or store.url_file, not both",
+            );
+            return None;
+        }
+        (Some(u), None) => u.trim().to_owned(),
+        (None, Some(f)) => match std::fs::read_to_string(base.join(f)) {
+            Ok(u) => u.trim().to_owned(),
+            Err(e) => {
+                p.push("store.url_file", format!("{}: {e}", base.join(f).display()));
+                return None;
+            }
+        },
+        (None, None) => {
+            if raw.max_connections.is_some()
+                || raw.min_connections.is_some()
+                || raw.acquire_timeout.is_some()
+            {
+                p.push("store", "pool settings need store.url (PostgreSQL)");
+            }
+            return None;
+        }
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        // Never echo the URL: it may carry a password.
+        p.push(
+            "store.url",
+            "must be a postgres:// URL (leave it out for SQLite in the data directory)",
+        );
+        return None;
+    }
+    if let Err(e) = crate::store::postgres::connect_options(&url) {
+        p.push("store.url", e);
+        return None;
+    }
+    let d = PostgresConfig::default();
+    let max_connections = raw.max_connections.unwrap_or(d.max_connections);
+    if !(1..=1000).contains(&max_connections) {
+        p.push("store.max_connections", "must be between 1 and 1000");
+    }
+    let min_connections = raw.min_connections.unwrap_or(d.min_connections);
+    if min_connections > max_connections {
+        p.push(
+            "store.min_connections",
+            "is more than store.max_connections",
+        );
+    }
+    let acquire_timeout = match raw.acquire_timeout.as_deref().map(parse_duration) {
+        None => d.acquire_timeout,
+        Some(Ok(t)) if t >= Duration::from_secs(1) && t <= Duration::from_secs(60) => t,
+        Some(Ok(_)) => {
+            p.push("store.acquire_timeout", "must be between 1s and 60s");
+            d.acquire_timeout
+        }
+        Some(Err(e)) => {
+            p.push("store.acquire_timeout", e);
+            d.acquire_timeout
+        }
+    };
+    Some(PostgresConfig {
+        url: Secret::new(url),
+        max_connections,
+        min_connections,
+        acquire_timeout,
+    })
 }
 
 fn ttl_limits(

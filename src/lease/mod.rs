@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use crate::clock::Clock;
-use crate::store::{Revocation, Store, TaskState};
+use crate::store::{Revocation, Store};
 
 /// How many revocation events a slow listener may fall behind before it is cut off.
 pub const BUS_CAPACITY: usize = 4096;
@@ -20,10 +20,40 @@ pub const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// Most tasks ended per reaper pass.
 pub const REAP_BATCH: u32 = 1000;
 
+/// How many recently published event numbers the bus remembers to drop repeats.
+const RECENT: usize = 8192;
+
 /// In-process fan-out of committed revocations to watchers, the CRL and streams.
+///
+/// Events come from this process (published right after its own commits) and, with a shared
+/// database, from the store's feed of every replica's commits; an event this process already
+/// published is not published again.
 #[derive(Clone)]
 pub struct RevocationBus {
     tx: broadcast::Sender<Revocation>,
+    recent: Arc<std::sync::Mutex<Recent>>,
+}
+
+#[derive(Default)]
+struct Recent {
+    seen: std::collections::HashSet<i64>,
+    order: std::collections::VecDeque<i64>,
+}
+
+impl Recent {
+    /// Remembers `seq`; `false` if it was already known.
+    fn insert(&mut self, seq: i64) -> bool {
+        if !self.seen.insert(seq) {
+            return false;
+        }
+        self.order.push_back(seq);
+        if self.order.len() > RECENT
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        true
+    }
 }
 
 impl Default for RevocationBus {
@@ -37,26 +67,32 @@ impl RevocationBus {
     pub fn new() -> Self {
         Self {
             tx: broadcast::channel(BUS_CAPACITY).0,
+            recent: Arc::default(),
         }
     }
 
-    /// Publishes a revocation that is already committed to the store.
+    /// Publishes a revocation this process has committed to the store.
     pub fn publish(&self, r: Revocation) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.insert(r.seq);
+        }
         let _ = self.tx.send(r);
+    }
+
+    /// Publishes a revocation read from the shared store, unless this process published it.
+    pub fn publish_from_store(&self, r: Revocation) {
+        let fresh = self
+            .recent
+            .lock()
+            .map_or(true, |mut recent| recent.insert(r.seq));
+        if fresh {
+            let _ = self.tx.send(r);
+        }
     }
 
     /// Subscribes to revocations published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Revocation> {
         self.tx.subscribe()
-    }
-}
-
-/// Why the reaper ended a task.
-fn reap_reason(deadline: i64, now: i64) -> &'static str {
-    if deadline <= now {
-        "deadline passed"
-    } else {
-        "keep-alive lost"
     }
 }
 
@@ -99,29 +135,18 @@ pub async fn reaper(
 /// One reaper pass: ends every due task (deadline passed, keep-alive lost). Returns how many.
 pub async fn reap_once(store: &dyn Store, bus: &RevocationBus, clock: &dyn Clock) -> usize {
     let now = clock.unix_now();
-    let due = match store.due_tasks(now, REAP_BATCH).await {
-        Ok(d) => d,
+    let ended = match store.end_due_tasks(now, REAP_BATCH).await {
+        Ok(e) => e,
         Err(e) => {
-            tracing::warn!(error = %e, "reaper cannot read due tasks");
+            tracing::warn!(error = %e, "reaper cannot end due tasks");
             return 0;
         }
     };
-    let mut ended = 0;
-    for task in due {
-        let reason = reap_reason(task.deadline, now);
-        match store
-            .end_task(&task.id, TaskState::Expired, reason, now)
-            .await
-        {
-            Ok(Some(r)) => {
-                tracing::info!(task_id = %task.id, spiffe_id = %task.spiffe_id, reason, "task ended by the broker");
-                crate::telemetry::revoked(reason);
-                bus.publish(r);
-                ended += 1;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(task_id = %task.id, error = %e, "reaper cannot end task"),
-        }
+    let n = ended.len();
+    for (task, event) in ended {
+        tracing::info!(task_id = %task.id, spiffe_id = %task.spiffe_id, reason = %event.reason, "task ended by the broker");
+        crate::telemetry::revoked(&event.reason);
+        bus.publish(event);
     }
-    ended
+    n
 }

@@ -1,9 +1,11 @@
 //! Durable state behind one narrow trait: exactly the queries the broker needs.
 //!
-//! Backends: SQLite (embedded default). Every backend passes the same conformance suite
+//! Backends: SQLite (embedded default) and PostgreSQL (several brokers on one database). Every
+//! backend passes the same conformance suite
 //! (`store::conformance`). Secrets are never stored in clear: join tokens are kept as SHA-256
 //! hashes.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -236,6 +238,15 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
+/// Why the reaper ends a task at `now`.
+pub fn reap_reason(deadline: i64, now: i64) -> &'static str {
+    if deadline <= now {
+        "deadline passed"
+    } else {
+        "keep-alive lost"
+    }
+}
+
 /// The broker's durable state.
 pub trait Store: Send + Sync {
     /// Records a new task.
@@ -259,6 +270,28 @@ pub trait Store: Send + Sync {
 
     /// Active tasks whose `due_at` is at or before `now` (at most `limit`).
     fn due_tasks(&self, now: i64, limit: u32) -> BoxFuture<'_, Result<Vec<Task>, StoreError>>;
+
+    /// Ends every due task (deadline passed, keep-alive lost), at most `limit`, each exactly once
+    /// even when several brokers reap at the same time. Returns the tasks ended and their events.
+    fn end_due_tasks(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<(Task, Revocation)>, StoreError>> {
+        Box::pin(async move {
+            let mut ended = Vec::new();
+            for task in self.due_tasks(now, limit).await? {
+                let reason = reap_reason(task.deadline, now);
+                if let Some(event) = self
+                    .end_task(&task.id, TaskState::Expired, reason, now)
+                    .await?
+                {
+                    ended.push((task, event));
+                }
+            }
+            Ok(ended)
+        })
+    }
 
     /// After a restart: gives every active task one fresh grace period to reconnect.
     fn refresh_active_tasks(&self, now: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
@@ -354,7 +387,8 @@ pub mod conformance {
         }
     }
 
-    fn task(id: &str, spiffe_id: &str, deadline: i64, due_at: i64) -> Task {
+    /// A task row for tests.
+    pub fn task(id: &str, spiffe_id: &str, deadline: i64, due_at: i64) -> Task {
         Task {
             id: id.into(),
             spiffe_id: spiffe_id.into(),

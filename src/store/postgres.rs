@@ -1,0 +1,1095 @@
+//! PostgreSQL store, for several brokers sharing one database.
+//!
+//! - Versioned migrations, applied at start under an advisory lock so replicas starting together
+//!   migrate once.
+//! - Revocation events get their `seq` under a transaction-scoped advisory lock, so `seq` order is
+//!   commit order and a watcher resuming from a cursor never skips an event committed late.
+//!   Each event is announced with `NOTIFY ephemera_revocations` in the same transaction;
+//!   [`revocation_feed`] turns those into bus events on every replica.
+//! - The reaper claims due tasks with `FOR UPDATE SKIP LOCKED`: replicas reaping at once take
+//!   disjoint tasks, and each task is ended (and announced) exactly once.
+//! - Leases are group-committed: one `INSERT ... SELECT FROM UNNEST(...)` per batch.
+//! - Every database error becomes [`StoreError::Unavailable`]; the pool replaces broken
+//!   connections, so service resumes by itself when the database returns.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+
+use super::{
+    BoxFuture, JoinToken, Lease, LeaseKind, LeaseStatus, ListFilter, NewJoinToken, Revocation,
+    RevokedSerial, Store, StoreError, Task, TaskState, TokenHash,
+};
+use crate::config::PostgresConfig;
+use crate::lease::RevocationBus;
+
+/// The channel revocation events are announced on.
+pub const CHANNEL: &str = "ephemera_revocations";
+/// Advisory lock key serializing revocation events (commit order = `seq` order).
+const REVOCATION_LOCK: i64 = 0x6570_6865_6d72_0001;
+/// Advisory lock key serializing migrations across replicas.
+const MIGRATION_LOCK: i64 = 0x6570_6865_6d72_0002;
+/// Most leases committed in one transaction.
+const BATCH: usize = 512;
+/// How often the revocation feed polls when no notification arrives (a safety net).
+const FEED_POLL: Duration = Duration::from_secs(2);
+
+/// Migrations, applied in order; a migration never changes once released.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE join_tokens (
+            hash BYTEA PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            claims TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            used_at BIGINT
+        );",
+    ),
+    (
+        2,
+        "CREATE TABLE tasks (
+            id TEXT PRIMARY KEY,
+            spiffe_id TEXT NOT NULL,
+            attestor TEXT NOT NULL,
+            claims TEXT NOT NULL,
+            labels TEXT NOT NULL,
+            source_ip TEXT,
+            evidence_age_secs BIGINT NOT NULL DEFAULT 0,
+            created_at BIGINT NOT NULL,
+            deadline BIGINT NOT NULL,
+            heartbeat_secs BIGINT NOT NULL,
+            grace_secs BIGINT NOT NULL,
+            due_at BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            ended_at BIGINT,
+            reason TEXT
+        );
+        CREATE INDEX tasks_due ON tasks (due_at) WHERE state = 'active';
+        CREATE INDEX tasks_spiffe_id ON tasks (spiffe_id, state);
+        CREATE TABLE leases (
+            id TEXT PRIMARY KEY,
+            task_id TEXT REFERENCES tasks (id),
+            kind TEXT NOT NULL,
+            serial TEXT UNIQUE,
+            spiffe_id TEXT NOT NULL,
+            audience TEXT NOT NULL,
+            issued_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            revoked BOOLEAN NOT NULL DEFAULT FALSE,
+            revoked_at BIGINT,
+            reason TEXT
+        );
+        CREATE INDEX leases_task ON leases (task_id);
+        CREATE INDEX leases_expires ON leases (expires_at);
+        CREATE INDEX leases_spiffe_id ON leases (spiffe_id);
+        CREATE TABLE revocations (
+            seq BIGSERIAL PRIMARY KEY,
+            at BIGINT NOT NULL,
+            task_id TEXT,
+            lease_id TEXT,
+            reason TEXT NOT NULL
+        );
+        CREATE INDEX revocations_at ON revocations (at);",
+    ),
+];
+
+type LeaseAck = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    leases: tokio::sync::mpsc::Sender<(Lease, LeaseAck)>,
+}
+
+/// Parses a `postgres://` URL (`sslmode`, `sslrootcert`, `application_name` and the other libpq
+/// parameters sqlx knows are honoured).
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, String> {
+    PgConnectOptions::from_str(url)
+        .map(|o| o.application_name("ephemera"))
+        .map_err(|_| "is not a valid postgres:// URL".to_owned())
+}
+
+impl PostgresStore {
+    /// Connects, applies migrations and starts the lease writer.
+    pub async fn open(config: &PostgresConfig) -> Result<Self, StoreError> {
+        let options = connect_options(config.url.expose()).map_err(StoreError::Unavailable)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .min_connections(config.min_connections)
+            .acquire_timeout(config.acquire_timeout)
+            // A connection the server dropped is found here, not by a request.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4 * BATCH);
+        tokio::spawn(lease_writer(pool.clone(), rx));
+        let store = Self { pool, leases: tx };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The connection pool (for the revocation feed and tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let result = async {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+            let current: i64 =
+                sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+                let mut tx = sqlx::Connection::begin(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                sqlx::query("INSERT INTO schema_migrations (version) VALUES ($1)")
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                tx.commit().await.map_err(unavailable)?;
+                tracing::info!(version, "applied postgres migration");
+            }
+            Ok(())
+        }
+        .await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await;
+        result
+    }
+}
+
+/// Group commit, as in the SQLite store: every queued lease goes into one statement.
+async fn lease_writer(pool: PgPool, mut rx: tokio::sync::mpsc::Receiver<(Lease, LeaseAck)>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let started = std::time::Instant::now();
+        let result = write_leases(&pool, batch.iter().map(|(l, _)| l)).await;
+        ::metrics::histogram!(crate::telemetry::COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        ::metrics::histogram!(crate::telemetry::COMMIT_BATCH).record(batch.len() as f64);
+        for (_, ack) in batch.drain(..) {
+            let _ = ack.send(match &result {
+                Ok(()) => Ok(()),
+                Err(StoreError::Conflict) => Err(StoreError::Conflict),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            });
+        }
+    }
+}
+
+async fn write_leases<'a>(
+    pool: &PgPool,
+    leases: impl Iterator<Item = &'a Lease>,
+) -> Result<(), StoreError> {
+    let leases: Vec<&Lease> = leases.collect();
+    let text = |f: &dyn Fn(&Lease) -> String| leases.iter().map(|l| f(l)).collect::<Vec<_>>();
+    let opt =
+        |f: &dyn Fn(&Lease) -> Option<String>| leases.iter().map(|l| f(l)).collect::<Vec<_>>();
+    let int = |f: &dyn Fn(&Lease) -> i64| leases.iter().map(|l| f(l)).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::bigint[], $8::bigint[])",
+    )
+    .bind(text(&|l| l.id.clone()))
+    .bind(opt(&|l| l.task_id.clone()))
+    .bind(text(&|l| l.kind.as_str().to_owned()))
+    .bind(opt(&|l| l.serial.clone()))
+    .bind(text(&|l| l.spiffe_id.clone()))
+    .bind(text(&|l| {
+        serde_json::Value::from(l.audience.clone()).to_string()
+    }))
+    .bind(int(&|l| l.issued_at))
+    .bind(int(&|l| l.expires_at))
+    .execute(pool)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
+
+fn task_row(row: &PgRow) -> Result<Task, StoreError> {
+    let labels: String = row.try_get("labels").map_err(unavailable)?;
+    let claims: String = row.try_get("claims").map_err(unavailable)?;
+    let state: String = row.try_get("state").map_err(unavailable)?;
+    Ok(Task {
+        id: row.try_get("id").map_err(unavailable)?,
+        spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
+        attestor: row.try_get("attestor").map_err(unavailable)?,
+        claims: serde_json::from_str(&claims).map_err(corrupt)?,
+        source_ip: row.try_get("source_ip").map_err(unavailable)?,
+        evidence_age_secs: row.try_get("evidence_age_secs").map_err(unavailable)?,
+        labels: serde_json::from_str(&labels).map_err(corrupt)?,
+        created_at: row.try_get("created_at").map_err(unavailable)?,
+        deadline: row.try_get("deadline").map_err(unavailable)?,
+        heartbeat_secs: row.try_get("heartbeat_secs").map_err(unavailable)?,
+        grace_secs: row.try_get("grace_secs").map_err(unavailable)?,
+        due_at: row.try_get("due_at").map_err(unavailable)?,
+        state: TaskState::parse(&state).ok_or_else(|| corrupt(format!("task state {state}")))?,
+        ended_at: row.try_get("ended_at").map_err(unavailable)?,
+        reason: row.try_get("reason").map_err(unavailable)?,
+    })
+}
+
+const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
+
+fn lease_row(row: &PgRow) -> Result<LeaseStatus, StoreError> {
+    let kind: String = row.try_get("kind").map_err(unavailable)?;
+    let audience: String = row.try_get("audience").map_err(unavailable)?;
+    let task_state: Option<String> = row.try_get("task_state").map_err(unavailable)?;
+    Ok(LeaseStatus {
+        lease: Lease {
+            id: row.try_get("id").map_err(unavailable)?,
+            task_id: row.try_get("task_id").map_err(unavailable)?,
+            kind: match kind.as_str() {
+                "x509" => LeaseKind::X509,
+                "jwt" => LeaseKind::Jwt,
+                other => return Err(corrupt(format!("lease kind {other}"))),
+            },
+            serial: row.try_get("serial").map_err(unavailable)?,
+            spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
+            audience: serde_json::from_str(&audience).map_err(corrupt)?,
+            issued_at: row.try_get("issued_at").map_err(unavailable)?,
+            expires_at: row.try_get("expires_at").map_err(unavailable)?,
+            revoked: row.try_get("revoked").map_err(unavailable)?,
+            revoked_at: row.try_get("revoked_at").map_err(unavailable)?,
+            reason: row.try_get("reason").map_err(unavailable)?,
+        },
+        task_state: task_state.as_deref().and_then(TaskState::parse),
+    })
+}
+
+fn revocation_row(row: &PgRow) -> Result<Revocation, StoreError> {
+    Ok(Revocation {
+        seq: row.try_get("seq").map_err(unavailable)?,
+        at: row.try_get("at").map_err(unavailable)?,
+        task_id: row.try_get("task_id").map_err(unavailable)?,
+        lease_id: row.try_get("lease_id").map_err(unavailable)?,
+        reason: row.try_get("reason").map_err(unavailable)?,
+    })
+}
+
+/// Appends a revocation event inside the transaction that made the revocation, in commit order,
+/// and announces it to every replica when the transaction commits.
+async fn record_revocation(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    task_id: Option<&str>,
+    lease_id: Option<&str>,
+    reason: &str,
+    now: i64,
+) -> Result<Revocation, StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(REVOCATION_LOCK)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    let row = sqlx::query(
+        "INSERT INTO revocations (at, task_id, lease_id, reason) VALUES ($1, $2, $3, $4)
+         RETURNING seq, at, task_id, lease_id, reason",
+    )
+    .bind(now)
+    .bind(task_id)
+    .bind(lease_id)
+    .bind(reason)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let event = revocation_row(&row)?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(event.seq.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    Ok(event)
+}
+
+/// Ends the task `id` if active, recording and announcing the event; inside `tx`.
+async fn end_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: &str,
+    state: TaskState,
+    reason: &str,
+    now: i64,
+) -> Result<Option<Revocation>, StoreError> {
+    let r = sqlx::query(
+        "UPDATE tasks SET state = $1, ended_at = $2, reason = $3 WHERE id = $4 AND state = 'active'",
+    )
+    .bind(state.as_str())
+    .bind(now)
+    .bind(reason)
+    .bind(id)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    if r.rows_affected() == 0 {
+        return Ok(None);
+    }
+    record_revocation(tx, Some(id), None, reason, now)
+        .await
+        .map(Some)
+}
+
+impl Store for PostgresStore {
+    fn create_join_token(&self, t: NewJoinToken) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let claims = serde_json::Value::Object(t.claims).to_string();
+            sqlx::query(
+                "INSERT INTO join_tokens (hash, id, name, claims, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&t.hash[..])
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(claims)
+            .bind(t.created_at)
+            .bind(t.expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn join_token(&self, hash: TokenHash) -> BoxFuture<'_, Result<Option<JoinToken>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT id, name, claims, created_at, expires_at, used_at
+                 FROM join_tokens WHERE hash = $1",
+            )
+            .bind(&hash[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let claims: String = row.try_get("claims").map_err(unavailable)?;
+            let claims = match serde_json::from_str(&claims) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => return Err(corrupt("join token claims")),
+            };
+            Ok(Some(JoinToken {
+                id: row.try_get("id").map_err(unavailable)?,
+                name: row.try_get("name").map_err(unavailable)?,
+                claims,
+                created_at: row.try_get("created_at").map_err(unavailable)?,
+                expires_at: row.try_get("expires_at").map_err(unavailable)?,
+                used_at: row.try_get("used_at").map_err(unavailable)?,
+            }))
+        })
+    }
+
+    fn consume_join_token(
+        &self,
+        hash: TokenHash,
+        now: i64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "UPDATE join_tokens SET used_at = $1
+                 WHERE hash = $2 AND used_at IS NULL AND expires_at > $1",
+            )
+            .bind(now)
+            .bind(&hash[..])
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn insert_task(&self, t: Task) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let labels = serde_json::to_string(&t.labels).map_err(corrupt)?;
+            let claims = serde_json::Value::Object(t.claims.clone()).to_string();
+            sqlx::query(
+                "INSERT INTO tasks (id, spiffe_id, attestor, claims, labels, source_ip,
+                    evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            )
+            .bind(&t.id)
+            .bind(&t.spiffe_id)
+            .bind(&t.attestor)
+            .bind(claims)
+            .bind(labels)
+            .bind(&t.source_ip)
+            .bind(t.evidence_age_secs)
+            .bind(t.created_at)
+            .bind(t.deadline)
+            .bind(t.heartbeat_secs)
+            .bind(t.grace_secs)
+            .bind(t.due_at)
+            .bind(t.state.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn task(&self, id: &str) -> BoxFuture<'_, Result<Option<Task>, StoreError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let sql =
+                sqlx::AssertSqlSafe(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"));
+            sqlx::query(sql)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .as_ref()
+                .map(task_row)
+                .transpose()
+        })
+    }
+
+    fn keep_alive(&self, id: &str, due_at: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let r = sqlx::query(
+                "UPDATE tasks SET due_at = LEAST(deadline, $1) WHERE id = $2 AND state = 'active'",
+            )
+            .bind(due_at)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(r.rows_affected() == 1)
+        })
+    }
+
+    fn end_task(
+        &self,
+        id: &str,
+        state: TaskState,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revocation>, StoreError>> {
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let event = end_in(&mut tx, &id, state, &reason, now).await?;
+            if event.is_some() {
+                tx.commit().await.map_err(unavailable)?;
+            }
+            Ok(event)
+        })
+    }
+
+    fn due_tasks(&self, now: i64, limit: u32) -> BoxFuture<'_, Result<Vec<Task>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' AND due_at <= $1
+                 ORDER BY due_at LIMIT $2"
+            ));
+            sqlx::query(sql)
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(task_row)
+                .collect()
+        })
+    }
+
+    fn end_due_tasks(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<(Task, Revocation)>, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            // Another replica reaping now holds its claimed rows: skip them, take the rest.
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' AND due_at <= $1
+                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+            ));
+            let due: Vec<Task> = sqlx::query(sql)
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(task_row)
+                .collect::<Result<_, _>>()?;
+            let mut ended = Vec::with_capacity(due.len());
+            for task in due {
+                let reason = super::reap_reason(task.deadline, now);
+                if let Some(event) =
+                    end_in(&mut tx, &task.id, TaskState::Expired, reason, now).await?
+                {
+                    ended.push((task, event));
+                }
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(ended)
+        })
+    }
+
+    fn refresh_active_tasks(&self, now: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            // Safe beside running replicas: a due time their keep-alives wrote is never later
+            // than now + heartbeat + grace, so this never shortens a live task's due time.
+            let r = sqlx::query(
+                "UPDATE tasks SET due_at = LEAST(deadline, $1 + heartbeat_secs + grace_secs)
+                 WHERE state = 'active'",
+            )
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(r.rows_affected())
+        })
+    }
+
+    fn insert_lease(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            self.leases
+                .send((lease, ack))
+                .await
+                .map_err(|_| StoreError::Unavailable("lease writer stopped".into()))?;
+            done.await
+                .map_err(|_| StoreError::Unavailable("lease writer stopped".into()))?
+        })
+    }
+
+    fn lease(&self, key: &str) -> BoxFuture<'_, Result<Option<LeaseStatus>, StoreError>> {
+        let key = key.to_owned();
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.id = $1 OR l.serial = $1"
+            ));
+            sqlx::query(sql)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .as_ref()
+                .map(lease_row)
+                .transpose()
+        })
+    }
+
+    fn revoke_lease(
+        &self,
+        id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revocation>, StoreError>> {
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let r = sqlx::query(
+                "UPDATE leases SET revoked = TRUE, revoked_at = $1, reason = $2
+                 WHERE id = $3 AND NOT revoked",
+            )
+            .bind(now)
+            .bind(&reason)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if r.rows_affected() == 0 {
+                return Ok(None);
+            }
+            let event = record_revocation(&mut tx, None, Some(&id), &reason, now).await?;
+            tx.commit().await.map_err(unavailable)?;
+            Ok(Some(event))
+        })
+    }
+
+    fn revocations_after(
+        &self,
+        cursor: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Revocation>, StoreError>> {
+        Box::pin(async move {
+            sqlx::query(
+                "SELECT seq, at, task_id, lease_id, reason FROM revocations
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(cursor)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(revocation_row)
+            .collect()
+        })
+    }
+
+    fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
+        let event = event.clone();
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE ($1::text IS NOT NULL AND l.task_id = $1)
+                    OR ($2::text IS NOT NULL AND l.id = $2)
+                 ORDER BY l.id"
+            ));
+            sqlx::query(sql)
+                .bind(&event.task_id)
+                .bind(&event.lease_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(|r| lease_row(r).map(|s| s.lease))
+                .collect()
+        })
+    }
+
+    fn revoked_serials(&self, now: i64) -> BoxFuture<'_, Result<Vec<RevokedSerial>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT l.serial AS serial, COALESCE(l.revoked_at, t.ended_at) AS revoked_at,
+                        l.expires_at AS expires_at
+                 FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.kind = 'x509' AND l.serial IS NOT NULL AND l.expires_at > $1
+                   AND (l.revoked OR (t.id IS NOT NULL AND t.state != 'active'))
+                 ORDER BY l.serial",
+            )
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(RevokedSerial {
+                        serial: r.try_get("serial").map_err(unavailable)?,
+                        revoked_at: r
+                            .try_get::<Option<i64>, _>("revoked_at")
+                            .map_err(unavailable)?
+                            .unwrap_or(now),
+                        expires_at: r.try_get("expires_at").map_err(unavailable)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn list_tasks(&self, f: ListFilter, _now: i64) -> BoxFuture<'_, Result<Vec<Task>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {TASK_COLUMNS} FROM tasks
+                 WHERE ($1::text IS NULL OR spiffe_id = $1)
+                   AND ($2::boolean IS NULL OR (state = 'active') = $2)
+                   AND ($3::text IS NULL OR id > $3)
+                   AND ($4::text IS NULL OR id = $4)
+                 ORDER BY id LIMIT $5"
+            ));
+            sqlx::query(sql)
+                .bind(&f.spiffe_id)
+                .bind(f.active)
+                .bind(&f.after)
+                .bind(&f.task_id)
+                .bind(i64::from(f.limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(task_row)
+                .collect()
+        })
+    }
+
+    fn list_leases(
+        &self,
+        f: ListFilter,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Vec<LeaseStatus>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE ($1::text IS NULL OR l.task_id = $1)
+                   AND ($2::text IS NULL OR l.spiffe_id = $2)
+                   AND ($3::text IS NULL OR l.id > $3)
+                   AND ($4::boolean IS NULL OR
+                        ((NOT l.revoked AND l.expires_at > $5
+                          AND (t.id IS NULL OR t.state = 'active')) = $4))
+                 ORDER BY l.id LIMIT $6"
+            ));
+            sqlx::query(sql)
+                .bind(&f.task_id)
+                .bind(&f.spiffe_id)
+                .bind(&f.after)
+                .bind(f.active)
+                .bind(now)
+                .bind(i64::from(f.limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(lease_row)
+                .collect()
+        })
+    }
+
+    fn active_tasks(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Task>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {TASK_COLUMNS} FROM tasks
+                 WHERE state = 'active' AND ($1::text IS NULL OR id > $1)
+                 ORDER BY id LIMIT $2"
+            ));
+            sqlx::query(sql)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(task_row)
+                .collect()
+        })
+    }
+
+    fn prune(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let leases = sqlx::query("DELETE FROM leases WHERE expires_at < $1")
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            let tasks = sqlx::query(
+                "DELETE FROM tasks WHERE state != 'active' AND ended_at < $1
+                   AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.task_id = tasks.id)",
+            )
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            let events = sqlx::query("DELETE FROM revocations WHERE at < $1")
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            tx.commit().await.map_err(unavailable)?;
+            Ok(leases + tasks + events)
+        })
+    }
+
+    fn counts(&self, now: i64) -> BoxFuture<'_, Result<(u64, u64), StoreError>> {
+        Box::pin(async move {
+            let tasks: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE state = 'active'")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(unavailable)?;
+            let leases: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.expires_at > $1 AND NOT l.revoked AND (t.id IS NULL OR t.state = 'active')",
+            )
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok((
+                u64::try_from(tasks).unwrap_or(0),
+                u64::try_from(leases).unwrap_or(0),
+            ))
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+}
+
+/// Follows revocations committed by any replica and publishes the ones this process has not
+/// published itself, until `shutdown`. Listens on [`CHANNEL`]; after a lost connection it reads
+/// what it missed from the event log, and it polls every [`FEED_POLL`] as a safety net.
+pub async fn revocation_feed(
+    store: PostgresStore,
+    bus: RevocationBus,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    // Start after the newest committed event: history is the watchers' to replay, not the bus's.
+    let mut last = loop {
+        match newest_seq(&store).await {
+            Ok(seq) => break seq,
+            Err(e) => {
+                tracing::warn!(error = %e, "revocation feed cannot read the event log; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    };
+    let mut listener: Option<PgListener> = None;
+    loop {
+        if listener.is_none() {
+            match PgListener::connect_with(store.pool()).await {
+                Ok(mut l) => match l.listen(CHANNEL).await {
+                    Ok(()) => listener = Some(l),
+                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN for revocations"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot connect to LISTEN for revocations"),
+            }
+        }
+        let woke = async {
+            match listener.as_mut() {
+                Some(l) => tokio::time::timeout(FEED_POLL, l.recv())
+                    .await
+                    .map_or(Ok(()), |r| r.map(|_| ())),
+                None => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Ok(())
+                }
+            }
+        };
+        tokio::select! {
+            r = woke => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "revocation notifications interrupted; catching up from the log");
+                    listener = None;
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+        // Whatever woke us, publish everything committed since `last`, in order.
+        loop {
+            match store.revocations_after(last, 256).await {
+                Ok(page) if page.is_empty() => break,
+                Ok(page) => {
+                    for r in page {
+                        last = r.seq;
+                        bus.publish_from_store(r);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation feed cannot read the event log");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn newest_seq(store: &PostgresStore) -> Result<i64, StoreError> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM revocations")
+        .fetch_one(store.pool())
+        .await
+        .map_err(unavailable)
+}
+
+/// Test support: a fresh database per test on the server `EPHEMERA_TEST_POSTGRES_URL` names.
+pub mod testing {
+    use super::*;
+
+    /// The test server's URL, or `None` (and a note on stderr) when the variable is unset.
+    pub fn server_url(test: &str) -> Option<String> {
+        match std::env::var("EPHEMERA_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                eprintln!("{test}: skipped: EPHEMERA_TEST_POSTGRES_URL is not set");
+                None
+            }
+        }
+    }
+
+    /// Creates an empty database on the server at `server_url`; returns its URL.
+    pub async fn fresh_database(server_url: &str) -> Result<String, String> {
+        let name = format!("ephemera_test_{}", uuid::Uuid::now_v7().simple());
+        let options = connect_options(server_url)?;
+        let mut conn = sqlx::ConnectOptions::connect(&options)
+            .await
+            .map_err(|e| format!("connecting to {server_url}: {e}"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| format!("creating database {name}: {e}"))?;
+        // Test databases clean up after each other: drop those made over an hour ago (the name
+        // carries its creation time).
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'ephemera\\_test\\_%'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_default();
+        let hour_ago = uuid::Uuid::now_v7()
+            .get_timestamp()
+            .map_or(0, |t| t.to_unix().0.saturating_sub(3600));
+        for old in stale {
+            let made = old
+                .strip_prefix("ephemera_test_")
+                .and_then(|u| uuid::Uuid::try_parse(u).ok())
+                .and_then(|u| u.get_timestamp())
+                .map_or(0, |t| t.to_unix().0);
+            if made < hour_ago {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {old} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await;
+            }
+        }
+        let mut url = url_without_database(server_url);
+        url.push('/');
+        url.push_str(&name);
+        if let Some(q) = server_url.split_once('?').map(|(_, q)| q) {
+            url.push('?');
+            url.push_str(q);
+        }
+        Ok(url)
+    }
+
+    fn url_without_database(url: &str) -> String {
+        let base = url.split('?').next().unwrap_or(url);
+        let scheme_end = base.find("://").map_or(0, |i| i + 3);
+        match base[scheme_end..].find('/') {
+            Some(i) => base[..scheme_end + i].to_owned(),
+            None => base.to_owned(),
+        }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn urls() {
+        assert_eq!(
+            url_without_database("postgres://postgres@127.0.0.1:5432/test"),
+            "postgres://postgres@127.0.0.1:5432"
+        );
+        assert_eq!(
+            url_without_database("postgres://h/db?sslmode=disable"),
+            "postgres://h"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::secret::Secret;
+
+    async fn store(test: &str) -> Option<PostgresStore> {
+        let server = testing::server_url(test)?;
+        let url = testing::fresh_database(&server).await.unwrap();
+        let config = PostgresConfig {
+            url: Secret::new(url),
+            ..PostgresConfig::default()
+        };
+        Some(PostgresStore::open(&config).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn conformance_postgres() {
+        let Some(s) = store("conformance_postgres").await else {
+            return;
+        };
+        super::super::conformance::join_tokens(Arc::new(s.clone())).await;
+        super::super::conformance::tasks_and_leases(Arc::new(s)).await;
+    }
+
+    #[tokio::test]
+    async fn replicas_reap_each_task_once() {
+        let Some(a) = store("replicas_reap_each_task_once").await else {
+            return;
+        };
+        // A second pool on the same database: another replica.
+        let b = PostgresStore {
+            pool: PgPoolOptions::new()
+                .max_connections(4)
+                .connect_with(a.pool.connect_options().as_ref().clone())
+                .await
+                .unwrap(),
+            leases: a.leases.clone(),
+        };
+        for i in 0..200 {
+            let mut t =
+                super::super::conformance::task(&format!("t{i:03}"), "spiffe://e.org/a", 1_000, 10);
+            t.due_at = 10;
+            a.insert_task(t).await.unwrap();
+        }
+        let (ra, rb) = tokio::join!(
+            async {
+                let mut n = 0;
+                loop {
+                    let got = a.end_due_tasks(100, 7).await.unwrap().len();
+                    if got == 0 {
+                        break n;
+                    }
+                    n += got;
+                }
+            },
+            async {
+                let mut n = 0;
+                loop {
+                    let got = b.end_due_tasks(100, 7).await.unwrap().len();
+                    if got == 0 {
+                        break n;
+                    }
+                    n += got;
+                }
+            }
+        );
+        assert_eq!(ra + rb, 200, "every task ended once ({ra} + {rb})");
+        let events = a.revocations_after(0, 1000).await.unwrap();
+        assert_eq!(events.len(), 200, "one event per task");
+        assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+}
