@@ -960,12 +960,13 @@ impl Broker {
         result
     }
 
-    /// Opens a keep-alive for a task: the caller must be its owner, re-attested now.
+    /// Opens a keep-alive for a task: the caller must be its owner, re-attested now. Returns the
+    /// task and the due time written (for [`Self::ping`]).
     pub async fn keep_alive_open(
         &self,
         evidence: &Evidence,
         task_id: &str,
-    ) -> Result<Task, BrokerError> {
+    ) -> Result<(Task, i64), BrokerError> {
         let mut audit = Audit::new("KeepAlive", evidence, format!("task:{task_id}"), None);
         let result = self
             .caller(evidence, None, Some(task_id), &mut audit)
@@ -978,14 +979,28 @@ impl Broker {
             audit.emit(&result);
         }
         let task = result?;
-        self.ping(&task).await?;
-        Ok(task)
+        let mut written = 0;
+        self.ping(&task, &mut written).await?;
+        Ok((task, written))
     }
 
-    /// Records that a task is alive now: it is due again after heartbeat + grace.
-    pub async fn ping(&self, task: &Task) -> Result<bool, BrokerError> {
-        let due = self.clock.unix_now() + task.heartbeat_secs + task.grace_secs;
-        Ok(self.store.keep_alive(&task.id, due).await?)
+    /// Records that a task is alive now. Writes are coarse, so that several replicas can share
+    /// liveness through the store without a write per ping: a write stores a due time of
+    /// heartbeat + 1.5 × grace from now, and pings are not written while the stored due time is
+    /// still at least heartbeat + grace away. A task is therefore never ended earlier than
+    /// heartbeat + grace after its last ping, and at most grace/2 later. `written_due` is the
+    /// due time this caller last wrote (0 at first). Returns `false` when a write finds the
+    /// task no longer active (between writes, ends reach callers through the bus).
+    pub async fn ping(&self, task: &Task, written_due: &mut i64) -> Result<bool, BrokerError> {
+        let now = self.clock.unix_now();
+        let window = task.heartbeat_secs + task.grace_secs;
+        if written_due.saturating_sub(now) >= window {
+            return Ok(true);
+        }
+        let due = now + window + task.grace_secs / 2;
+        let alive = self.store.keep_alive(&task.id, due).await?;
+        *written_due = due.min(task.deadline);
+        Ok(alive)
     }
 
     /// A task's keep-alive stream ended: it has one grace period to reconnect, after which the

@@ -156,7 +156,7 @@ impl broker_server::Broker for BrokerService {
             })
             .map_err(|e| to_status(&e))?;
         let broker = self.broker.clone();
-        let task = broker
+        let (task, mut written_due) = broker
             .keep_alive_open(&evidence, &id)
             .await
             .map_err(|e| to_status(&e))?;
@@ -175,7 +175,7 @@ impl broker_server::Broker for BrokerService {
                                 let _ = tx.send(Err(Status::invalid_argument("task_id must not change on a stream"))).await;
                                 break;
                             }
-                            match broker.ping(&task).await {
+                            match broker.ping(&task, &mut written_due).await {
                                 Ok(true) => {
                                     if tx.send(Ok(KeepAliveResponse { deadline })).await.is_err() {
                                         break;

@@ -126,6 +126,7 @@ async fn x509_stream(
             .max(1),
     );
     let mut keep_alive = tokio::time::interval(heartbeat);
+    let mut written_due = 0;
     let mut svids = Vec::new();
     let mut renew = tokio::time::Instant::now();
     loop {
@@ -148,7 +149,7 @@ async fn x509_stream(
             () = tx.closed() => break,
             () = tokio::time::sleep_until(renew) => {}
             _ = keep_alive.tick() => {
-                if let Ok(false) = broker.ping(&session.task).await {
+                if let Ok(false) = broker.ping(&session.task, &mut written_due).await {
                     let _ = tx.send(Err(Status::permission_denied("the workload's task has ended"))).await;
                     return;
                 }

@@ -210,6 +210,7 @@ async fn lease_writer(pool: PgPool, mut rx: tokio::sync::mpsc::Receiver<(Lease, 
             let _ = ack.send(match &result {
                 Ok(()) => Ok(()),
                 Err(StoreError::Conflict) => Err(StoreError::Conflict),
+                Err(StoreError::Unavailable(m)) => Err(StoreError::Unavailable(m.clone())),
                 Err(e) => Err(StoreError::Unavailable(e.to_string())),
             });
         }

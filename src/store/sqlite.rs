@@ -111,6 +111,7 @@ async fn lease_writer(pool: SqlitePool, mut rx: tokio::sync::mpsc::Receiver<(Lea
         for (_, ack) in batch.drain(..) {
             let _ = ack.send(match &result {
                 Ok(()) => Ok(()),
+                Err(StoreError::Unavailable(m)) => Err(StoreError::Unavailable(m.clone())),
                 Err(e) => Err(StoreError::Unavailable(e.to_string())),
             });
         }

@@ -1,0 +1,395 @@
+//! Several broker processes on one PostgreSQL database (`EPHEMERA_TEST_POSTGRES_URL`; skipped
+//! without it): a task ended on one replica is inactive at the other's introspection and on its
+//! watch stream within a second; a SIGKILLed replica's tasks are reaped by the survivor exactly
+//! once; killed database sessions and a database that refuses connections make requests fail
+//! with `Unavailable` and `/readyz` report not ready, and service resumes without a restart.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use ephemera::api::pb::v1::broker_client::BrokerClient;
+use ephemera::api::pb::v1::revocations_client::RevocationsClient;
+use ephemera::api::pb::v1::{
+    BeginTaskRequest, EndTaskRequest, KeepAliveRequest, MintJwtSvidRequest, WatchRequest,
+};
+use ephemera::client::ConnectOptions;
+use ephemera::endpoints::Endpoints;
+use ephemera::store::postgres::testing;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ephemera");
+
+/// One `ephemera serve` process.
+struct Replica {
+    child: Child,
+    _dir: tempfile::TempDir,
+    endpoints: Endpoints,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CA shared by every replica of a test, as a mounted secret would be.
+fn shared_keys() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ephemera::ca::keys::init(
+        dir.path(),
+        &TD.parse().unwrap(),
+        ephemera::ca::keys::InitOptions::default(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    ephemera::api::admin::create_token_file(&dir.path().join("admin.token")).unwrap();
+    dir
+}
+
+impl Replica {
+    fn start(keys: &Path, db_url: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(keys).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/all.cedar"), ALLOW_ALL).unwrap();
+        let config = format!(
+            "{}\n[store]\nurl = \"{db_url}\"\nmax_connections = 4\nacquire_timeout = \"1s\"\n\
+             [tasks]\nheartbeat_interval = \"1s\"\ngrace = \"2s\"\n{}",
+            config_text(dir.path(), ""),
+            uid_rule()
+        );
+        let path = dir.path().join("ephemera.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let endpoints = loop {
+            if let Ok(e) = Endpoints::read(dir.path()) {
+                break e;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("replica exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "replica did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self {
+            child,
+            _dir: dir,
+            endpoints,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        ConnectOptions {
+            socket: Some(self.endpoints.broker_socket.clone()),
+            ..ConnectOptions::default()
+        }
+        .connect()
+        .await
+        .unwrap()
+    }
+
+    async fn broker(&self) -> BrokerClient<Channel> {
+        BrokerClient::new(self.channel().await)
+    }
+
+    fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+async fn database(test: &str) -> Option<String> {
+    let server = testing::server_url(test)?;
+    Some(testing::fresh_database(&server).await.unwrap())
+}
+
+async fn admin_connection(db_url: &str) -> sqlx::PgConnection {
+    let options = ephemera::store::postgres::connect_options(db_url).unwrap();
+    sqlx::ConnectOptions::connect(&options).await.unwrap()
+}
+
+fn jwt(task: &str) -> MintJwtSvidRequest {
+    MintJwtSvidRequest {
+        audience: vec!["deploy".into()],
+        ttl_seconds: Some(600),
+        task_id: task.into(),
+        ..MintJwtSvidRequest::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_ended_on_one_replica_is_ended_on_the_other() {
+    let Some(db) = database("a_task_ended_on_one_replica_is_ended_on_the_other").await else {
+        return;
+    };
+    let keys = shared_keys();
+    let (a, b) = (
+        Replica::start(keys.path(), &db),
+        Replica::start(keys.path(), &db),
+    );
+    let mut watch_a = RevocationsClient::new(a.channel().await)
+        .watch(WatchRequest { cursor: None })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut on_a = a.broker().await;
+    let task = on_a
+        .begin_task(BeginTaskRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let token = on_a
+        .mint_jwt_svid(jwt(&task.task_id))
+        .await
+        .unwrap()
+        .into_inner();
+    let live = http_post_form(
+        &a.endpoints.http_addr,
+        "/introspect",
+        &format!("token={}", token.token),
+    )
+    .await;
+    assert!(live.1.contains("\"active\":true"), "{}", live.1);
+
+    // Ended through B; A learns of it.
+    let ended = Instant::now();
+    b.broker()
+        .await
+        .end_task(EndTaskRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(1), watch_a.message())
+        .await
+        .expect("A's watch stream delivers B's revocation within 1s")
+        .unwrap()
+        .unwrap();
+    let delay = ended.elapsed();
+    assert_eq!(event.task_id, task.task_id);
+    assert!(event.credentials.iter().any(|c| c.jti == token.jti));
+    let (_, body) = http_post_form(
+        &a.endpoints.http_addr,
+        "/introspect",
+        &format!("token={}", token.token),
+    )
+    .await;
+    assert!(body.contains("\"active\":false"), "{body}");
+    eprintln!("revocation on B reached A's watcher in {delay:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn survivors_reap_a_killed_replicas_tasks_exactly_once() {
+    let Some(db) = database("survivors_reap_a_killed_replicas_tasks_exactly_once").await else {
+        return;
+    };
+    let keys = shared_keys();
+    let mut a = Replica::start(keys.path(), &db);
+    let b = Replica::start(keys.path(), &db);
+    let mut watch_b = RevocationsClient::new(b.channel().await)
+        .watch(WatchRequest { cursor: None })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Five tasks kept alive through A; one kept alive through B that must survive.
+    let mut on_a = a.broker().await;
+    let mut ids = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let t = on_a
+            .begin_task(BeginTaskRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(KeepAliveRequest {
+            task_id: t.task_id.clone(),
+        })
+        .await
+        .unwrap();
+        let resp = on_a
+            .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap();
+        streams.push((tx, resp));
+        ids.push(t.task_id);
+    }
+    let mut on_b = b.broker().await;
+    let kept = on_b
+        .begin_task(BeginTaskRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let (keep_tx, keep_rx) = tokio::sync::mpsc::channel(4);
+    keep_tx
+        .send(KeepAliveRequest {
+            task_id: kept.task_id.clone(),
+        })
+        .await
+        .unwrap();
+    let _keep = on_b
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(keep_rx))
+        .await
+        .unwrap();
+    let pinger = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if keep_tx.send(KeepAliveRequest::default()).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    a.sigkill();
+    drop(streams);
+
+    // B's reaper ends each of A's tasks once the grace has passed.
+    let mut seen = std::collections::HashMap::<String, u32>::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while seen.len() < ids.len() {
+        let ev = tokio::time::timeout_at(deadline, watch_b.message())
+            .await
+            .expect("B reaps A's tasks within 15s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev.reason, "keep-alive lost");
+        *seen.entry(ev.task_id).or_default() += 1;
+    }
+    // A little longer: no second event for any of them, and B's own task is alive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut conn = admin_connection(&db).await;
+    for id in &ids {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM revocations WHERE task_id = $1")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "task {id} revoked exactly once");
+    }
+    let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+        .bind(&kept.task_id)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(state, "active", "the task kept alive through B lives on");
+    pinger.abort();
+}
+
+async fn readyz(r: &Replica) -> u16 {
+    http_get(&r.endpoints.http_addr, "/readyz").await.0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_outages_fail_cleanly_and_recover_without_restart() {
+    let Some(db) = database("database_outages_fail_cleanly_and_recover_without_restart").await
+    else {
+        return;
+    };
+    let name = db
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let keys = shared_keys();
+    let a = Replica::start(keys.path(), &db);
+    let mut client = a.broker().await;
+    client.mint_jwt_svid(jwt("")).await.unwrap();
+    assert_eq!(readyz(&a).await, 200);
+
+    // 1. Every broker session is terminated: requests fail with Unavailable or succeed, never
+    //    anything else, and succeed again by themselves.
+    let mut admin = admin_connection(&format!("{}/postgres", db.rsplit_once('/').unwrap().0)).await;
+    let kill = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(kill.clone()))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let recovered = recover(&mut client).await;
+    eprintln!("after pg_terminate_backend: minting again after {recovered:?}");
+
+    // 2. The database refuses connections: mints and task starts fail with Unavailable and no
+    //    lease is written; /readyz says not ready.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(kill))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let err = client.mint_jwt_svid(jwt("")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
+        let err = client
+            .begin_task(BeginTaskRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
+    }
+    assert_eq!(readyz(&a).await, 503);
+
+    // 3. The database is back: the same broker serves again, no restart.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let recovered = recover(&mut client).await;
+    eprintln!("after the database returned: minting again after {recovered:?}");
+    assert_eq!(readyz(&a).await, 200);
+    let task = client
+        .begin_task(BeginTaskRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    client.mint_jwt_svid(jwt(&task.task_id)).await.unwrap();
+}
+
+/// Mints until it works (bounded); every failure on the way must be `Unavailable`.
+async fn recover(client: &mut BrokerClient<Channel>) -> Duration {
+    let started = Instant::now();
+    loop {
+        match client.mint_jwt_svid(jwt("")).await {
+            Ok(_) => return started.elapsed(),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "no recovery within 15s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
