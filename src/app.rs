@@ -352,6 +352,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         &config.admin_token_file,
         config.admin_spiffe_ids.clone(),
         ca.x509.roots(),
+        ca.page_token_key.expose(),
         clock.clone(),
     )?);
     // After a restart every live task gets one fresh grace period to reconnect its keep-alive;

@@ -132,8 +132,18 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
 }
 
 /// Ready when the store answers: a broker that cannot record leases must not get traffic.
+/// How long `/readyz` waits for the store.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    match s.broker.store().ping().await {
+    let ping = tokio::time::timeout(READY_TIMEOUT, s.broker.store().ping())
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::store::StoreError::Unavailable(
+                "no answer within 2s".into(),
+            ))
+        });
+    match ping {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");

@@ -17,10 +17,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
+use ephemera::api::pb::v1::admin_client::AdminClient;
 use ephemera::api::pb::v1::broker_client::BrokerClient;
 use ephemera::api::pb::v1::revocations_client::RevocationsClient;
 use ephemera::api::pb::v1::{
-    BeginTaskRequest, EndTaskRequest, KeepAliveRequest, MintJwtSvidRequest, WatchRequest,
+    BeginTaskRequest, EndTaskRequest, KeepAliveRequest, ListLeasesRequest, MintJwtSvidRequest,
+    WatchRequest,
 };
 use ephemera::client::ConnectOptions;
 use ephemera::endpoints::Endpoints;
@@ -198,6 +200,35 @@ async fn a_task_ended_on_one_replica_is_ended_on_the_other() {
     .await;
     assert!(body.contains("\"active\":false"), "{body}");
     eprintln!("revocation on B reached A's watcher in {delay:?}");
+
+    // Admin listings page across replicas: a page token from A continues on B.
+    on_a.mint_jwt_svid(jwt("")).await.unwrap();
+    let admin_token = std::fs::read_to_string(keys.path().join("admin.token")).unwrap();
+    let as_admin = |page_token: String| {
+        let mut req = tonic::Request::new(ListLeasesRequest {
+            page_size: 1,
+            page_token,
+            ..ListLeasesRequest::default()
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", admin_token.trim()).parse().unwrap(),
+        );
+        req
+    };
+    let first = AdminClient::new(a.channel().await)
+        .list_leases(as_admin(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.leases.len(), 1);
+    let second = AdminClient::new(b.channel().await)
+        .list_leases(as_admin(first.next_page_token))
+        .await
+        .expect("B accepts A's page token")
+        .into_inner();
+    assert_eq!(second.leases.len(), 1);
+    assert_ne!(first.leases[0].id, second.leases[0].id);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -29,21 +29,18 @@ pub const DEFAULT_PAGE: u32 = 100;
 /// Largest page size of listings.
 pub const MAX_PAGE: u32 = 1000;
 
-/// Page tokens: the last id of a page, authenticated with a per-process key so a tampered or
-/// forged token is refused rather than silently listing something else.
+/// Page tokens: the last id of a page, authenticated with a key shared by every broker of the CA
+/// so a tampered or forged token is refused rather than silently listing something else, and a
+/// page from one replica continues on another.
 struct PageTokens {
     key: ring::hmac::Key,
 }
 
 impl PageTokens {
-    fn new() -> Result<Self, CaError> {
-        let mut k = [0u8; 32];
-        ring::rand::SystemRandom::new()
-            .fill(&mut k)
-            .map_err(|_| CaError::Generate("random number generator failed".into()))?;
-        Ok(Self {
-            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k),
-        })
+    fn new(key: &[u8]) -> Self {
+        Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+        }
     }
 
     fn issue(&self, scope: &str, last_id: &str) -> String {
@@ -224,6 +221,7 @@ impl AdminAuth {
         token_file: &Path,
         spiffe_ids: Vec<String>,
         own_roots: &[Vec<u8>],
+        page_key: &[u8],
         clock: Arc<dyn crate::clock::Clock>,
     ) -> Result<Self, CaError> {
         let svids = if spiffe_ids.is_empty() {
@@ -242,7 +240,7 @@ impl AdminAuth {
             return Ok(Self {
                 token_hash: None,
                 token_file: token_file.to_owned(),
-                pages: PageTokens::new()?,
+                pages: PageTokens::new(page_key),
                 spiffe_ids,
                 svids,
             });
@@ -262,7 +260,7 @@ impl AdminAuth {
         Ok(Self {
             token_hash: Some(sha256(token.as_bytes())),
             token_file: token_file.to_owned(),
-            pages: PageTokens::new()?,
+            pages: PageTokens::new(page_key),
             spiffe_ids,
             svids,
         })
