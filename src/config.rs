@@ -92,8 +92,10 @@ pub enum StoreConfig {
 /// PostgreSQL connection settings.
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
-    /// The URL; may carry a password, so it is never logged.
+    /// The URL; may carry a password, so it is never logged. Empty when `url_file` is set.
     pub url: Secret<String>,
+    /// A file holding the URL, read when the store opens (a mounted secret may appear late).
+    pub url_file: Option<PathBuf>,
     /// Most connections per broker.
     pub max_connections: u32,
     /// Connections kept open when idle.
@@ -106,6 +108,7 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
             url: Secret::new(String::new()),
+            url_file: None,
             max_connections: 16,
             min_connections: 1,
             acquire_timeout: Duration::from_secs(5),
@@ -940,7 +943,7 @@ fn task_settings(p: &mut Problems, raw: &RawTasks) -> TaskSettings {
 
 /// `[store]`: `None` means SQLite.
 fn store_settings(p: &mut Problems, raw: &RawStore, base: &Path) -> Option<PostgresConfig> {
-    let url = match (&raw.url, &raw.url_file) {
+    let (url, url_file) = match (&raw.url, &raw.url_file) {
         (Some(_), Some(_)) => {
             p.push(
                 "store.url_file",
@@ -948,14 +951,8 @@ fn store_settings(p: &mut Problems, raw: &RawStore, base: &Path) -> Option<Postg
             );
             return None;
         }
-        (Some(u), None) => u.trim().to_owned(),
-        (None, Some(f)) => match std::fs::read_to_string(base.join(f)) {
-            Ok(u) => u.trim().to_owned(),
-            Err(e) => {
-                p.push("store.url_file", format!("{}: {e}", base.join(f).display()));
-                return None;
-            }
-        },
+        (Some(u), None) => (u.trim().to_owned(), None),
+        (None, Some(f)) => (String::new(), Some(base.join(f))),
         (None, None) => {
             if raw.max_connections.is_some()
                 || raw.min_connections.is_some()
@@ -966,15 +963,9 @@ fn store_settings(p: &mut Problems, raw: &RawStore, base: &Path) -> Option<Postg
             return None;
         }
     };
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        // Never echo the URL: it may carry a password.
-        p.push(
-            "store.url",
-            "must be a postgres:// URL (leave it out for SQLite in the data directory)",
-        );
-        return None;
-    }
-    if let Err(e) = crate::store::postgres::connect_options(&url) {
+    if url_file.is_none()
+        && let Err(e) = crate::store::postgres::connect_options(&url)
+    {
         p.push("store.url", e);
         return None;
     }
@@ -1004,6 +995,7 @@ fn store_settings(p: &mut Problems, raw: &RawStore, base: &Path) -> Option<Postg
     };
     Some(PostgresConfig {
         url: Secret::new(url),
+        url_file,
         max_connections,
         min_connections,
         acquire_timeout,
@@ -1120,6 +1112,57 @@ mod tests {
         assert!(!c.grpc.insecure_plaintext);
         assert!(c.mappings.is_empty());
         assert_eq!(c.policy_dir, Path::new("/var/lib/ephemera/policies"));
+    }
+
+    #[test]
+    fn store_is_sqlite_unless_a_postgres_url_is_given() {
+        let c = Config::from_toml(MINIMAL, Path::new("/etc")).unwrap();
+        assert!(
+            matches!(&c.store, StoreConfig::Sqlite { path } if path == Path::new("/var/lib/ephemera/ephemera.db"))
+        );
+        let pg = format!(
+            "{MINIMAL}\n[store]\nurl = \"postgres://u:s3cret@db:5432/e?sslmode=require\"\nmax_connections = 8\n"
+        );
+        match Config::from_toml(&pg, Path::new("/etc")).unwrap().store {
+            StoreConfig::Postgres(p) => {
+                assert_eq!(p.max_connections, 8);
+                assert!(
+                    !format!("{p:?}").contains("s3cret"),
+                    "the password is never shown"
+                );
+            }
+            StoreConfig::Sqlite { .. } => panic!("expected PostgreSQL"),
+        }
+        let from_file = format!("{MINIMAL}\n[store]\nurl_file = \"secrets/db-url\"\n");
+        match Config::from_toml(&from_file, Path::new("/etc"))
+            .unwrap()
+            .store
+        {
+            StoreConfig::Postgres(p) => {
+                assert_eq!(
+                    p.url_file.as_deref(),
+                    Some(Path::new("/etc/secrets/db-url"))
+                );
+            }
+            StoreConfig::Sqlite { .. } => panic!("expected PostgreSQL"),
+        }
+        for (extra, key) in [
+            ("url = \"mysql://u:s3cret@db/e\"", "store.url"),
+            ("url = \"postgres://a\"\nurl_file = \"f\"", "store.url_file"),
+            ("max_connections = 4", "store"),
+            (
+                "url = \"postgres://db/e\"\nmax_connections = 0",
+                "store.max_connections",
+            ),
+            (
+                "url = \"postgres://db/e\"\nacquire_timeout = \"2m\"",
+                "store.acquire_timeout",
+            ),
+        ] {
+            let got = problems(&format!("{MINIMAL}\n[store]\n{extra}\n"));
+            assert!(got.iter().any(|(k, _)| k == key), "{extra}: {got:?}");
+            assert!(!format!("{got:?}").contains("s3cret"), "{got:?}");
+        }
     }
 
     #[test]

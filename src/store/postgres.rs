@@ -119,17 +119,34 @@ pub struct PostgresStore {
 }
 
 /// Parses a `postgres://` URL (`sslmode`, `sslrootcert`, `application_name` and the other libpq
-/// parameters sqlx knows are honoured).
+/// parameters sqlx knows are honoured). Errors never echo the URL: it may carry a password.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(
+            "must be a postgres:// URL (leave it out for SQLite in the data directory)".into(),
+        );
+    }
     PgConnectOptions::from_str(url)
         .map(|o| o.application_name("ephemera"))
         .map_err(|_| "is not a valid postgres:// URL".to_owned())
 }
 
+/// The URL from the config, or read from `url_file`.
+fn url_of(config: &PostgresConfig) -> Result<crate::secret::Secret<String>, StoreError> {
+    let Some(path) = &config.url_file else {
+        return Ok(config.url.clone());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StoreError::Unavailable(format!("store.url_file {}: {e}", path.display())))?;
+    Ok(crate::secret::Secret::new(text.trim().to_owned()))
+}
+
 impl PostgresStore {
     /// Connects, applies migrations and starts the lease writer.
     pub async fn open(config: &PostgresConfig) -> Result<Self, StoreError> {
-        let options = connect_options(config.url.expose()).map_err(StoreError::Unavailable)?;
+        let url = url_of(config)?;
+        let options = connect_options(url.expose())
+            .map_err(|e| StoreError::Unavailable(format!("store URL {e}")))?;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .min_connections(config.min_connections)
