@@ -382,6 +382,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             tasks: config.tasks,
         },
         bus: bus.clone(),
+        quotas: config.quotas,
     }));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

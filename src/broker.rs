@@ -80,6 +80,9 @@ pub enum BrokerError {
     /// A lease id or serial that is not known.
     #[error("unknown lease {0}")]
     LeaseNotFound(String),
+    /// A quota was reached.
+    #[error(transparent)]
+    LimitExceeded(#[from] crate::quota::Exceeded),
 }
 
 /// A request for an X.509-SVID.
@@ -183,6 +186,8 @@ pub struct BrokerParts {
     pub limits: Limits,
     /// Where committed revocations are announced.
     pub bus: RevocationBus,
+    /// Per-identity quotas.
+    pub quotas: crate::quota::QuotaSettings,
 }
 
 /// The broker core.
@@ -196,6 +201,7 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     limits: Limits,
     bus: RevocationBus,
+    quotas: crate::quota::Quotas,
     crl: std::sync::RwLock<Arc<Vec<u8>>>,
     crl_number: std::sync::atomic::AtomicU64,
     closing: tokio::sync::watch::Sender<bool>,
@@ -324,6 +330,7 @@ impl Broker {
             clock,
             limits,
             bus,
+            quotas,
         } = parts;
         Self {
             trust_domain,
@@ -335,6 +342,7 @@ impl Broker {
             clock,
             limits,
             bus,
+            quotas: crate::quota::Quotas::new(quotas),
             crl: std::sync::RwLock::new(Arc::new(Vec::new())),
             crl_number: std::sync::atomic::AtomicU64::new(0),
             closing: tokio::sync::watch::channel(false).0,
@@ -640,6 +648,8 @@ impl Broker {
             }
         };
         audit.identified(&spiffe_id);
+        self.quotas
+            .admit(spiffe_id.as_str(), std::time::Instant::now())?;
         Ok(Caller {
             identity,
             spiffe_id,
@@ -652,6 +662,19 @@ impl Broker {
     async fn record(&self, lease: Lease) -> Result<(), BrokerError> {
         self.store.insert_lease(lease).await?;
         Ok(())
+    }
+
+    /// Checks the task's lease quota before minting into it; returns what the task holds.
+    async fn lease_quota(&self, caller: &Caller) -> Result<Option<(String, u64)>, BrokerError> {
+        let Some(task) = caller.task.as_ref().filter(|_| self.quotas.limits_leases()) else {
+            return Ok(None);
+        };
+        let held = match self.quotas.task_leases(&task.id) {
+            Some(n) => n,
+            None => self.store.count_task_leases(&task.id).await?,
+        };
+        self.quotas.check_leases(held)?;
+        Ok(Some((task.id.clone(), held)))
     }
 
     /// Latest expiry for a credential of `caller`: the task's deadline, if any.
@@ -726,6 +749,7 @@ impl Broker {
             d.min(self.ca.x509.ca_not_after())
         });
         let not_after = Self::grant(ttl, self.limits.x509, now, Some(cap))?;
+        let quota = self.lease_quota(caller).await?;
         let svid = self.ca.x509.mint(&caller.spiffe_id, key, now, not_after)?;
         let lease_id = Uuid::now_v7().to_string();
         self.record(Lease {
@@ -742,6 +766,9 @@ impl Broker {
             reason: None,
         })
         .await?;
+        if let Some((task_id, held)) = quota {
+            self.quotas.set_task_leases(&task_id, held + 1);
+        }
         audit.granted_ttl_secs = Some(granted_secs(now, svid.not_after));
         audit.lease_id = Some(lease_id.clone());
         ::metrics::counter!(crate::telemetry::ISSUED, "kind" => "x509").increment(1);
@@ -818,6 +845,7 @@ impl Broker {
     ) -> Result<MintedJwt, BrokerError> {
         let now = self.clock.now();
         let not_after = Self::grant(ttl, self.limits.jwt, now, Self::task_cap(caller))?;
+        let quota = self.lease_quota(caller).await?;
         let iat = unix_secs(now);
         let exp = unix_secs(not_after);
         let jti = Uuid::now_v7().to_string();
@@ -842,6 +870,9 @@ impl Broker {
             reason: None,
         })
         .await?;
+        if let Some((task_id, held)) = quota {
+            self.quotas.set_task_leases(&task_id, held + 1);
+        }
         audit.granted_ttl_secs = Some(u64::try_from(exp - iat).unwrap_or(0));
         audit.lease_id = Some(jti.clone());
         ::metrics::counter!(crate::telemetry::ISSUED, "kind" => "jwt").increment(1);
@@ -906,6 +937,13 @@ impl Broker {
         labels: std::collections::BTreeMap<String, String>,
     ) -> Result<Task, BrokerError> {
         let settings = self.limits.tasks;
+        if self.quotas.settings().max_active_tasks_per_identity > 0 {
+            let active = self
+                .store
+                .count_active_tasks(caller.spiffe_id.as_str())
+                .await?;
+            self.quotas.check_tasks(active)?;
+        }
         let now = self.clock.unix_now();
         let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
         let deadline = now + secs(duration);

@@ -45,6 +45,8 @@ pub struct RawConfig {
     pub log: RawLog,
     /// Task timing.
     pub tasks: RawTasks,
+    /// Per-identity quotas.
+    pub limits: RawLimits,
     /// Cedar policy.
     pub policy: RawPolicy,
     /// Trusted OIDC issuers.
@@ -59,6 +61,20 @@ pub struct RawConfig {
     pub store: RawStore,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
+}
+
+/// `[limits]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawLimits {
+    /// Sustained requests per second per SPIFFE ID (0: unlimited).
+    pub requests_per_second: Option<u32>,
+    /// Requests an idle identity may make at once.
+    pub burst: Option<u32>,
+    /// Active tasks one SPIFFE ID may own (0: unlimited).
+    pub max_active_tasks_per_identity: Option<u64>,
+    /// Credentials one task may hold (0: unlimited).
+    pub max_leases_per_task: Option<u64>,
 }
 
 /// `[store]` as written.
@@ -352,6 +368,8 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Task timing.
     pub tasks: TaskSettings,
+    /// Per-identity quotas.
+    pub quotas: crate::quota::QuotaSettings,
 }
 
 /// gRPC listener settings.
@@ -666,6 +684,7 @@ impl Config {
 
         let tasks = task_settings(&mut p, &raw.tasks);
         let postgres = store_settings(&mut p, &raw.store, base);
+        let quotas = quota_settings(&mut p, &raw.limits);
         let mut admin_spiffe_ids = Vec::new();
         for (i, id) in raw.admin.spiffe_ids.iter().enumerate() {
             let key = format!("admin.spiffe_ids[{i}]");
@@ -800,6 +819,7 @@ impl Config {
                     mappings,
                     source: None,
                     tasks,
+                    quotas,
                 })
             }
             _ => Err(ConfigError::Invalid(p.0)),
@@ -939,6 +959,31 @@ fn task_settings(p: &mut Problems, raw: &RawTasks) -> TaskSettings {
         );
     }
     s
+}
+
+/// `[limits]`.
+fn quota_settings(p: &mut Problems, raw: &RawLimits) -> crate::quota::QuotaSettings {
+    let d = crate::quota::QuotaSettings::default();
+    let requests_per_second = raw.requests_per_second.unwrap_or(d.requests_per_second);
+    let burst = raw.burst.unwrap_or(if raw.requests_per_second.is_some() {
+        requests_per_second.saturating_mul(2)
+    } else {
+        d.burst
+    });
+    if requests_per_second > 0 && burst == 0 {
+        p.push(
+            "limits.burst",
+            "must be at least 1 when requests are limited",
+        );
+    }
+    crate::quota::QuotaSettings {
+        requests_per_second,
+        burst,
+        max_active_tasks_per_identity: raw
+            .max_active_tasks_per_identity
+            .unwrap_or(d.max_active_tasks_per_identity),
+        max_leases_per_task: raw.max_leases_per_task.unwrap_or(d.max_leases_per_task),
+    }
 }
 
 /// `[store]`: `None` means SQLite.

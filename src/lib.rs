@@ -23,6 +23,7 @@ pub mod httpc;
 pub mod id;
 pub mod lease;
 pub mod policy;
+pub mod quota;
 pub mod secret;
 pub mod store;
 pub mod telemetry;

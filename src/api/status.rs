@@ -52,6 +52,7 @@ pub fn to_status(err: &BrokerError) -> Status {
             Status::not_found(err.to_string())
         }
         BrokerError::NotTaskOwner { .. } => Status::permission_denied(err.to_string()),
+        BrokerError::LimitExceeded(_) => Status::resource_exhausted(err.to_string()),
         BrokerError::TaskNotActive { .. } => Status::failed_precondition(err.to_string()),
         BrokerError::Store(e) => {
             tracing::error!(error = %e, "store failure");

@@ -295,6 +295,12 @@ async fn in_process(store_url: Option<&str>) -> anyhow::Result<Target> {
 heartbeat_interval = "1s"
 grace = "1s"
 
+# One identity drives every client here: no per-identity quotas.
+[limits]
+requests_per_second = 0
+max_active_tasks_per_identity = 0
+max_leases_per_task = 0
+
 [[oidc]]
 issuer = "{BENCH_ISSUER}"
 jwks_file = {jwks}

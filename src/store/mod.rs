@@ -365,6 +365,12 @@ pub trait Store: Send + Sync {
     /// How many tasks are active and how many leases are honoured at `now` (for metrics).
     fn counts(&self, now: i64) -> BoxFuture<'_, Result<(u64, u64), StoreError>>;
 
+    /// How many active tasks `spiffe_id` owns (for its quota).
+    fn count_active_tasks(&self, spiffe_id: &str) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// How many leases were recorded in a task (for its quota).
+    fn count_task_leases(&self, task_id: &str) -> BoxFuture<'_, Result<u64, StoreError>>;
+
     /// Whether the store answers (for `/readyz`).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
@@ -619,6 +625,27 @@ pub mod conformance {
 
         // Counts for metrics: t2 and t3 active; x3 the only honoured lease.
         assert_eq!(s.counts(200).await.unwrap(), (2, 1));
+        // Quota counts: a/t2 is active (t1 ended); b/t3 active.
+        assert_eq!(s.count_active_tasks("spiffe://e.org/a").await.unwrap(), 1);
+        assert_eq!(
+            s.count_active_tasks("spiffe://e.org/nobody").await.unwrap(),
+            0
+        );
+        assert_eq!(s.count_task_leases("t-none").await.unwrap(), 0);
+        let in_t1 = s
+            .list_leases(
+                ListFilter {
+                    task_id: Some("t1".into()),
+                    limit: 1000,
+                    ..ListFilter::default()
+                },
+                200,
+            )
+            .await
+            .unwrap()
+            .len() as u64;
+        assert!(in_t1 > 0);
+        assert_eq!(s.count_task_leases("t1").await.unwrap(), in_t1);
 
         // Restart: live tasks get a fresh grace, capped at their deadline.
         assert_eq!(s.refresh_active_tasks(300).await.unwrap(), 2);

@@ -864,6 +864,32 @@ impl Store for PostgresStore {
         })
     }
 
+    fn count_active_tasks(&self, spiffe_id: &str) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let spiffe_id = spiffe_id.to_owned();
+        Box::pin(async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM tasks WHERE spiffe_id = $1 AND state = 'active'",
+            )
+            .bind(spiffe_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    fn count_task_leases(&self, task_id: &str) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let task_id = task_id.to_owned();
+        Box::pin(async move {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE task_id = $1")
+                .bind(task_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             sqlx::query("SELECT 1")
