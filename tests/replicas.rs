@@ -374,7 +374,7 @@ async fn database_outages_fail_cleanly_and_recover_without_restart() {
     .execute(&mut admin)
     .await
     .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(kill))
+    sqlx::query(sqlx::AssertSqlSafe(kill.clone()))
         .execute(&mut admin)
         .await
         .unwrap();
@@ -405,6 +405,47 @@ async fn database_outages_fail_cleanly_and_recover_without_restart() {
         .unwrap()
         .into_inner();
     client.mint_jwt_svid(jwt(&task.task_id)).await.unwrap();
+
+    // 4. The database turns read-only (as a standby does after a failover): nothing is issued,
+    //    /readyz's write probe says not ready; writable again, service resumes.
+    let read_only = |on: bool| {
+        sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {name} SET default_transaction_read_only = {on}"
+        ))
+    };
+    sqlx::query(read_only(true))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(kill.clone()))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.mint_jwt_svid(jwt("")).await {
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
+                break;
+            }
+            // A connection opened before the change may still write once.
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "still issuing on a read-only database"
+            ),
+        }
+    }
+    assert_eq!(readyz(&a).await, 503, "not ready on a read-only database");
+    sqlx::query(read_only(false))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(kill))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    recover(&mut client).await;
+    assert_eq!(readyz(&a).await, 200);
 }
 
 /// Mints until it works (bounded); every failure on the way must be `Unavailable`.

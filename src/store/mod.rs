@@ -371,7 +371,7 @@ pub trait Store: Send + Sync {
     /// How many leases were recorded in a task (for its quota).
     fn count_task_leases(&self, task_id: &str) -> BoxFuture<'_, Result<u64, StoreError>>;
 
-    /// Whether the store answers (for `/readyz`).
+    /// Whether the store accepts writes now (for `/readyz`): a small real write.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 

@@ -96,6 +96,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         );
         CREATE INDEX revocations_at ON revocations (at);",
     ),
+    (
+        3,
+        "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), at BIGINT NOT NULL);",
+    ),
 ];
 
 type LeaseAck = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
@@ -892,10 +896,14 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            sqlx::query("SELECT 1")
-                .execute(&self.pool)
-                .await
-                .map_err(unavailable)?;
+            // A real write: a read-only server (a standby after failover) fails here.
+            sqlx::query(
+                "INSERT INTO health (id, at) VALUES (1, extract(epoch from now())::bigint)
+                 ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at",
+            )
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
             Ok(())
         })
     }

@@ -77,12 +77,99 @@ const MIGRATIONS: &[(i64, &str)] = &[
             reason TEXT NOT NULL
         );",
     ),
+    (
+        3,
+        "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);",
+    ),
 ];
 
 /// Most leases committed in one transaction.
 const BATCH: usize = 256;
 
 type LeaseAck = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+/// A write transaction on one pooled connection, begun `IMMEDIATE` (the write lock is taken up
+/// front, so writers queue on the busy timeout instead of failing to upgrade).
+///
+/// It is committed, rolled back, or its connection is closed instead of going back to the
+/// pool: a COMMIT that fails (a full disk, an I/O error) leaves SQLite's transaction open with
+/// the write lock held, and a pooled connection in that state would lock every other writer
+/// out until restart. Closing the connection makes SQLite roll back and release the lock.
+struct WriteTx {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+}
+
+impl WriteTx {
+    async fn begin(pool: &SqlitePool) -> Result<Self, StoreError> {
+        let mut conn = pool.acquire().await.map_err(unavailable)?;
+        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+            drop(conn.detach());
+            return Err(unavailable(e));
+        }
+        Ok(Self { conn: Some(conn) })
+    }
+
+    async fn commit(mut self) -> Result<(), StoreError> {
+        let Some(mut conn) = self.conn.take() else {
+            return Err(StoreError::Unavailable(
+                "transaction already finished".into(),
+            ));
+        };
+        match sqlx::query("COMMIT").execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                drop(conn.detach());
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    async fn rollback(mut self) {
+        if let Some(mut conn) = self.conn.take()
+            && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err()
+        {
+            drop(conn.detach());
+        }
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        // Neither committed nor rolled back (an error returned early): discard the connection.
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::SqliteConnection;
+
+    fn deref(&self) -> &Self::Target {
+        // Present until commit/rollback, which consume the transaction.
+        self.conn
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("transaction used after it ended"))
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.conn
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("transaction used after it ended"))
+    }
+}
+
+/// The one row a query must return. Every query here reads all its rows (`fetch_all`), never
+/// stopping early: sqlx's SQLite driver resets a statement only once its rows are read to the
+/// end, and a statement left mid-way keeps its connection's read snapshot open, so a later read
+/// there could miss a lease committed since (sqlx#2543).
+fn single<T>(rows: Vec<T>) -> Result<T, StoreError> {
+    rows.into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Corrupt("query returned no row".into()))
+}
 
 fn unavailable(e: sqlx::Error) -> StoreError {
     match e {
@@ -122,7 +209,7 @@ async fn write_leases<'a>(
     pool: &SqlitePool,
     leases: impl Iterator<Item = &'a Lease>,
 ) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let mut tx = WriteTx::begin(pool).await?;
     for l in leases {
         sqlx::query(
             "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
@@ -140,7 +227,7 @@ async fn write_leases<'a>(
         .await
         .map_err(unavailable)?;
     }
-    tx.commit().await.map_err(unavailable)
+    tx.commit().await
 }
 
 /// Runs a bound task query and decodes every row.
@@ -215,7 +302,7 @@ fn lease_row(row: &sqlx::sqlite::SqliteRow) -> Result<LeaseStatus, StoreError> {
 /// Appends a revocation event inside the transaction that made the revocation, so the event
 /// log and the state can never disagree.
 async fn record_revocation(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::SqliteConnection,
     task_id: Option<&str>,
     lease_id: Option<&str>,
     reason: &str,
@@ -229,9 +316,10 @@ async fn record_revocation(
     .bind(task_id)
     .bind(lease_id)
     .bind(reason)
-    .fetch_one(&mut **tx)
+    .fetch_all(&mut *tx)
     .await
-    .map_err(unavailable)?;
+    .map_err(unavailable)
+    .and_then(single)?;
     revocation_row(&row)
 }
 
@@ -287,11 +375,12 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let current: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-                .fetch_one(&self.pool)
+                .fetch_all(&self.pool)
                 .await
-                .map_err(unavailable)?;
+                .map_err(unavailable)
+                .and_then(single)?;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let mut tx = WriteTx::begin(&self.pool).await?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
                 .execute(&mut *tx)
                 .await
@@ -301,7 +390,7 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-            tx.commit().await.map_err(unavailable)?;
+            tx.commit().await?;
             tracing::info!(version, "applied sqlite migration");
         }
         Ok(())
@@ -336,9 +425,11 @@ impl Store for SqliteStore {
                  FROM join_tokens WHERE hash = ?",
             )
             .bind(&hash[..])
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable)?
+            .into_iter()
+            .next();
             let Some(row) = row else {
                 return Ok(None);
             };
@@ -414,10 +505,10 @@ impl Store for SqliteStore {
             let sql = sqlx::AssertSqlSafe(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"));
             sqlx::query(sql)
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_all(&self.pool)
                 .await
                 .map_err(unavailable)?
-                .as_ref()
+                .first()
                 .map(task_row)
                 .transpose()
         })
@@ -447,7 +538,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Option<Revocation>, StoreError>> {
         let (id, reason) = (id.to_owned(), reason.to_owned());
         Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let mut tx = WriteTx::begin(&self.pool).await?;
             let r = sqlx::query(
                 "UPDATE tasks SET state = ?, ended_at = ?, reason = ? WHERE id = ? AND state = 'active'",
             )
@@ -459,10 +550,11 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
             if r.rows_affected() == 0 {
+                tx.rollback().await;
                 return Ok(None);
             }
             let event = record_revocation(&mut tx, Some(&id), None, &reason, now).await?;
-            tx.commit().await.map_err(unavailable)?;
+            tx.commit().await?;
             Ok(Some(event))
         })
     }
@@ -512,10 +604,10 @@ impl Store for SqliteStore {
             ));
             sqlx::query(sql)
                 .bind(key)
-                .fetch_optional(&self.pool)
+                .fetch_all(&self.pool)
                 .await
                 .map_err(unavailable)?
-                .as_ref()
+                .first()
                 .map(lease_row)
                 .transpose()
         })
@@ -529,7 +621,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Option<Revocation>, StoreError>> {
         let (id, reason) = (id.to_owned(), reason.to_owned());
         Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let mut tx = WriteTx::begin(&self.pool).await?;
             let r = sqlx::query(
                 "UPDATE leases SET revoked = 1, revoked_at = ?, reason = ? WHERE id = ? AND revoked = 0",
             )
@@ -540,10 +632,11 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
             if r.rows_affected() == 0 {
+                tx.rollback().await;
                 return Ok(None);
             }
             let event = record_revocation(&mut tx, None, Some(&id), &reason, now).await?;
-            tx.commit().await.map_err(unavailable)?;
+            tx.commit().await?;
             Ok(Some(event))
         })
     }
@@ -686,7 +779,7 @@ impl Store for SqliteStore {
 
     fn prune(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let mut tx = WriteTx::begin(&self.pool).await?;
             let leases = sqlx::query("DELETE FROM leases WHERE expires_at < ?")
                 .bind(before)
                 .execute(&mut *tx)
@@ -708,7 +801,7 @@ impl Store for SqliteStore {
                 .await
                 .map_err(unavailable)?
                 .rows_affected();
-            tx.commit().await.map_err(unavailable)?;
+            tx.commit().await?;
             Ok(leases + tasks + events)
         })
     }
@@ -717,17 +810,19 @@ impl Store for SqliteStore {
         Box::pin(async move {
             let tasks: i64 =
                 sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE state = 'active'")
-                    .fetch_one(&self.pool)
+                    .fetch_all(&self.pool)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(unavailable)
+                    .and_then(single)?;
             let leases: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
                  WHERE l.expires_at > ? AND l.revoked = 0 AND (t.id IS NULL OR t.state = 'active')",
             )
             .bind(now)
-            .fetch_one(&self.pool)
+            .fetch_all(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable)
+            .and_then(single)?;
             Ok((
                 u64::try_from(tasks).unwrap_or(0),
                 u64::try_from(leases).unwrap_or(0),
@@ -742,9 +837,10 @@ impl Store for SqliteStore {
                 "SELECT COUNT(*) FROM tasks WHERE spiffe_id = ? AND state = 'active'",
             )
             .bind(spiffe_id)
-            .fetch_one(&self.pool)
+            .fetch_all(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable)
+            .and_then(single)?;
             Ok(u64::try_from(n).unwrap_or(0))
         })
     }
@@ -754,16 +850,19 @@ impl Store for SqliteStore {
         Box::pin(async move {
             let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE task_id = ?")
                 .bind(task_id)
-                .fetch_one(&self.pool)
+                .fetch_all(&self.pool)
                 .await
-                .map_err(unavailable)?;
+                .map_err(unavailable)
+                .and_then(single)?;
             Ok(u64::try_from(n).unwrap_or(0))
         })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            sqlx::query("SELECT 1")
+            // A real write: a full disk or a read-only file fails here, not only on the next
+            // credential.
+            sqlx::query("INSERT OR REPLACE INTO health (id, at) VALUES (1, unixepoch())")
                 .execute(&self.pool)
                 .await
                 .map_err(unavailable)?;

@@ -83,7 +83,16 @@ pub fn policy_file(b: &TestBroker) -> PathBuf {
 }
 
 pub async fn start_full(extra: &str, ca: InitOptions, policy: &str) -> TestBroker {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), extra, ca, policy).await
+}
+
+/// A test broker whose data directory is `dir`.
+pub async fn start_in(
+    dir: tempfile::TempDir,
+    extra: &str,
+    ca: InitOptions,
+    policy: &str,
+) -> TestBroker {
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies").join("test.cedar"), policy).unwrap();
     let clock = ManualClock::new(SystemTime::now());
