@@ -89,6 +89,10 @@ struct Args {
     /// The running broker's pid, for its CPU time.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Soak instead of measuring: this many seconds of mixed load against a broker process,
+    /// sampling its RSS and open file descriptors (the long mode is 600).
+    #[arg(long, value_name = "SECONDS")]
+    soak: Option<f64>,
     /// PostgreSQL URL for the in-process broker and the lease-scale store (default: SQLite).
     #[arg(long, env = "EPHEMERA_BENCH_POSTGRES_URL")]
     store_url: Option<String>,
@@ -1125,6 +1129,192 @@ async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Val
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4. Soak
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// A broker process on a fresh data directory, with its socket client and admin token.
+async fn broker_process(
+    store_url: Option<&str>,
+) -> anyhow::Result<(
+    Child,
+    ephemera::endpoints::Endpoints,
+    String,
+    tempfile::TempDir,
+)> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut opts = DevOptions::embedded(&data);
+    opts.log_level = "error".into();
+    opts.extra_config = format!(
+        "[tasks]\nheartbeat_interval = \"1s\"\ngrace = \"2s\"\n[limits]\nrequests_per_second = 0\nmax_active_tasks_per_identity = 0\n{}",
+        store_config(store_url)
+    );
+    let config = opts.prepare(dir.path())?;
+    let config_path = dir.path().join("ephemera.toml");
+    std::fs::write(
+        &config_path,
+        opts.config_text(ephemera::dev::current_uid()?),
+    )?;
+    let mut child = Child {
+        child: std::process::Command::new(ephemera_binary()?)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    };
+    let endpoints = loop {
+        if let Ok(e) = ephemera::endpoints::Endpoints::read(&data) {
+            break e;
+        }
+        if let Some(status) = child.child.try_wait()? {
+            bail!("broker exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    wait_ready(&endpoints.http_addr, &mut child.child).await?;
+    let token = std::fs::read_to_string(&config.admin_token_file)?
+        .trim()
+        .to_owned();
+    Ok((child, endpoints, token, dir))
+}
+
+async fn soak(seconds: f64, store_url: Option<&str>) -> anyhow::Result<Value> {
+    let (child, endpoints, admin_token, _dir) = broker_process(store_url).await?;
+    let pid = child.child.id();
+    let connect = ConnectOptions {
+        socket: Some(endpoints.broker_socket.clone()),
+        ..ConnectOptions::default()
+    };
+    let channel = || connect.connect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = Vec::new();
+    // Task lifecycles: begin, keep alive, mint both kinds, end.
+    for _ in 0..16 {
+        let mut c = BrokerClient::new(channel().await?);
+        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r: anyhow::Result<()> = async {
+                    let task = c
+                        .begin_task(BeginTaskRequest::default())
+                        .await?
+                        .into_inner();
+                    let (tx, rx) = tokio::sync::mpsc::channel(2);
+                    tx.send(KeepAliveRequest {
+                        task_id: task.task_id.clone(),
+                    })
+                    .await?;
+                    let mut ka = c
+                        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?
+                        .into_inner();
+                    ka.message().await?;
+                    for _ in 0..3 {
+                        c.mint_jwt_svid(MintJwtSvidRequest {
+                            audience: vec!["soak".into()],
+                            task_id: task.task_id.clone(),
+                            ..MintJwtSvidRequest::default()
+                        })
+                        .await?;
+                        c.mint_x509_svid(MintX509SvidRequest {
+                            task_id: task.task_id.clone(),
+                            ..MintX509SvidRequest::default()
+                        })
+                        .await?;
+                        tx.send(KeepAliveRequest::default()).await?;
+                    }
+                    c.end_task(EndTaskRequest {
+                        task_id: task.task_id,
+                    })
+                    .await?;
+                    Ok(())
+                }
+                .await;
+                match r {
+                    Ok(()) => done.fetch_add(6, std::sync::atomic::Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    // Watchers that stay, and watchers that come and go.
+    for i in 0..4 {
+        let mut r = RevocationsClient::new(channel().await?);
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(s) = r.watch(WatchRequest { cursor: None }).await else {
+                    continue;
+                };
+                let mut s = s.into_inner();
+                let until = Instant::now() + Duration::from_secs(if i == 0 { 3600 } else { 5 });
+                while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if tokio::time::timeout(Duration::from_secs(1), s.message())
+                        .await
+                        .is_ok_and(|m| m.is_err())
+                    {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    // An admin listing every second.
+    {
+        let mut admin = AdminClient::new(channel().await?);
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut req = tonic::Request::new(ListLeasesRequest {
+                    page_size: 100,
+                    ..ListLeasesRequest::default()
+                });
+                if let Ok(v) = format!("Bearer {admin_token}").parse() {
+                    req.metadata_mut().insert("authorization", v);
+                }
+                let _ = admin.list_leases(req).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+    let started = Instant::now();
+    let every = (seconds / 20.0).max(0.5);
+    let mut samples = Vec::new();
+    while started.elapsed().as_secs_f64() < seconds {
+        tokio::time::sleep(Duration::from_secs_f64(every)).await;
+        let (rss, _) = rss_mib(pid);
+        samples.push(json!({
+            "t_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "rss_mib": (rss * 10.0).round() / 10.0,
+            "open_fds": open_fds(pid),
+            "credentials": done.load(std::sync::atomic::Ordering::Relaxed),
+        }));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.abort();
+    }
+    let first = samples
+        .get(samples.len().min(2).saturating_sub(1))
+        .cloned()
+        .unwrap_or_default();
+    let last = samples.last().cloned().unwrap_or_default();
+    Ok(json!({
+        "seconds": seconds,
+        "samples": samples,
+        "errors": errors.load(std::sync::atomic::Ordering::Relaxed),
+        "rss_growth_mib": ((last["rss_mib"].as_f64().unwrap_or(0.0) - first["rss_mib"].as_f64().unwrap_or(0.0)) * 10.0).round() / 10.0,
+        "fd_growth": last["open_fds"].as_i64().unwrap_or(0) - first["open_fds"].as_i64().unwrap_or(0),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reporting
 
 fn machine() -> Value {
@@ -1229,6 +1419,28 @@ fn print_table(report: &Value) {
         }
         println!("({})\n", rev["note"].as_str().unwrap_or(""));
     }
+    if let Some(samples) = report["soak"]["samples"].as_array() {
+        println!("soak: {}s of mixed load", report["soak"]["seconds"]);
+        println!(
+            "{:>8} {:>10} {:>9} {:>12}",
+            "t (s)", "RSS (MiB)", "open fds", "credentials"
+        );
+        for x in samples {
+            println!(
+                "{:>8} {:>10} {:>9} {:>12}",
+                cell(&x["t_s"]),
+                cell(&x["rss_mib"]),
+                cell(&x["open_fds"]),
+                cell(&x["credentials"])
+            );
+        }
+        println!(
+            "RSS growth after the first sample: {} MiB; open fds: {:+}; request errors: {}\n",
+            report["soak"]["rss_growth_mib"],
+            report["soak"]["fd_growth"].as_i64().unwrap_or(0),
+            report["soak"]["errors"]
+        );
+    }
     if report["lease_scale"].is_object() {
         let l = &report["lease_scale"];
         println!(
@@ -1296,6 +1508,12 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: &Args) -> anyhow::Result<Value> {
     let remote_target = args.socket.is_some() || args.addr.is_some();
+    if let Some(seconds) = args.soak {
+        return Ok(json!({
+            "machine": machine(),
+            "soak": soak(seconds, args.store_url.as_deref()).await?,
+        }));
+    }
     let sign_rate = signing_rate(if args.smoke { 0.2 } else { 2.0 })?;
     let mut report = json!({
         "machine": machine(),

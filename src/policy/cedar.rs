@@ -194,11 +194,6 @@ fn claim_tags(
     Ok(out)
 }
 
-fn uid(type_name: &str, id: &str) -> Result<EntityUid, PolicyError> {
-    let t = EntityTypeName::from_str(type_name).map_err(|e| PolicyError::Request(e.to_string()))?;
-    Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
-}
-
 /// RFC 3339 in whole seconds, the form Cedar's `datetime` accepts.
 fn cedar_datetime(t: SystemTime) -> String {
     let secs = crate::clock::unix_secs(t);
@@ -227,8 +222,88 @@ pub struct PolicyEngine {
     dir: PathBuf,
     schema: Schema,
     authorizer: Authorizer,
+    names: Names,
     current: RwLock<Arc<Loaded>>,
     generation: tokio::sync::watch::Sender<u64>,
+}
+
+/// Names and values parsed once, not per request: Cedar parses entity type names and builds
+/// extension values with its full grammar, which cost more than the rest of a decision.
+struct Names {
+    workload: EntityTypeName,
+    audience: EntityTypeName,
+    target: EntityTypeName,
+    actions: [EntityUid; 3],
+    /// `context.now`, rebuilt once a second.
+    now: std::sync::Mutex<(i64, RestrictedExpression)>,
+    /// `context.source_ip` per address, bounded.
+    ips: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, RestrictedExpression>>,
+}
+
+/// Most source addresses whose Cedar value is kept.
+const IP_CACHE: usize = 4096;
+
+impl Names {
+    fn new() -> Result<Self, String> {
+        let t = |n: &str| EntityTypeName::from_str(n).map_err(|e| e.to_string());
+        let action = t("Ephemera::Action")?;
+        let act =
+            |a: Action| EntityUid::from_type_name_and_id(action.clone(), EntityId::new(a.name()));
+        Ok(Self {
+            workload: t("Ephemera::Workload")?,
+            audience: t("Ephemera::Audience")?,
+            target: t("Ephemera::Target")?,
+            actions: [
+                act(Action::BeginTask),
+                act(Action::MintX509Svid),
+                act(Action::MintJwtSvid),
+            ],
+            now: std::sync::Mutex::new((i64::MIN, RestrictedExpression::new_long(0))),
+            ips: std::sync::Mutex::default(),
+        })
+    }
+
+    fn action(&self, a: Action) -> EntityUid {
+        self.actions[match a {
+            Action::BeginTask => 0,
+            Action::MintX509Svid => 1,
+            Action::MintJwtSvid => 2,
+        }]
+        .clone()
+    }
+
+    fn resource(&self, r: &Resource) -> EntityUid {
+        let (t, id) = match r {
+            Resource::Audience(a) => (&self.audience, a),
+            Resource::Target(t) => (&self.target, t),
+        };
+        EntityUid::from_type_name_and_id(t.clone(), EntityId::new(id))
+    }
+
+    fn now(&self, t: SystemTime) -> RestrictedExpression {
+        let secs = crate::clock::unix_secs(t);
+        let mut now = self
+            .now
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if now.0 != secs {
+            *now = (secs, RestrictedExpression::new_datetime(cedar_datetime(t)));
+        }
+        now.1.clone()
+    }
+
+    fn ip(&self, ip: std::net::IpAddr) -> RestrictedExpression {
+        let mut ips = self
+            .ips
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ips.len() >= IP_CACHE && !ips.contains_key(&ip) {
+            ips.clear();
+        }
+        ips.entry(ip)
+            .or_insert_with(|| RestrictedExpression::new_ip(ip.to_string()))
+            .clone()
+    }
 }
 
 /// The built-in schema, parsed.
@@ -384,10 +459,18 @@ impl PolicyEngine {
         if count == 0 {
             tracing::warn!(dir = %dir.display(), "no policies loaded: every request will be denied");
         }
+        let names = Names::new().map_err(|message| {
+            vec![PolicyProblem {
+                file: PathBuf::from("schema.cedarschema"),
+                line: None,
+                message,
+            }]
+        })?;
         Ok(Self {
             dir: dir.to_owned(),
             schema,
             authorizer: Authorizer::new(),
+            names,
             current: RwLock::new(Arc::new(Loaded {
                 set,
                 count,
@@ -469,7 +552,10 @@ impl PolicyEngine {
         resource: &Resource,
         ctx: &RequestContext,
     ) -> Result<Decision, PolicyError> {
-        let principal_uid = uid("Ephemera::Workload", principal.spiffe_id.as_str())?;
+        let principal_uid = EntityUid::from_type_name_and_id(
+            self.names.workload.clone(),
+            EntityId::new(principal.spiffe_id.as_str()),
+        );
         let entity = Entity::new_with_tags(
             principal_uid.clone(),
             [
@@ -494,27 +580,18 @@ impl PolicyEngine {
             claim_tags(principal.claims)?,
         )
         .map_err(|e| PolicyError::Request(e.to_string()))?;
-        let resource_uid = match resource {
-            Resource::Audience(a) => uid("Ephemera::Audience", a)?,
-            Resource::Target(t) => uid("Ephemera::Target", t)?,
-        };
-        let action_uid = uid("Ephemera::Action", action.name())?;
+        let resource_uid = self.names.resource(resource);
+        let action_uid = self.names.action(action);
         let mut pairs = vec![
             (
                 "requested_ttl_secs".to_owned(),
                 long(ctx.requested_ttl_secs),
             ),
             ("evidence_age_secs".to_owned(), long(ctx.evidence_age_secs)),
-            (
-                "now".to_owned(),
-                RestrictedExpression::new_datetime(cedar_datetime(ctx.now)),
-            ),
+            ("now".to_owned(), self.names.now(ctx.now)),
         ];
         if let Some(ip) = ctx.source_ip {
-            pairs.push((
-                "source_ip".to_owned(),
-                RestrictedExpression::new_ip(ip.to_string()),
-            ));
+            pairs.push(("source_ip".to_owned(), self.names.ip(ip)));
         }
         if let Some(task) = &ctx.task {
             pairs.push((
@@ -548,7 +625,7 @@ impl PolicyEngine {
         )
         .map_err(|e| PolicyError::Request(e.to_string()))?;
         let entities = Entities::from_entities(
-            [entity, Entity::with_uid(request_resource(resource)?)],
+            [entity, Entity::with_uid(self.names.resource(resource))],
             None,
         )
         .map_err(|e| PolicyError::Request(e.to_string()))?;
@@ -561,13 +638,6 @@ impl PolicyEngine {
             policies: diag.reason().map(ToString::to_string).collect(),
             errors: diag.errors().map(ToString::to_string).collect(),
         })
-    }
-}
-
-fn request_resource(resource: &Resource) -> Result<EntityUid, PolicyError> {
-    match resource {
-        Resource::Audience(a) => uid("Ephemera::Audience", a),
-        Resource::Target(t) => uid("Ephemera::Target", t),
     }
 }
 
