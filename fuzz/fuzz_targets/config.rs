@@ -8,6 +8,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Err(ephemera::config::ConfigError::Invalid(problems)) =
         ephemera::config::Config::from_toml(text, std::path::Path::new("/"))
     {
-        assert!(problems.iter().all(|p| !p.key.is_empty() || !p.message.is_empty()));
+        assert!(
+            problems
+                .iter()
+                .all(|p| !p.key.is_empty() || !p.message.is_empty())
+        );
     }
 });
