@@ -448,8 +448,9 @@ async fn issuance_run(
     seconds: f64,
     csrs: &Arc<Vec<Vec<u8>>>,
 ) -> anyhow::Result<Value> {
-    // Each client: its own connection and task, ready before timing starts.
+    // Each client: its own connection and task, kept alive, ready before timing starts.
     let mut setups = Vec::new();
+    let mut keepers = Vec::new();
     for _ in 0..clients {
         let channel = target.channel(transport).await?;
         let mut client = BrokerClient::new(channel);
@@ -457,6 +458,27 @@ async fn issuance_run(
             .begin_task(target.request(transport, BeginTaskRequest::default()))
             .await?
             .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tx.send(KeepAliveRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await?;
+        let stream = client
+            .keep_alive(target.request(
+                transport,
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+            .await?;
+        let every = Duration::from_secs(task.heartbeat_interval_seconds.max(1)) / 2;
+        keepers.push(tokio::spawn(async move {
+            let _stream = stream;
+            loop {
+                tokio::time::sleep(every).await;
+                if tx.send(KeepAliveRequest::default()).await.is_err() {
+                    return;
+                }
+            }
+        }));
         setups.push((client, task.task_id));
     }
     let warmup = Duration::from_secs_f64((seconds / 5.0).min(1.0));
@@ -526,6 +548,9 @@ async fn issuance_run(
         let (lat, e) = w.await?;
         all.extend(lat);
         errors += e;
+    }
+    for k in keepers {
+        k.abort();
     }
     let wall = wall0.elapsed().as_secs_f64().min(seconds).max(1e-9);
     let cpu = target.cpu.read().zip(cpu0).map(|(b, a)| b - a);
