@@ -400,7 +400,14 @@ impl Broker {
             )
             .unwrap_or(0);
         let number = stamp.max(previous + 1);
-        let der = self.ca.x509.crl(&list, number, now, now + CRL_VALIDITY)?;
+        // Signing a CRL of many serials is CPU-bound work: off the async workers, so requests
+        // and streams are not held up behind it.
+        let ca = self.ca.clone();
+        let der = tokio::task::spawn_blocking(move || {
+            ca.x509.crl(&list, number, now, now + CRL_VALIDITY)
+        })
+        .await
+        .map_err(|e| MintError::Signing(format!("CRL task: {e}")))??;
         *self
             .crl
             .write()

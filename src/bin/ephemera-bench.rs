@@ -464,10 +464,7 @@ async fn issuance_run(
         })
         .await?;
         let stream = client
-            .keep_alive(target.request(
-                transport,
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-            ))
+            .keep_alive(target.request(transport, tokio_stream::wrappers::ReceiverStream::new(rx)))
             .await?;
         let every = Duration::from_secs(task.heartbeat_interval_seconds.max(1)) / 2;
         keepers.push(tokio::spawn(async move {
