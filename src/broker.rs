@@ -403,6 +403,7 @@ impl Broker {
         // Signing a CRL of many serials is CPU-bound work: off the async workers, so requests
         // and streams are not held up behind it.
         let ca = self.ca.clone();
+        let listed = list.len();
         let der = tokio::task::spawn_blocking(move || {
             ca.x509.crl(&list, number, now, now + CRL_VALIDITY)
         })
@@ -413,7 +414,7 @@ impl Broker {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(der);
         self.crl_updates.send_modify(|n| *n += 1);
-        Ok(list.len())
+        Ok(listed)
     }
 
     /// Whether a JWT-SVID is honoured now: signed by this broker, unexpired, and its lease and
