@@ -32,6 +32,9 @@ const BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The process-wide recorder, installed on first use. `None` if another recorder was
 /// installed first (metrics then go there).
 pub fn handle() -> Option<&'static PrometheusHandle> {
@@ -47,7 +50,20 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             match ::metrics::set_global_recorder(recorder) {
-                Ok(()) => Some(handle),
+                Ok(()) => {
+                    // Histogram samples are held until upkeep folds them into buckets; without
+                    // it (nobody scraping /metrics) they accumulate without bound.
+                    let upkeep = handle.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("ephemera-metrics".into())
+                        .spawn(move || {
+                            loop {
+                                std::thread::sleep(UPKEEP_EVERY);
+                                upkeep.run_upkeep();
+                            }
+                        });
+                    Some(handle)
+                }
                 Err(_) => {
                     tracing::warn!("another metrics recorder is installed; /metrics is empty");
                     None
