@@ -1019,30 +1019,8 @@ async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Val
     let db_bytes = dir_size(&data);
 
     // Restart to ready: a broker process on the filled store.
-    let config_path = dir.path().join("ephemera.toml");
-    std::fs::write(
-        &config_path,
-        opts.config_text(ephemera::dev::current_uid()?),
-    )?;
     let started = Instant::now();
-    let mut child = Child {
-        child: std::process::Command::new(ephemera_binary()?)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?,
-    };
-    let endpoints = loop {
-        if let Ok(e) = ephemera::endpoints::Endpoints::read(&data) {
-            break e;
-        }
-        if let Some(status) = child.child.try_wait()? {
-            bail!("broker exited: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    wait_ready(&endpoints.http_addr, &mut child.child).await?;
+    let (child, endpoints) = serve(&opts, dir.path(), &data).await?;
     let restart = started.elapsed();
     let pid = child.child.id();
     let (rss_ready, _) = rss_mib(pid);
@@ -1157,6 +1135,38 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
+/// Starts `ephemera serve` on `opts` (already prepared in `data`) and waits until it is ready.
+async fn serve(
+    opts: &DevOptions,
+    dir: &Path,
+    data: &Path,
+) -> anyhow::Result<(Child, ephemera::endpoints::Endpoints)> {
+    let config_path = dir.join("ephemera.toml");
+    std::fs::write(
+        &config_path,
+        opts.config_text(ephemera::dev::current_uid()?),
+    )?;
+    let mut child = Child {
+        child: std::process::Command::new(ephemera_binary()?)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    };
+    let endpoints = loop {
+        if let Ok(e) = ephemera::endpoints::Endpoints::read(data) {
+            break e;
+        }
+        if let Some(status) = child.child.try_wait()? {
+            bail!("broker exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    wait_ready(&endpoints.http_addr, &mut child.child).await?;
+    Ok((child, endpoints))
+}
+
 /// A broker process on a fresh data directory, with its socket client and admin token.
 async fn broker_process(
     store_url: Option<&str>,
@@ -1175,29 +1185,7 @@ async fn broker_process(
         store_config(store_url)
     );
     let config = opts.prepare(dir.path())?;
-    let config_path = dir.path().join("ephemera.toml");
-    std::fs::write(
-        &config_path,
-        opts.config_text(ephemera::dev::current_uid()?),
-    )?;
-    let mut child = Child {
-        child: std::process::Command::new(ephemera_binary()?)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?,
-    };
-    let endpoints = loop {
-        if let Ok(e) = ephemera::endpoints::Endpoints::read(&data) {
-            break e;
-        }
-        if let Some(status) = child.child.try_wait()? {
-            bail!("broker exited: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    wait_ready(&endpoints.http_addr, &mut child.child).await?;
+    let (child, endpoints) = serve(&opts, dir.path(), &data).await?;
     let token = std::fs::read_to_string(&config.admin_token_file)?
         .trim()
         .to_owned();

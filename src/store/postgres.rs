@@ -268,6 +268,20 @@ async fn write_leases<'a>(
     Ok(())
 }
 
+/// Runs a bound task query and decodes every row.
+async fn fetch_tasks<'q>(
+    pool: &PgPool,
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> Result<Vec<Task>, StoreError> {
+    query
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(task_row)
+        .collect()
+}
+
 const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
 
 fn task_row(row: &PgRow) -> Result<Task, StoreError> {
@@ -545,15 +559,8 @@ impl Store for PostgresStore {
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'active' AND due_at <= $1
                  ORDER BY due_at LIMIT $2"
             ));
-            sqlx::query(sql)
-                .bind(now)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(task_row)
-                .collect()
+            let query = sqlx::query(sql).bind(now).bind(i64::from(limit));
+            fetch_tasks(&self.pool, query).await
         })
     }
 
@@ -747,18 +754,13 @@ impl Store for PostgresStore {
                    AND ($4::text IS NULL OR id = $4)
                  ORDER BY id LIMIT $5"
             ));
-            sqlx::query(sql)
+            let query = sqlx::query(sql)
                 .bind(&f.spiffe_id)
                 .bind(f.active)
                 .bind(&f.after)
                 .bind(&f.task_id)
-                .bind(i64::from(f.limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(task_row)
-                .collect()
+                .bind(i64::from(f.limit));
+            fetch_tasks(&self.pool, query).await
         })
     }
 
@@ -805,15 +807,8 @@ impl Store for PostgresStore {
                  WHERE state = 'active' AND ($1::text IS NULL OR id > $1)
                  ORDER BY id LIMIT $2"
             ));
-            sqlx::query(sql)
-                .bind(after)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(task_row)
-                .collect()
+            let query = sqlx::query(sql).bind(after).bind(i64::from(limit));
+            fetch_tasks(&self.pool, query).await
         })
     }
 
