@@ -28,10 +28,13 @@ use crate::api::pb::v1::broker_client::BrokerClient;
 use crate::api::pb::v1::{
     BeginTaskRequest, EndTaskRequest, KeepAliveRequest, MintJwtSvidRequest, MintX509SvidRequest,
 };
-use crate::client::evidence::EvidenceOptions;
+use crate::client::evidence::EvidenceCache;
 
 /// Exit status when CMD could not be started (as shells use for "command not found").
 pub const EXIT_NOT_FOUND: u8 = 127;
+/// How long gathered evidence is reused: well inside CI tokens' lifetimes (GitHub's last
+/// minutes) and the brokers' `max_token_age`.
+const EVIDENCE_REUSE: Duration = Duration::from_secs(60);
 /// Longest a renewal waits before retrying after a failure.
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -112,7 +115,7 @@ pub fn jwt_file_name(aud: &str) -> String {
 /// Everything a run needs to talk to the broker about its task.
 struct Session {
     client: BrokerClient<Channel>,
-    evidence: EvidenceOptions,
+    evidence: EvidenceCache,
     task_id: String,
     spiffe_id: String,
     ttl: Option<u64>,
@@ -170,10 +173,10 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         }
     }
 
-    let evidence = args.evidence.options();
+    let evidence = EvidenceCache::new(args.evidence.options(), EVIDENCE_REUSE);
     let mut client = args.conn.options().broker().await?;
     let begun = client
-        .begin_task(evidence.resolve().await?.request(BeginTaskRequest {
+        .begin_task(evidence.get().await?.request(BeginTaskRequest {
             max_duration_seconds: max_duration,
             labels,
             spiffe_id: args.spiffe_id.clone().unwrap_or_default(),
@@ -327,7 +330,7 @@ impl Session {
             let csr = CertificateParams::default()
                 .serialize_request(&key)
                 .context("creating CSR")?;
-            let ev = self.evidence.resolve().await?;
+            let ev = self.evidence.get().await?;
             let resp = self
                 .client
                 .mint_x509_svid(ev.request(MintX509SvidRequest {
@@ -357,7 +360,7 @@ impl Session {
             earliest = earliest.min(resp.expires_at);
         }
         for aud in &self.audiences {
-            let ev = self.evidence.resolve().await?;
+            let ev = self.evidence.get().await?;
             let resp = self
                 .client
                 .mint_jwt_svid(ev.request(MintJwtSvidRequest {
@@ -380,7 +383,7 @@ impl Session {
 
     /// Ends the task; on failure the broker ends it when the keep-alive grace runs out.
     async fn end(&mut self) {
-        let result = match self.evidence.resolve().await {
+        let result = match self.evidence.get().await {
             Ok(ev) => self
                 .client
                 .end_task(ev.request(EndTaskRequest {
@@ -438,14 +441,14 @@ fn task_over(status: &tonic::Status) -> bool {
 /// Keeps the task alive, reconnecting while the broker is away; reports the end of the task.
 async fn keep_alive(
     mut client: BrokerClient<Channel>,
-    evidence: EvidenceOptions,
+    evidence: EvidenceCache,
     task_id: String,
     heartbeat: Duration,
     ended: watch::Sender<Option<String>>,
 ) {
     loop {
         let attempt = async {
-            let ev = evidence.resolve().await.map_err(|e| e.to_string())?;
+            let ev = evidence.get().await.map_err(|e| e.to_string())?;
             let (tx, rx) = mpsc::channel(2);
             let _ = tx
                 .send(KeepAliveRequest {

@@ -19,8 +19,9 @@
 //! and last, nothing but the Unix socket's peer credentials, which the broker reads itself when
 //! the client connects over its local socket.
 //!
-//! Evidence is gathered afresh for each use, so short-lived CI tokens and rotated projected tokens
-//! stay valid for long runs. Nothing here logs a token.
+//! [`EvidenceOptions::resolve`] gathers evidence afresh; [`EvidenceCache`] reuses it for a short
+//! while, so short-lived CI tokens and rotated projected tokens stay valid through long runs
+//! without a fetch per call. Nothing here logs a token.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -216,6 +217,40 @@ impl EvidenceOptions {
     }
 }
 
+/// Evidence reused for a short while, for clients that make many calls in a row (`ephemera run`:
+/// begin, mints, keep-alive, renewals, end): one CI token fetch serves them all, and the
+/// broker's verification cache keeps hitting. Shared between tasks.
+#[derive(Debug, Clone)]
+pub struct EvidenceCache {
+    options: EvidenceOptions,
+    max_age: Duration,
+    cached: std::sync::Arc<tokio::sync::Mutex<Option<(std::time::Instant, Evidence)>>>,
+}
+
+impl EvidenceCache {
+    /// Reuses evidence from `options` for up to `max_age`.
+    pub fn new(options: EvidenceOptions, max_age: Duration) -> Self {
+        Self {
+            options,
+            max_age,
+            cached: std::sync::Arc::default(),
+        }
+    }
+
+    /// Fresh enough evidence: the cached one, or newly gathered.
+    pub async fn get(&self) -> Result<Evidence, EvidenceError> {
+        let mut cached = self.cached.lock().await;
+        if let Some((at, ev)) = cached.as_ref()
+            && at.elapsed() < self.max_age
+        {
+            return Ok(ev.clone());
+        }
+        let ev = self.options.resolve().await?;
+        *cached = Some((std::time::Instant::now(), ev.clone()));
+        Ok(ev)
+    }
+}
+
 fn unix_peer() -> Evidence {
     Evidence {
         source: Source::UnixPeer,
@@ -383,6 +418,41 @@ mod tests {
         assert!(matches!(err, EvidenceError::Unavailable(_)), "{err}");
         assert!(err.to_string().contains("id-token: write"), "{err}");
         assert!(!err.to_string().contains("runner-secret"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_cache_reuses_evidence_until_it_is_too_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "first.token.sig").unwrap();
+        let options = EvidenceOptions {
+            token_file: Some(file.clone()),
+            ..no_k8s()
+        };
+        let header = |ev: Evidence| {
+            ev.request(())
+                .metadata()
+                .get("authorization")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        let reused = EvidenceCache::new(options.clone(), Duration::from_secs(3600));
+        let fresh = EvidenceCache::new(options, Duration::ZERO);
+        assert_eq!(
+            header(reused.get().await.unwrap()),
+            "Bearer first.token.sig"
+        );
+        std::fs::write(&file, "second.token.sig").unwrap();
+        assert_eq!(
+            header(reused.get().await.unwrap()),
+            "Bearer first.token.sig"
+        );
+        assert_eq!(
+            header(fresh.get().await.unwrap()),
+            "Bearer second.token.sig"
+        );
     }
 
     #[test]

@@ -124,6 +124,18 @@ impl WriteTx {
         }
     }
 
+    /// Commits when `result` is `Ok`; otherwise rolls back (a failed statement, such as a
+    /// duplicate serial, leaves a usable connection) and returns the error.
+    async fn finish<T>(self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match result {
+            Ok(v) => self.commit().await.map(|()| v),
+            Err(e) => {
+                self.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
     async fn rollback(mut self) {
         if let Some(mut conn) = self.conn.take()
             && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err()
@@ -210,24 +222,33 @@ async fn write_leases<'a>(
     leases: impl Iterator<Item = &'a Lease>,
 ) -> Result<(), StoreError> {
     let mut tx = WriteTx::begin(pool).await?;
-    for l in leases {
-        sqlx::query(
-            "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&l.id)
-        .bind(&l.task_id)
-        .bind(l.kind.as_str())
-        .bind(&l.serial)
-        .bind(&l.spiffe_id)
-        .bind(serde_json::Value::from(l.audience.clone()).to_string())
-        .bind(l.issued_at)
-        .bind(l.expires_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+    let inserted = async {
+        for l in leases {
+            insert_lease(&mut tx, l).await?;
+        }
+        Ok(())
     }
-    tx.commit().await
+    .await;
+    tx.finish(inserted).await
+}
+
+async fn insert_lease(conn: &mut sqlx::SqliteConnection, l: &Lease) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&l.id)
+    .bind(&l.task_id)
+    .bind(l.kind.as_str())
+    .bind(&l.serial)
+    .bind(&l.spiffe_id)
+    .bind(serde_json::Value::from(l.audience.clone()).to_string())
+    .bind(l.issued_at)
+    .bind(l.expires_at)
+    .execute(conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 /// Runs a bound task query and decodes every row.
