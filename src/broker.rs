@@ -163,7 +163,7 @@ pub struct Limits {
 struct Caller {
     identity: AttestedIdentity,
     spiffe_id: SpiffeId,
-    task: Option<Task>,
+    task: Option<Arc<Task>>,
 }
 
 /// Everything a broker is made of.
@@ -620,12 +620,7 @@ impl Broker {
         audit.attested(&identity);
         let task = match task_id {
             None => None,
-            Some(id) => Some(
-                self.store
-                    .task(id)
-                    .await?
-                    .ok_or_else(|| BrokerError::TaskNotFound(id.to_owned()))?,
-            ),
+            Some(id) => Some(self.active_task(id).await?),
         };
         let mapper = self
             .mapper
@@ -656,8 +651,6 @@ impl Broker {
             }
         };
         audit.identified(&spiffe_id);
-        self.quotas
-            .admit(spiffe_id.as_str(), std::time::Instant::now())?;
         Ok(Caller {
             identity,
             spiffe_id,
@@ -665,11 +658,43 @@ impl Broker {
         })
     }
 
-    /// Records the lease of a minted credential; the credential is returned only after this
-    /// commits.
-    async fn record(&self, lease: Lease) -> Result<(), BrokerError> {
-        self.store.insert_lease(lease).await?;
+    /// Takes one request from the caller's rate limit. Only requests that add load are counted
+    /// (mints, `BeginTask`): ending a task or keeping it alive is never refused for rate.
+    fn admit(&self, caller: &Caller) -> Result<(), BrokerError> {
+        self.quotas
+            .admit(caller.spiffe_id.as_str(), std::time::Instant::now())?;
         Ok(())
+    }
+
+    /// A task by id: from the bus's cache of active tasks, or else from the store.
+    async fn active_task(&self, id: &str) -> Result<Arc<Task>, BrokerError> {
+        match self.bus.active_task(id) {
+            Ok(task) => Ok(task),
+            Err(generation) => {
+                let task = Arc::new(
+                    self.store
+                        .task(id)
+                        .await?
+                        .ok_or_else(|| BrokerError::TaskNotFound(id.to_owned()))?,
+                );
+                self.bus.remember_task(&task, generation);
+                Ok(task)
+            }
+        }
+    }
+
+    /// Records the lease of a minted credential; the credential is returned only after this
+    /// commits. A task that ended since the caller was checked refuses the lease, so no
+    /// credential outlives the revocation event of its task.
+    async fn record(&self, lease: Lease) -> Result<(), BrokerError> {
+        match self.store.insert_lease(lease).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::TaskNotActive(task_id)) => Err(BrokerError::TaskNotActive {
+                task_id,
+                state: TaskState::Ended.as_str(),
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Checks the task's lease quota before minting into it; returns what the task holds.
@@ -726,6 +751,7 @@ impl Broker {
                 audit,
             )
             .await?;
+        self.admit(&caller)?;
         self.authorize(
             evidence,
             &caller,
@@ -823,6 +849,7 @@ impl Broker {
                 audit,
             )
             .await?;
+        self.admit(&caller)?;
         let resources: Vec<Resource> = req
             .audiences
             .iter()
@@ -915,6 +942,7 @@ impl Broker {
             let caller = self
                 .caller(evidence, req.spiffe_id.as_ref(), None, &mut audit)
                 .await?;
+            self.admit(&caller)?;
             self.authorize(
                 evidence,
                 &caller,
@@ -1019,6 +1047,7 @@ impl Broker {
             .await
             .and_then(|c| {
                 c.task
+                    .map(Arc::unwrap_or_clone)
                     .ok_or_else(|| BrokerError::TaskNotFound(task_id.to_owned()))
             });
         if result.is_err() {
@@ -1256,7 +1285,7 @@ impl Broker {
 #[derive(Debug, Clone)]
 pub struct WorkloadSession {
     /// The task every SVID of the stream belongs to.
-    pub task: Task,
+    pub task: Arc<Task>,
     /// The workload's identities that policy permits an X.509-SVID, default first.
     pub spiffe_ids: Vec<SpiffeId>,
     identity: AttestedIdentity,
@@ -1371,7 +1400,7 @@ impl Broker {
         Ok(WorkloadSession {
             identity: first.identity.clone(),
             spiffe_ids: callers.into_iter().map(|c| c.spiffe_id).collect(),
-            task,
+            task: Arc::new(task),
         })
     }
 

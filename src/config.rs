@@ -67,7 +67,8 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RawLimits {
-    /// Sustained requests per second per SPIFFE ID (0: unlimited).
+    /// Sustained requests per second per SPIFFE ID (0: unlimited). Counts mints, `BeginTask`
+    /// and Workload API calls; ending a task or keeping it alive is never refused for rate.
     pub requests_per_second: Option<u32>,
     /// Requests an idle identity may make at once.
     pub burst: Option<u32>,

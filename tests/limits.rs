@@ -83,7 +83,12 @@ async fn request_rate_per_identity() {
     ))
     .await;
     let mut c = b.unix_client().await;
-    for _ in 0..3 {
+    let task = c
+        .begin_task(BeginTaskRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
         c.mint_jwt_svid(jwt("")).await.unwrap();
     }
     let err = c.mint_jwt_svid(jwt("")).await.unwrap_err();
@@ -94,6 +99,16 @@ async fn request_rate_per_identity() {
         "{}",
         err.message()
     );
+    let err = c.begin_task(BeginTaskRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // Ending a task is never refused for rate: it only lowers the load.
+    c.end_task(EndTaskRequest {
+        task_id: task.task_id.clone(),
+    })
+    .await
+    .unwrap();
+    let ended = b.running.broker.store().task(&task.task_id).await.unwrap();
+    assert_ne!(ended.unwrap().state, ephemera::store::TaskState::Active);
     // The bucket refills at the configured rate.
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     c.mint_jwt_svid(jwt("")).await.unwrap();

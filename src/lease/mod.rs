@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use crate::clock::Clock;
-use crate::store::{Revocation, Store};
+use crate::store::{Revocation, Store, Task, TaskState};
 
 /// How many revocation events a slow listener may fall behind before it is cut off.
 pub const BUS_CAPACITY: usize = 4096;
@@ -22,6 +22,8 @@ pub const REAP_BATCH: u32 = 1000;
 
 /// How many recently published event numbers the bus remembers to drop repeats.
 const RECENT: usize = 8192;
+/// Most active tasks remembered in memory; past it the cache starts over.
+const ACTIVE_TASKS: usize = 16_384;
 
 /// In-process fan-out of committed revocations to watchers, the CRL and streams.
 ///
@@ -32,7 +34,24 @@ const RECENT: usize = 8192;
 pub struct RevocationBus {
     tx: broadcast::Sender<Revocation>,
     recent: Arc<std::sync::Mutex<Recent>>,
+    active: Arc<std::sync::Mutex<ActiveTasks>>,
 }
+
+/// Active tasks read from the store, so a mint in a task need not read it again. Every task
+/// end passes through the bus (this process's and, with a shared database, every replica's),
+/// which drops the task here. The cache only saves a read: the store checks that the task is
+/// active when it commits the lease, so an entry that is briefly stale (another replica's
+/// `EndTask` not yet delivered) cannot get a credential recorded.
+#[derive(Default)]
+struct ActiveTasks {
+    tasks: std::collections::HashMap<String, Arc<Task>>,
+    /// Bumped by every task end; a read from before an end is not cached.
+    generation: u64,
+}
+
+/// Where a task lookup stands, for [`RevocationBus::remember_task`].
+#[derive(Debug, Clone, Copy)]
+pub struct TaskGeneration(u64);
 
 #[derive(Default)]
 struct Recent {
@@ -68,6 +87,7 @@ impl RevocationBus {
         Self {
             tx: broadcast::channel(BUS_CAPACITY).0,
             recent: Arc::default(),
+            active: Arc::default(),
         }
     }
 
@@ -76,6 +96,7 @@ impl RevocationBus {
         if let Ok(mut recent) = self.recent.lock() {
             recent.insert(r.seq);
         }
+        self.forget_task(&r);
         let _ = self.tx.send(r);
     }
 
@@ -86,8 +107,50 @@ impl RevocationBus {
             .lock()
             .map_or(true, |mut recent| recent.insert(r.seq));
         if fresh {
+            self.forget_task(&r);
             let _ = self.tx.send(r);
         }
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, ActiveTasks> {
+        self.active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn forget_task(&self, r: &Revocation) {
+        if let Some(id) = &r.task_id {
+            let mut active = self.active();
+            active.generation += 1;
+            active.tasks.remove(id);
+        }
+    }
+
+    /// An active task remembered from an earlier lookup, and otherwise where lookups stand now
+    /// (take it before reading the store, and give it to [`Self::remember_task`]).
+    pub fn active_task(&self, id: &str) -> Result<Arc<Task>, TaskGeneration> {
+        let active = self.active();
+        active
+            .tasks
+            .get(id)
+            .cloned()
+            .ok_or(TaskGeneration(active.generation))
+    }
+
+    /// Remembers a task read from the store at `generation`, if it is active and no task ended
+    /// since (the read may predate that end).
+    pub fn remember_task(&self, task: &Arc<Task>, generation: TaskGeneration) {
+        if task.state != TaskState::Active {
+            return;
+        }
+        let mut active = self.active();
+        if active.generation != generation.0 {
+            return;
+        }
+        if active.tasks.len() >= ACTIVE_TASKS {
+            active.tasks.clear();
+        }
+        active.tasks.insert(task.id.clone(), Arc::clone(task));
     }
 
     /// Subscribes to revocations published from now on.

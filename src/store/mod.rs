@@ -26,6 +26,63 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A lease was refused because its task is no longer active (it ended while the credential
+    /// was being minted). Nothing was written.
+    #[error("task {0} is no longer active")]
+    TaskNotActive(String),
+}
+
+impl StoreError {
+    /// The same error, for another waiter on one group commit.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            Self::Conflict => Self::Conflict,
+            Self::Corrupt(m) => Self::Corrupt(m.clone()),
+            Self::TaskNotActive(t) => Self::TaskNotActive(t.clone()),
+        }
+    }
+}
+
+/// A queued lease and who waits for its commit.
+pub(crate) type QueuedLease = (Lease, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
+
+/// Writes one batch of leases in one transaction; says, per lease, whether it was written
+/// (`false`: its task was no longer active).
+pub(crate) type WriteBatch =
+    Box<dyn for<'a> Fn(&'a [Lease]) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> + Send>;
+
+/// Group commit: one writer drains every queued lease (up to `batch`) into one transaction,
+/// then acknowledges each waiter. Under load a commit carries many leases; alone, a lease
+/// commits at once.
+pub(crate) async fn lease_writer(
+    mut rx: tokio::sync::mpsc::Receiver<QueuedLease>,
+    batch: usize,
+    write: WriteBatch,
+) {
+    let mut queued = Vec::with_capacity(batch);
+    let mut leases = Vec::with_capacity(batch);
+    while rx.recv_many(&mut queued, batch).await > 0 {
+        let started = std::time::Instant::now();
+        let acks: Vec<_> = queued
+            .drain(..)
+            .map(|(lease, ack)| {
+                leases.push(lease);
+                ack
+            })
+            .collect();
+        let result = write(&leases).await;
+        ::metrics::histogram!(crate::telemetry::COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        ::metrics::histogram!(crate::telemetry::COMMIT_BATCH).record(leases.len() as f64);
+        for (i, (lease, ack)) in leases.drain(..).zip(acks).enumerate() {
+            let _ = ack.send(match &result {
+                Ok(written) if written.get(i).copied().unwrap_or(false) => Ok(()),
+                Ok(_) => Err(StoreError::TaskNotActive(lease.task_id.unwrap_or_default())),
+                Err(e) => Err(e.duplicate()),
+            });
+        }
+    }
 }
 
 /// SHA-256 of a join token: what is stored and looked up.
@@ -296,7 +353,10 @@ pub trait Store: Send + Sync {
     /// After a restart: gives every active task one fresh grace period to reconnect.
     fn refresh_active_tasks(&self, now: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
 
-    /// Records a lease durably (group-committed); returns once committed.
+    /// Records a lease durably (group-committed); returns once committed. A lease of a task
+    /// is written only while the task is active, checked atomically with the write (an
+    /// `EndTask` that commits first makes this return [`StoreError::TaskNotActive`]), so every
+    /// lease of an ended task is covered by its revocation event.
     fn insert_lease(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// A lease by id, or by X.509 serial.
@@ -438,6 +498,50 @@ pub mod conformance {
         }
     }
 
+    /// Leases racing their task's end: every lease written is in the task's revocation event.
+    pub async fn ended_task_covers_racing_leases(store: std::sync::Arc<dyn Store>) {
+        for round in 0..10 {
+            let id = format!("race{round}");
+            store
+                .insert_task(task(&id, "spiffe://e.org/r", 1_000, 900))
+                .await
+                .unwrap();
+            let writers: Vec<_> = (0..8)
+                .map(|i| {
+                    let (st, id) = (store.clone(), id.clone());
+                    tokio::spawn(async move {
+                        let l = lease(&format!("{id}-{i}"), Some(&id), None, 150);
+                        st.insert_lease(l).await.map(|()| format!("{id}-{i}"))
+                    })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            let ev = store
+                .end_task(&id, TaskState::Ended, "done", 140)
+                .await
+                .unwrap()
+                .unwrap();
+            let mut written = Vec::new();
+            for w in writers {
+                match w.await.unwrap() {
+                    Ok(lease_id) => written.push(lease_id),
+                    Err(StoreError::TaskNotActive(t)) => assert_eq!(t, id),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let mut revoked: Vec<String> = store
+                .revoked_leases(&ev)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.id)
+                .collect();
+            written.sort();
+            revoked.sort();
+            assert_eq!(written, revoked, "round {round}");
+        }
+    }
+
     /// Tasks, leases and revocations: lifecycle, one-write task revocation, the CRL query,
     /// the event log, listings with filters and paging, restart refresh, pruning.
     pub async fn tasks_and_leases(store: std::sync::Arc<dyn Store>) {
@@ -537,6 +641,20 @@ pub mod conformance {
         );
         assert!(!s.keep_alive("t1", 300).await.unwrap());
         assert!(!s.lease("l07").await.unwrap().unwrap().active(200));
+        assert_eq!(s.revoked_leases(&ev).await.unwrap().len(), 51);
+
+        // A lease of an ended task is refused, also when it shares a group commit with leases
+        // that are written.
+        let (late, fine) = tokio::join!(
+            store.insert_lease(lease("late", Some("t1"), None, 900)),
+            store.insert_lease(lease("fine", Some("t2"), None, 150)),
+        );
+        assert!(
+            matches!(&late, Err(StoreError::TaskNotActive(t)) if t == "t1"),
+            "{late:?}"
+        );
+        fine.unwrap();
+        assert!(s.lease("late").await.unwrap().is_none(), "nothing written");
         assert_eq!(s.revoked_leases(&ev).await.unwrap().len(), 51);
 
         // Revoking a single lease.

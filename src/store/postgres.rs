@@ -102,8 +102,6 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-type LeaseAck = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
-
 fn unavailable(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
@@ -119,7 +117,7 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    leases: tokio::sync::mpsc::Sender<(Lease, LeaseAck)>,
+    leases: tokio::sync::mpsc::Sender<super::QueuedLease>,
 }
 
 /// Parses a `postgres://` URL (`sslmode`, `sslrootcert`, `application_name` and the other libpq
@@ -161,7 +159,15 @@ impl PostgresStore {
             .await
             .map_err(unavailable)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4 * BATCH);
-        tokio::spawn(lease_writer(pool.clone(), rx));
+        let writer = pool.clone();
+        tokio::spawn(super::lease_writer(
+            rx,
+            BATCH,
+            Box::new(move |leases| {
+                let pool = writer.clone();
+                Box::pin(async move { write_leases(&pool, leases).await })
+            }),
+        ));
         let store = Self { pool, leases: tx };
         store.migrate().await?;
         Ok(store)
@@ -218,39 +224,23 @@ impl PostgresStore {
     }
 }
 
-/// Group commit, as in the SQLite store: every queued lease goes into one statement.
-async fn lease_writer(pool: PgPool, mut rx: tokio::sync::mpsc::Receiver<(Lease, LeaseAck)>) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let started = std::time::Instant::now();
-        let result = write_leases(&pool, batch.iter().map(|(l, _)| l)).await;
-        ::metrics::histogram!(crate::telemetry::COMMIT_SECONDS)
-            .record(started.elapsed().as_secs_f64());
-        ::metrics::histogram!(crate::telemetry::COMMIT_BATCH).record(batch.len() as f64);
-        for (_, ack) in batch.drain(..) {
-            let _ = ack.send(match &result {
-                Ok(()) => Ok(()),
-                Err(StoreError::Conflict) => Err(StoreError::Conflict),
-                Err(StoreError::Unavailable(m)) => Err(StoreError::Unavailable(m.clone())),
-                Err(e) => Err(StoreError::Unavailable(e.to_string())),
-            });
-        }
-    }
-}
-
-async fn write_leases<'a>(
-    pool: &PgPool,
-    leases: impl Iterator<Item = &'a Lease>,
-) -> Result<(), StoreError> {
-    let leases: Vec<&Lease> = leases.collect();
-    let text = |f: &dyn Fn(&Lease) -> String| leases.iter().map(|l| f(l)).collect::<Vec<_>>();
-    let opt =
-        |f: &dyn Fn(&Lease) -> Option<String>| leases.iter().map(|l| f(l)).collect::<Vec<_>>();
-    let int = |f: &dyn Fn(&Lease) -> i64| leases.iter().map(|l| f(l)).collect::<Vec<_>>();
-    sqlx::query(
+/// One group commit (see [`super::lease_writer`]): every lease of the batch in one statement.
+/// The active tasks of the batch are locked `FOR SHARE` by that statement, so an `EndTask`
+/// either commits first (its leases are then left out here) or waits for this commit (and then
+/// revokes them).
+async fn write_leases(pool: &PgPool, leases: &[Lease]) -> Result<Vec<bool>, StoreError> {
+    let text = |f: &dyn Fn(&Lease) -> String| leases.iter().map(f).collect::<Vec<_>>();
+    let opt = |f: &dyn Fn(&Lease) -> Option<String>| leases.iter().map(f).collect::<Vec<_>>();
+    let int = |f: &dyn Fn(&Lease) -> i64| leases.iter().map(f).collect::<Vec<_>>();
+    let written: Vec<String> = sqlx::query_scalar(
         "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::bigint[], $8::bigint[])",
+         SELECT u.* FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                $6::text[], $7::bigint[], $8::bigint[])
+              AS u(id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
+         WHERE u.task_id IS NULL
+            OR u.task_id IN (SELECT t.id FROM tasks t
+                             WHERE t.id = ANY($2::text[]) AND t.state = 'active' FOR SHARE)
+         RETURNING id",
     )
     .bind(text(&|l| l.id.clone()))
     .bind(opt(&|l| l.task_id.clone()))
@@ -262,10 +252,17 @@ async fn write_leases<'a>(
     }))
     .bind(int(&|l| l.issued_at))
     .bind(int(&|l| l.expires_at))
-    .execute(pool)
+    .fetch_all(pool)
     .await
     .map_err(unavailable)?;
-    Ok(())
+    if written.len() == leases.len() {
+        return Ok(vec![true; leases.len()]);
+    }
+    let written: std::collections::HashSet<&str> = written.iter().map(String::as_str).collect();
+    Ok(leases
+        .iter()
+        .map(|l| written.contains(l.id.as_str()))
+        .collect())
 }
 
 /// Runs a bound task query and decodes every row.
@@ -1090,6 +1087,14 @@ mod tests {
         };
         super::super::conformance::join_tokens(Arc::new(s.clone())).await;
         super::super::conformance::tasks_and_leases(Arc::new(s)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_racing_their_task_end() {
+        let Some(s) = store("leases_racing_their_task_end").await else {
+            return;
+        };
+        super::super::conformance::ended_task_covers_racing_leases(Arc::new(s)).await;
     }
 
     #[tokio::test]

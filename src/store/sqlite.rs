@@ -86,8 +86,6 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// Most leases committed in one transaction.
 const BATCH: usize = 256;
 
-type LeaseAck = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
-
 /// A write transaction on one pooled connection, begun `IMMEDIATE` (the write lock is taken up
 /// front, so writers queue on the busy timeout instead of failing to upgrade).
 ///
@@ -194,48 +192,33 @@ fn unavailable(e: sqlx::Error) -> StoreError {
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    leases: tokio::sync::mpsc::Sender<(Lease, LeaseAck)>,
+    leases: tokio::sync::mpsc::Sender<super::QueuedLease>,
 }
 
-/// Group commit: one writer drains every queued lease into one transaction, then acknowledges
-/// each caller. Under load a commit carries many leases; alone, a lease commits at once.
-async fn lease_writer(pool: SqlitePool, mut rx: tokio::sync::mpsc::Receiver<(Lease, LeaseAck)>) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let started = std::time::Instant::now();
-        let result = write_leases(&pool, batch.iter().map(|(l, _)| l)).await;
-        ::metrics::histogram!(crate::telemetry::COMMIT_SECONDS)
-            .record(started.elapsed().as_secs_f64());
-        ::metrics::histogram!(crate::telemetry::COMMIT_BATCH).record(batch.len() as f64);
-        for (_, ack) in batch.drain(..) {
-            let _ = ack.send(match &result {
-                Ok(()) => Ok(()),
-                Err(StoreError::Unavailable(m)) => Err(StoreError::Unavailable(m.clone())),
-                Err(e) => Err(StoreError::Unavailable(e.to_string())),
-            });
-        }
-    }
-}
-
-async fn write_leases<'a>(
-    pool: &SqlitePool,
-    leases: impl Iterator<Item = &'a Lease>,
-) -> Result<(), StoreError> {
+/// One group commit (see [`super::lease_writer`]): every lease of the batch in one write
+/// transaction. Writers are serialized, so a task's state read here cannot change before the
+/// commit: a lease lands either before its task's `EndTask` (and is revoked with it) or not at
+/// all.
+async fn write_leases(pool: &SqlitePool, leases: &[Lease]) -> Result<Vec<bool>, StoreError> {
     let mut tx = WriteTx::begin(pool).await?;
+    let mut written = Vec::with_capacity(leases.len());
     let inserted = async {
         for l in leases {
-            insert_lease(&mut tx, l).await?;
+            written.push(insert_lease(&mut tx, l).await?);
         }
         Ok(())
     }
     .await;
-    tx.finish(inserted).await
+    tx.finish(inserted).await?;
+    Ok(written)
 }
 
-async fn insert_lease(conn: &mut sqlx::SqliteConnection, l: &Lease) -> Result<(), StoreError> {
-    sqlx::query(
+/// Inserts a lease unless its task is no longer active; says whether it did.
+async fn insert_lease(conn: &mut sqlx::SqliteConnection, l: &Lease) -> Result<bool, StoreError> {
+    let r = sqlx::query(
         "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+         WHERE ?2 IS NULL OR EXISTS (SELECT 1 FROM tasks WHERE id = ?2 AND state = 'active')",
     )
     .bind(&l.id)
     .bind(&l.task_id)
@@ -248,7 +231,7 @@ async fn insert_lease(conn: &mut sqlx::SqliteConnection, l: &Lease) -> Result<()
     .execute(conn)
     .await
     .map_err(unavailable)?;
-    Ok(())
+    Ok(r.rows_affected() == 1)
 }
 
 /// Runs a bound task query and decodes every row.
@@ -383,7 +366,15 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4 * BATCH);
-        tokio::spawn(lease_writer(pool.clone(), rx));
+        let writer = pool.clone();
+        tokio::spawn(super::lease_writer(
+            rx,
+            BATCH,
+            Box::new(move |leases| {
+                let pool = writer.clone();
+                Box::pin(async move { write_leases(&pool, leases).await })
+            }),
+        ));
         let store = Self { pool, leases: tx };
         store.migrate().await?;
         Ok(store)
@@ -912,6 +903,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join(FILE)).await.unwrap();
         super::super::conformance::tasks_and_leases(Arc::new(s)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_racing_their_task_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join(FILE)).await.unwrap();
+        super::super::conformance::ended_task_covers_racing_leases(Arc::new(s)).await;
     }
 
     #[tokio::test]
