@@ -28,7 +28,7 @@ use crate::attest::jwks::JwksCache;
 use crate::attest::oidc::{OidcAttestor, OidcIssuer};
 use crate::attest::unix::UnixAttestor;
 use crate::attest::x509pop::{ClientCas, X509PopAttestor};
-use crate::broker::{Broker, BrokerParts, Limits};
+use crate::broker::{Broker, BrokerParts, CrlSource, Limits};
 use crate::ca::{Ca, CaError, keys};
 use crate::clock::Clock;
 use crate::config::{Config, ServerName, StoreConfig};
@@ -439,9 +439,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     }));
 
     // The CRL: built now, rebuilt promptly after every revocation (events arriving together are
-    // folded into one rebuild) and periodically so expired serials drop off.
+    // folded into one rebuild, which reads only their credentials), and read afresh from the
+    // store periodically (so expired serials drop off) and after missed events.
     broker
-        .rebuild_crl()
+        .rebuild_crl(CrlSource::Store)
         .await
         .map_err(|e| StartError::Setup(format!("building the CRL: {e}")))?;
     tasks.push(tokio::spawn({
@@ -449,28 +450,49 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         let mut events = broker.bus().subscribe();
         async move {
             let mut tick = tokio::time::interval(CRL_REFRESH);
+            tick.tick().await;
+            let mut folded = Vec::new();
             loop {
+                let mut missed = false;
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() || *rx.borrow() { return Ok(()) },
-                    _ = tick.tick() => {}
-                    ev = events.recv() => {
-                        if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
-                            return Ok(());
+                    _ = tick.tick() => missed = true,
+                    ev = events.recv() => match ev {
+                        Ok(r) => folded.push(r),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => missed = true,
+                    },
+                }
+                let arrived = std::time::Instant::now();
+                if !folded.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                loop {
+                    match events.try_recv() {
+                        Ok(r) => folded.push(r),
+                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
+                            missed = true
                         }
-                        let arrived = std::time::Instant::now();
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        while events.try_recv().is_ok() {}
-                        if let Err(e) = broker.rebuild_crl().await {
-                            tracing::warn!(error = %e, "CRL rebuild failed; serving the previous one");
-                        }
-                        ::metrics::histogram!(crate::telemetry::PROPAGATION_SECONDS, "output" => "crl")
-                            .record(arrived.elapsed().as_secs_f64());
-                        continue;
+                        Err(_) => break,
                     }
                 }
-                if let Err(e) = broker.rebuild_crl().await {
+                let source = if missed {
+                    CrlSource::Store
+                } else {
+                    CrlSource::Events(&folded)
+                };
+                if let Err(e) = broker.rebuild_crl(source).await {
                     tracing::warn!(error = %e, "CRL rebuild failed; serving the previous one");
+                    // Events not yet listed must not be lost: read everything again soon.
+                    tick.reset_after(Duration::from_secs(1));
+                    folded.clear();
+                    continue;
                 }
+                if !folded.is_empty() {
+                    ::metrics::histogram!(crate::telemetry::PROPAGATION_SECONDS, "output" => "crl")
+                        .record(arrived.elapsed().as_secs_f64());
+                }
+                folded.clear();
             }
         }
     }));

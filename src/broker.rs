@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 use crate::attest::{AttestError, AttestedIdentity, Attestors, Evidence};
+use crate::ca::crl::{RevokedEntry, RevokedSet};
 use crate::ca::jwt::JwtSvidClaims;
 use crate::ca::x509::{SubjectKey, X509Svid, parse_csr};
 use crate::ca::{Ca, MintError};
@@ -166,6 +167,16 @@ struct Caller {
     task: Option<Arc<Task>>,
 }
 
+/// What a CRL rebuild starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum CrlSource<'a> {
+    /// Everything revoked, read from the store (at start, periodically, and after missed
+    /// events).
+    Store,
+    /// The list kept since the last rebuild, plus the credentials of these revocations.
+    Events(&'a [Revocation]),
+}
+
 /// Everything a broker is made of.
 pub struct BrokerParts {
     /// The trust domain.
@@ -204,6 +215,8 @@ pub struct Broker {
     quotas: crate::quota::Quotas,
     crl: std::sync::RwLock<Arc<Vec<u8>>>,
     crl_number: std::sync::atomic::AtomicU64,
+    /// What the CRL lists, kept between rebuilds; the mutex also makes rebuilds one at a time.
+    crl_revoked: Arc<tokio::sync::Mutex<RevokedSet>>,
     closing: tokio::sync::watch::Sender<bool>,
     crl_updates: tokio::sync::watch::Sender<u64>,
 }
@@ -345,6 +358,7 @@ impl Broker {
             quotas: crate::quota::Quotas::new(quotas),
             crl: std::sync::RwLock::new(Arc::new(Vec::new())),
             crl_number: std::sync::atomic::AtomicU64::new(0),
+            crl_revoked: Arc::default(),
             closing: tokio::sync::watch::channel(false).0,
             crl_updates: tokio::sync::watch::channel(0).0,
         }
@@ -374,20 +388,45 @@ impl Broker {
             .clone()
     }
 
-    /// Rebuilds the CRL from the store: every serial no longer honoured and not yet expired.
-    pub async fn rebuild_crl(&self) -> Result<usize, BrokerError> {
+    /// Rebuilds the CRL: every serial no longer honoured and not yet expired. From
+    /// [`CrlSource::Store`], the list is read afresh; from [`CrlSource::Events`], only the
+    /// credentials of those revocations are read and added to the list kept since the last
+    /// rebuild. Returns how many serials it lists.
+    pub async fn rebuild_crl(&self, source: CrlSource<'_>) -> Result<usize, BrokerError> {
+        let mut revoked = Arc::clone(&self.crl_revoked).lock_owned().await;
         let now = self.clock.now();
-        let revoked = self.store.revoked_serials(unix_secs(now)).await?;
-        let list: Vec<(String, SystemTime)> = revoked
-            .iter()
-            .map(|r| {
-                (
-                    r.serial.clone(),
-                    SystemTime::UNIX_EPOCH
-                        + Duration::from_secs(u64::try_from(r.revoked_at).unwrap_or(0)),
-                )
-            })
-            .collect();
+        let now_unix = unix_secs(now);
+        match source {
+            CrlSource::Store => {
+                let mut fresh = RevokedSet::default();
+                for r in self.store.revoked_serials(now_unix).await? {
+                    fresh.insert_hex(
+                        &r.serial,
+                        RevokedEntry {
+                            revoked_at: r.revoked_at,
+                            expires_at: r.expires_at,
+                        },
+                    )?;
+                }
+                *revoked = fresh;
+            }
+            CrlSource::Events(events) => {
+                for event in events {
+                    for lease in self.store.revoked_leases(event).await? {
+                        let Some(serial) = lease.serial.as_deref() else {
+                            continue;
+                        };
+                        revoked.insert_hex(
+                            serial,
+                            RevokedEntry {
+                                revoked_at: lease.revoked_at.unwrap_or(event.at),
+                                expires_at: lease.expires_at,
+                            },
+                        )?;
+                    }
+                }
+            }
+        }
         // Strictly increasing CRL numbers, also across restarts: milliseconds of the build,
         // bumped past the previous number when builds come faster than that.
         let stamp = u64::try_from(unix_secs(now)).unwrap_or(0) * 1000;
@@ -403,9 +442,10 @@ impl Broker {
         // Signing a CRL of many serials is CPU-bound work: off the async workers, so requests
         // and streams are not held up behind it.
         let ca = self.ca.clone();
-        let listed = list.len();
-        let der = tokio::task::spawn_blocking(move || {
-            ca.x509.crl(&list, number, now, now + CRL_VALIDITY)
+        let (der, listed) = tokio::task::spawn_blocking(move || {
+            revoked.drop_expired(now_unix);
+            let der = ca.x509.crl(&revoked, number, now, now + CRL_VALIDITY)?;
+            Ok::<_, MintError>((der, revoked.len()))
         })
         .await
         .map_err(|e| MintError::Signing(format!("CRL task: {e}")))??;

@@ -109,6 +109,22 @@ async fn ending_a_task_reaches_introspection_crl_and_watchers() {
     let (_, parsed) = x509_parser::parse_x509_crl(&crl).unwrap();
     let (_, inter) = x509_parser::parse_x509_certificate(&x.cert_chain[1]).unwrap();
     parsed.verify_signature(inter.public_key()).unwrap();
+    // The list kept from events is the one the store gives when read afresh.
+    let listed = |der: &[u8]| {
+        let (_, crl) = x509_parser::parse_x509_crl(der).unwrap();
+        let mut serials: Vec<Vec<u8>> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
+            .collect();
+        serials.sort();
+        serials
+    };
+    b.running
+        .broker
+        .rebuild_crl(ephemera::broker::CrlSource::Store)
+        .await
+        .unwrap();
+    assert_eq!(listed(&crl), listed(&b.running.broker.crl()));
 
     // Garbage, foreign and tampered tokens are simply inactive.
     let mut tampered = jwt.token.clone();
@@ -207,7 +223,9 @@ async fn watch_delivers_each_event_once_in_order_and_resumes_without_gaps() {
 
 #[tokio::test]
 async fn a_policy_reload_that_forbids_a_live_task_revokes_it() {
-    let b = start(&uid_rule()).await;
+    // A grace longer than the time the test clock skips: only the policy may end a task here,
+    // not the reaper.
+    let b = start(&format!("{}\n[tasks]\ngrace = \"10m\"\n", uid_rule())).await;
     let mut client = b.unix_client().await;
     let keep = client
         .begin_task(BeginTaskRequest {

@@ -3,6 +3,7 @@
 //! Plain Rust: nothing here knows about gRPC or HTTP. Never logs key, CSR or token bytes.
 
 pub mod bundle;
+pub mod crl;
 pub mod jwt;
 pub mod keys;
 pub mod x509;

@@ -14,6 +14,7 @@ use rcgen::{
     CertificateParams, CrlDistributionPoint, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
     IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
     PKCS_ED25519, PKCS_RSA_SHA256, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+    SigningKey,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use x509_parser::certification_request::X509CertificationRequest;
@@ -26,6 +27,7 @@ use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 
 use super::MintError;
+use super::crl::RevokedSet;
 use crate::id::SpiffeId;
 use crate::secret::Secret;
 
@@ -247,31 +249,14 @@ impl X509Minter {
     pub fn ca_not_after(&self) -> SystemTime {
         self.ca_not_after
     }
-
-    /// A DER CRL listing `revoked` (serial hex, revocation time), signed by the intermediate.
+    /// Signs a CRL listing `revoked`.
     pub fn crl(
         &self,
-        revoked: &[(String, SystemTime)],
+        revoked: &RevokedSet,
         number: u64,
         this_update: SystemTime,
         next_update: SystemTime,
     ) -> Result<Vec<u8>, MintError> {
-        let mut certs = Vec::with_capacity(revoked.len());
-        for (serial_hex, at) in revoked {
-            let bytes = (0..serial_hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(serial_hex.get(i..i + 2).unwrap_or("zz"), 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .map_err(|_| {
-                    MintError::Signing(format!("stored serial {serial_hex:?} is not hex"))
-                })?;
-            certs.push(rcgen::RevokedCertParams {
-                serial_number: SerialNumber::from_slice(&bytes),
-                revocation_time: whole_secs(*at).into(),
-                reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
-                invalidity_date: None,
-            });
-        }
         let params = rcgen::CertificateRevocationListParams {
             this_update: whole_secs(this_update).into(),
             next_update: whole_secs(next_update).into(),
@@ -281,13 +266,18 @@ impl X509Minter {
                 SerialNumber::from_slice(&be[first..])
             },
             issuing_distribution_point: None,
-            revoked_certs: certs,
+            revoked_certs: Vec::new(),
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
-        params
+        let template = params
             .signed_by(&self.issuer)
-            .map(|c| c.der().to_vec())
-            .map_err(|e| MintError::Signing(format!("crl: {e}")))
+            .map_err(|e| MintError::Signing(format!("crl: {e}")))?;
+        super::crl::assemble(template.der(), &revoked.encode_entries(), |tbs| {
+            self.issuer
+                .key()
+                .sign(tbs)
+                .map_err(|e| MintError::Signing(format!("crl: {e}")))
+        })
     }
 
     /// DER trust anchors of the trust domain.
