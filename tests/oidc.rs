@@ -286,6 +286,14 @@ async fn bad_tokens_get_exact_codes() {
             Code::Unauthenticated,
         ),
         (
+            // now - iat overflows i64: must not wrap into a young age.
+            "issued at the smallest i64",
+            issuer.es256(&with(&|c| {
+                c["iat"] = json!(i64::MIN);
+            })),
+            Code::Unauthenticated,
+        ),
+        (
             "wrong iss",
             issuer.es256(&with(&|c| {
                 c["iss"] = json!("https://evil.example.com");

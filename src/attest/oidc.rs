@@ -206,11 +206,11 @@ impl OidcAttestor {
         let skew = i64::try_from(issuer.clock_skew.as_secs()).unwrap_or(0);
         let exp = numeric(&claims, "exp")?
             .ok_or(AttestError::TokenInvalid("token has no exp claim".into()))?;
-        if now >= exp + skew {
+        if now >= exp.saturating_add(skew) {
             return Err(AttestError::TokenInvalid("token has expired".into()));
         }
         if let Some(nbf) = numeric(&claims, "nbf")?
-            && now + skew < nbf
+            && now.saturating_add(skew) < nbf
         {
             return Err(AttestError::TokenInvalid(
                 "token is not valid yet (nbf)".into(),
@@ -218,7 +218,7 @@ impl OidcAttestor {
         }
         let iat = numeric(&claims, "iat")?;
         if let Some(iat) = iat
-            && now + skew < iat
+            && now.saturating_add(skew) < iat
         {
             return Err(AttestError::TokenInvalid(
                 "token is issued in the future (iat)".into(),
@@ -227,10 +227,10 @@ impl OidcAttestor {
         if let Some(max) = issuer.max_token_age {
             let iat = iat.ok_or(AttestError::TokenInvalid("token has no iat claim".into()))?;
             let max_secs = i64::try_from(max.as_secs()).unwrap_or(i64::MAX);
-            if now - iat > max_secs + skew {
+            let age = now.saturating_sub(iat);
+            if age > max_secs.saturating_add(skew) {
                 return Err(AttestError::TokenInvalid(format!(
-                    "token was issued {}s ago, more than the maximum age of {max_secs}s",
-                    now - iat
+                    "token was issued {age}s ago, more than the maximum age of {max_secs}s"
                 )));
             }
         }
