@@ -167,6 +167,43 @@ struct Caller {
     task: Option<Arc<Task>>,
 }
 
+/// The one thread CRLs are built on. A large CRL's buffers (megabytes, several per build) are
+/// then allocated and freed by one thread and reused from its malloc arena; built on whichever
+/// blocking-pool thread was free, each of them kept its own arena's worth, and a busy broker's
+/// RSS grew by tens of MiB per thread.
+struct CrlThread {
+    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl CrlThread {
+    fn start() -> Self {
+        let (jobs, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let spawned = std::thread::Builder::new()
+            .name("ephemera-crl".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            });
+        if let Err(e) = spawned {
+            // `run` then answers `None`, and the rebuild fails with a clear error.
+            tracing::error!(error = %e, "cannot start the CRL thread");
+        }
+        Self { jobs }
+    }
+
+    /// Runs `job` on the thread; `None` if the thread is gone.
+    async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(job());
+            }))
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
 /// What a CRL rebuild starts from.
 #[derive(Debug, Clone, Copy)]
 pub enum CrlSource<'a> {
@@ -217,6 +254,7 @@ pub struct Broker {
     crl_number: std::sync::atomic::AtomicU64,
     /// What the CRL lists, kept between rebuilds; the mutex also makes rebuilds one at a time.
     crl_revoked: Arc<tokio::sync::Mutex<RevokedSet>>,
+    crl_thread: CrlThread,
     closing: tokio::sync::watch::Sender<bool>,
     crl_updates: tokio::sync::watch::Sender<u64>,
 }
@@ -359,6 +397,7 @@ impl Broker {
             crl: std::sync::RwLock::new(Arc::new(Vec::new())),
             crl_number: std::sync::atomic::AtomicU64::new(0),
             crl_revoked: Arc::default(),
+            crl_thread: CrlThread::start(),
             closing: tokio::sync::watch::channel(false).0,
             crl_updates: tokio::sync::watch::channel(0).0,
         }
@@ -439,16 +478,18 @@ impl Broker {
             )
             .unwrap_or(0);
         let number = stamp.max(previous + 1);
-        // Signing a CRL of many serials is CPU-bound work: off the async workers, so requests
-        // and streams are not held up behind it.
+        // Encoding and signing a CRL of many serials is CPU-bound work: off the async workers,
+        // so requests and streams are not held up behind it.
         let ca = self.ca.clone();
-        let (der, listed) = tokio::task::spawn_blocking(move || {
-            revoked.drop_expired(now_unix);
-            let der = ca.x509.crl(&revoked, number, now, now + CRL_VALIDITY)?;
-            Ok::<_, MintError>((der, revoked.len()))
-        })
-        .await
-        .map_err(|e| MintError::Signing(format!("CRL task: {e}")))??;
+        let (der, listed) = self
+            .crl_thread
+            .run(move || {
+                revoked.drop_expired(now_unix);
+                let der = ca.x509.crl(&revoked, number, now, now + CRL_VALIDITY)?;
+                Ok::<_, MintError>((der, revoked.len()))
+            })
+            .await
+            .ok_or_else(|| MintError::Signing("the CRL thread stopped".into()))??;
         *self
             .crl
             .write()

@@ -1192,6 +1192,11 @@ async fn broker_process(
     Ok((child, endpoints, token, dir))
 }
 
+/// Lifetime of the soak's credentials. Revoked certificates stay in the CRL until they expire,
+/// so the CRL (and the memory it takes) reaches its steady size after one lifetime; a short one
+/// lets a ten-minute soak show the steady state a broker reaches after its longest TTL.
+const SOAK_TTL_SECS: u64 = 120;
+
 async fn soak(seconds: f64, store_url: Option<&str>) -> anyhow::Result<Value> {
     let (child, endpoints, admin_token, _dir) = broker_process(store_url).await?;
     let pid = child.child.id();
@@ -1229,11 +1234,13 @@ async fn soak(seconds: f64, store_url: Option<&str>) -> anyhow::Result<Value> {
                         c.mint_jwt_svid(MintJwtSvidRequest {
                             audience: vec!["soak".into()],
                             task_id: task.task_id.clone(),
+                            ttl_seconds: Some(SOAK_TTL_SECS),
                             ..MintJwtSvidRequest::default()
                         })
                         .await?;
                         c.mint_x509_svid(MintX509SvidRequest {
                             task_id: task.task_id.clone(),
+                            ttl_seconds: Some(SOAK_TTL_SECS),
                             ..MintX509SvidRequest::default()
                         })
                         .await?;
@@ -1317,6 +1324,7 @@ async fn soak(seconds: f64, store_url: Option<&str>) -> anyhow::Result<Value> {
     let last = samples.last().cloned().unwrap_or_default();
     Ok(json!({
         "seconds": seconds,
+        "credential_ttl_s": SOAK_TTL_SECS,
         "samples": samples,
         "errors": errors.load(std::sync::atomic::Ordering::Relaxed),
         "rss_growth_mib": ((last["rss_mib"].as_f64().unwrap_or(0.0) - first["rss_mib"].as_f64().unwrap_or(0.0)) * 10.0).round() / 10.0,
@@ -1430,7 +1438,10 @@ fn print_table(report: &Value) {
         println!("({})\n", rev["note"].as_str().unwrap_or(""));
     }
     if let Some(samples) = report["soak"]["samples"].as_array() {
-        println!("soak: {}s of mixed load", report["soak"]["seconds"]);
+        println!(
+            "soak: {}s of mixed load, credentials of {}s",
+            report["soak"]["seconds"], report["soak"]["credential_ttl_s"]
+        );
         println!(
             "{:>8} {:>10} {:>9} {:>12}",
             "t (s)", "RSS (MiB)", "open fds", "credentials"
