@@ -1376,10 +1376,12 @@ fn print_table(report: &Value) {
         m["memory_gib"],
         cell(&m["profile"])
     );
-    println!(
-        "single-core ES256 signing (ring): {} signatures/s\n",
-        report["signing"]["es256_per_second"]
-    );
+    if report["signing"].is_object() {
+        println!(
+            "single-core ES256 signing (ring): {} signatures/s\n",
+            report["signing"]["es256_per_second"]
+        );
+    }
     if let Some(runs) = report["issuance"].as_array() {
         println!(
             "{:<6} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
