@@ -1136,7 +1136,14 @@ impl Broker {
         }
         let task = result?;
         let mut written = 0;
-        self.ping(&task, &mut written).await?;
+        // The first ping always writes, and the write finds whether the task is still active
+        // (the task above may come from memory, a moment behind another replica's EndTask).
+        if !self.ping(&task, &mut written).await? {
+            return Err(BrokerError::TaskNotActive {
+                task_id: task.id,
+                state: TaskState::Ended.as_str(),
+            });
+        }
         Ok((task, written))
     }
 

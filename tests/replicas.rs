@@ -184,6 +184,10 @@ async fn a_task_ended_on_one_replica_is_ended_on_the_other() {
         })
         .await
         .unwrap();
+    // At once, before A has necessarily heard of it (A holds the task in memory from the mint
+    // above): A refuses to mint into the ended task, since the lease write checks the task.
+    let late = on_a.mint_jwt_svid(jwt(&task.task_id)).await.unwrap_err();
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late:?}");
     let event = tokio::time::timeout(Duration::from_secs(1), watch_a.message())
         .await
         .expect("A's watch stream delivers B's revocation within 1s")
