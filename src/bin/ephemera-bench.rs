@@ -631,16 +631,41 @@ async fn introspect_inactive(http_base: &str, token: &str) -> anyhow::Result<boo
     Ok(!String::from_utf8_lossy(&body).contains("\"active\":true"))
 }
 
-async fn crl_lists(http_base: &str, serial: &str) -> anyhow::Result<bool> {
-    let (_, der) = http(http_base, "GET", "/crl", "").await?;
-    let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| anyhow!("CRL: {e}"))?;
-    Ok(crl.iter_revoked_certificates().any(|r| {
-        r.raw_serial()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-            == serial
-    }))
+/// Polls `/crl` until it lists every one of `serials` (hex; at most 30 s), and returns when
+/// each was first listed. One poller serves all of them: each round fetches and parses the CRL
+/// once, so many serials watched together do not load the machine with CRL downloads.
+async fn crl_observed(http_base: &str, serials: &[String]) -> anyhow::Result<Vec<Instant>> {
+    let wanted = serials
+        .iter()
+        .map(|s| {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|_| anyhow!("serial {s:?} is not hex"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut seen: Vec<Option<Instant>> = vec![None; wanted.len()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.iter().any(Option::is_none) {
+        if Instant::now() > deadline {
+            bail!("not in the CRL within 30s");
+        }
+        let (_, der) = http(http_base, "GET", "/crl", "").await?;
+        let fetched = Instant::now();
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| anyhow!("CRL: {e}"))?;
+        let listed: std::collections::HashSet<&[u8]> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial())
+            .collect();
+        for (at, serial) in seen.iter_mut().zip(&wanted) {
+            if at.is_none() && listed.contains(serial.as_slice()) {
+                *at = Some(fetched);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(seen.into_iter().flatten().collect())
 }
 
 /// Polls `check` every millisecond until it holds (at most 30s); returns when it first did.
@@ -794,20 +819,24 @@ async fn revocation(target: &Arc<Target>, count: usize) -> anyhow::Result<Value>
             let observed = minted.iter().map(|m| {
                 let http_base = http_base.clone();
                 let watch = wait_watch(m.task_id.clone());
-                let (token, serial) = (m.token.clone(), m.serial.clone());
+                let token = m.token.clone();
                 async move {
                     let w = watch.await?;
                     let i = until(|| introspect_inactive(&http_base, &token)).await?;
-                    let c = until(|| crl_lists(&http_base, &serial)).await?;
-                    anyhow::Ok((w, i, c))
+                    anyhow::Ok((w, i))
                 }
             });
-            for r in futures_join_all(observed).await {
-                let (w, i, c) = r?;
+            let serials: Vec<String> = minted.iter().map(|m| m.serial.clone()).collect();
+            let (observed, in_crl) = tokio::join!(
+                futures_join_all(observed),
+                crl_observed(&http_base, &serials)
+            );
+            for r in observed {
+                let (w, i) = r?;
                 to_watch.push(w.saturating_duration_since(t0));
                 to_introspect.push(i.saturating_duration_since(t0));
-                to_crl.push(c.saturating_duration_since(t0));
             }
+            to_crl.extend(in_crl?.into_iter().map(|c| c.saturating_duration_since(t0)));
         }
         let key = match trigger {
             Trigger::EndTask => "end_task",
