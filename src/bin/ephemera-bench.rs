@@ -637,13 +637,7 @@ async fn introspect_inactive(http_base: &str, token: &str) -> anyhow::Result<boo
 async fn crl_observed(http_base: &str, serials: &[String]) -> anyhow::Result<Vec<Instant>> {
     let wanted = serials
         .iter()
-        .map(|s| {
-            (0..s.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .map_err(|_| anyhow!("serial {s:?} is not hex"))
-        })
+        .map(|s| ephemera::ca::crl::parse_hex(s).ok_or_else(|| anyhow!("serial {s:?} is not hex")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut seen: Vec<Option<Instant>> = vec![None; wanted.len()];
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -83,7 +83,8 @@ const REASON_CESSATION_OF_OPERATION: &[u8] = &[
     0x30, 0x0c, 0x30, 0x0a, 0x06, 0x03, 0x55, 0x1d, 0x15, 0x04, 0x03, 0x0a, 0x01, 0x05,
 ];
 
-fn parse_hex(s: &str) -> Option<Vec<u8>> {
+/// A serial's bytes from its hex form (as stored and as the API reports it).
+pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
     if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 64 {
         return None;
     }
@@ -136,33 +137,29 @@ fn integer(out: &mut Vec<u8>, magnitude: &[u8]) {
 fn time(out: &mut Vec<u8>, unix: i64) {
     let t = time::OffsetDateTime::from_unix_timestamp(unix.max(0))
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let (year, rest) = (
-        t.year(),
-        [
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-        ],
-    );
-    let mut digits = Vec::with_capacity(15);
-    let push2 = |d: &mut Vec<u8>, v: u32| {
-        d.extend_from_slice(&[b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8])
-    };
-    let tag = if (1950..2050).contains(&year) {
-        push2(&mut digits, year.unsigned_abs() % 100);
-        UTC_TIME
+    let year = t.year().unsigned_abs();
+    let utc = (1950..2050).contains(&t.year());
+    let fields = [
+        year / 100,
+        year % 100,
+        u32::from(u8::from(t.month())),
+        u32::from(t.day()),
+        u32::from(t.hour()),
+        u32::from(t.minute()),
+        u32::from(t.second()),
+    ];
+    // UTCTime drops the century: YYMMDDHHMMSSZ; GeneralizedTime is YYYYMMDDHHMMSSZ.
+    let (tag, fields) = if utc {
+        (UTC_TIME, &fields[1..])
     } else {
-        push2(&mut digits, year.unsigned_abs() / 100);
-        push2(&mut digits, year.unsigned_abs() % 100);
-        GENERALIZED_TIME
+        (GENERALIZED_TIME, &fields[..])
     };
-    for v in rest {
-        push2(&mut digits, u32::from(v));
+    out.push(tag);
+    length(out, fields.len() * 2 + 1);
+    for v in fields {
+        out.extend_from_slice(&[b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8]);
     }
-    digits.push(b'Z');
-    tlv(out, tag, &digits);
+    out.push(b'Z');
 }
 
 /// One DER element at the start of `der`: (tag, whole element length, content range).
