@@ -38,10 +38,12 @@ impl UnixAttestor {
         Self::default()
     }
 
-    fn exe_claims(&self, pid: i32) -> Result<(String, String), String> {
+    /// The peer's executable: its path, its open file, and the key its hash is cached under.
+    /// Only `/proc` is read (memory, not disk), so this runs on the request's own thread.
+    fn exe(pid: i32) -> Result<(String, std::fs::File, FileKey), String> {
         let link = PathBuf::from(format!("/proc/{pid}/exe"));
         let path = std::fs::read_link(&link).map_err(|e| e.to_string())?;
-        let mut file = std::fs::File::open(&link).map_err(|e| e.to_string())?;
+        let file = std::fs::File::open(&link).map_err(|e| e.to_string())?;
         let meta = file.metadata().map_err(|e| e.to_string())?;
         let key = (
             meta.dev(),
@@ -50,34 +52,54 @@ impl UnixAttestor {
             meta.mtime(),
             meta.mtime_nsec(),
         );
-        let cached = self
-            .hashes
+        Ok((path.to_string_lossy().into_owned(), file, key))
+    }
+
+    fn cached_hash(&self, key: &FileKey) -> Option<String> {
+        self.hashes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .cloned();
-        let hash = match cached {
-            Some(h) => h,
-            None => {
-                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let n = file.read(&mut buf).map_err(|e| e.to_string())?;
-                    if n == 0 {
-                        break;
-                    }
-                    ctx.update(&buf[..n]);
-                }
-                let h = hex(ctx.finish().as_ref());
-                let mut cache = self.hashes.lock().unwrap_or_else(PoisonError::into_inner);
-                if cache.len() >= HASH_CACHE_LIMIT {
-                    cache.clear();
-                }
-                cache.insert(key, h.clone());
-                h
+            .get(key)
+            .cloned()
+    }
+
+    /// Hashes an executable not seen before (blocking: it reads the whole file) and caches it.
+    fn hash(&self, mut file: std::fs::File, key: FileKey) -> Result<String, String> {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = file.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
             }
+            ctx.update(&buf[..n]);
+        }
+        let h = hex(ctx.finish().as_ref());
+        let mut cache = self.hashes.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= HASH_CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, h.clone());
+        Ok(h)
+    }
+
+    /// `exe_path` and `exe_sha256` of process `pid`, or why they cannot be read.
+    async fn exe_claims(&self, pid: i32) -> Result<Result<(String, String), String>, AttestError> {
+        let (path, file, key) = match Self::exe(pid) {
+            Ok(exe) => exe,
+            Err(reason) => return Ok(Err(reason)),
         };
-        Ok((path.to_string_lossy().into_owned(), hash))
+        if let Some(hash) = self.cached_hash(&key) {
+            return Ok(Ok((path, hash)));
+        }
+        let this = self.clone();
+        let hash = tokio::task::spawn_blocking(move || this.hash(file, key))
+            .await
+            .map_err(|e| AttestError::PeerUnreadable {
+                pid,
+                reason: e.to_string(),
+            })?;
+        Ok(hash.map(|h| (path, h)))
     }
 }
 
@@ -110,14 +132,7 @@ impl Attestor for UnixAttestor {
             claims.insert("gid".into(), Value::from(gid));
             if let Some(pid) = pid {
                 claims.insert("pid".into(), Value::from(pid));
-                let this = self.clone();
-                let exe = tokio::task::spawn_blocking(move || this.exe_claims(pid))
-                    .await
-                    .map_err(|e| AttestError::PeerUnreadable {
-                        pid,
-                        reason: e.to_string(),
-                    })?;
-                match exe {
+                match self.exe_claims(pid).await? {
                     Ok((path, sha256)) => {
                         claims.insert("exe_path".into(), Value::from(path));
                         claims.insert("exe_sha256".into(), Value::from(sha256));

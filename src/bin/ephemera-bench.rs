@@ -71,6 +71,10 @@ struct Args {
     /// Only these parts: issuance, revocation, lease-scale (repeatable).
     #[arg(long)]
     only: Vec<String>,
+    /// Only these issuance cases, as transport:credential (tcp|unix : csr|keygen|jwt;
+    /// repeatable), e.g. `--case unix:jwt` to profile one.
+    #[arg(long)]
+    case: Vec<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -101,6 +105,22 @@ struct Args {
 impl Args {
     fn wants(&self, part: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|o| o == part)
+    }
+
+    fn wants_case(&self, t: Transport, kind: Kind) -> bool {
+        let name = format!(
+            "{}:{}",
+            match t {
+                Transport::Tcp => "tcp",
+                Transport::Unix => "unix",
+            },
+            match kind {
+                Kind::X509Csr => "csr",
+                Kind::X509Keygen => "keygen",
+                Kind::Jwt => "jwt",
+            }
+        );
+        self.case.is_empty() || self.case.contains(&name)
     }
 }
 
@@ -537,6 +557,7 @@ async fn issuance_run(
         }));
     }
     tokio::time::sleep_until(start).await;
+    let commits0 = commit_totals(target).await;
     let cpu0 = target.cpu.read();
     let wall0 = Instant::now();
     let mut all = Vec::new();
@@ -551,6 +572,13 @@ async fn issuance_run(
     }
     let wall = wall0.elapsed().as_secs_f64().min(seconds).max(1e-9);
     let cpu = target.cpu.read().zip(cpu0).map(|(b, a)| b - a);
+    let leases_per_commit =
+        commit_totals(target)
+            .await
+            .zip(commits0)
+            .and_then(|((leases, commits), (l0, c0))| {
+                (commits > c0).then(|| ((leases - l0) / (commits - c0) * 10.0).round() / 10.0)
+            });
     let n = all.len();
     Ok(json!({
         "transport": format!("{transport:?}").to_lowercase(),
@@ -561,7 +589,24 @@ async fn issuance_run(
         "per_second": (n as f64 / wall).round(),
         "latency": latency_json(all),
         "broker_cpu_us_per_credential": cpu.map(|c| (c / n.max(1) as f64 * 1e7).round() / 10.0),
+        "leases_per_commit": leases_per_commit,
     }))
+}
+
+/// Leases committed and commits so far, from the broker's `/metrics` (in-process broker only).
+async fn commit_totals(target: &Target) -> Option<(f64, f64)> {
+    let (_, body) = http(target.http.as_deref()?, "GET", "/metrics", "")
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    Some((
+        value("ephemera_store_commit_batch_leases_sum")?,
+        value("ephemera_store_commit_batch_leases_count")?,
+    ))
 }
 
 async fn issuance(target: &Arc<Target>, args: &Args, sign_rate: f64) -> anyhow::Result<Value> {
@@ -587,6 +632,9 @@ async fn issuance(target: &Arc<Target>, args: &Args, sign_rate: f64) -> anyhow::
     let mut runs = Vec::new();
     for t in transports {
         for kind in [Kind::X509Csr, Kind::X509Keygen, Kind::Jwt] {
+            if !args.wants_case(t, kind) {
+                continue;
+            }
             let mut r = issuance_run(target, t, kind, args.clients, args.seconds, &csrs).await?;
             if let Some(us) = r["broker_cpu_us_per_credential"].as_f64() {
                 let sig_us = 1e6 / sign_rate;
@@ -1407,7 +1455,7 @@ fn print_table(report: &Value) {
     }
     if let Some(runs) = report["issuance"].as_array() {
         println!(
-            "{:<6} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
+            "{:<6} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8}",
             "issue",
             "credential",
             "per sec",
@@ -1416,11 +1464,12 @@ fn print_table(report: &Value) {
             "p99 ms",
             "max ms",
             "cpu us/cr",
-            "x sig"
+            "x sig",
+            "l/commit"
         );
         for r in runs {
             println!(
-                "{:<6} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
+                "{:<6} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8}",
                 cell(&r["transport"]),
                 cell(&r["credential"]),
                 cell(&r["per_second"]),
@@ -1430,6 +1479,7 @@ fn print_table(report: &Value) {
                 cell(&r["latency"]["max_ms"]),
                 cell(&r["broker_cpu_us_per_credential"]),
                 cell(&r["cpu_per_credential_in_signatures"]),
+                cell(&r["leases_per_commit"]),
             );
         }
         println!();

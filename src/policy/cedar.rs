@@ -223,6 +223,7 @@ pub struct PolicyEngine {
     schema: Schema,
     authorizer: Authorizer,
     names: Names,
+    principals: Principals,
     current: RwLock<Arc<Loaded>>,
     generation: tokio::sync::watch::Sender<u64>,
 }
@@ -471,6 +472,7 @@ impl PolicyEngine {
             schema,
             authorizer: Authorizer::new(),
             names,
+            principals: Principals::default(),
             current: RwLock::new(Arc::new(Loaded {
                 set,
                 count,
@@ -552,36 +554,31 @@ impl PolicyEngine {
         resource: &Resource,
         ctx: &RequestContext,
     ) -> Result<Decision, PolicyError> {
-        let principal_uid = EntityUid::from_type_name_and_id(
-            self.names.workload.clone(),
-            EntityId::new(principal.spiffe_id.as_str()),
-        );
-        let entity = Entity::new_with_tags(
-            principal_uid.clone(),
-            [
-                (
-                    "spiffe_id".to_owned(),
-                    RestrictedExpression::new_string(principal.spiffe_id.to_string()),
-                ),
-                (
-                    "attestor".to_owned(),
-                    RestrictedExpression::new_string(principal.attestor.to_owned()),
-                ),
-                (
-                    "trust_domain".to_owned(),
-                    RestrictedExpression::new_string(principal.spiffe_id.trust_domain().to_owned()),
-                ),
-                (
-                    "path".to_owned(),
-                    RestrictedExpression::new_string(principal.spiffe_id.path().to_owned()),
-                ),
-            ],
-            [],
-            claim_tags(principal.claims)?,
-        )
-        .map_err(|e| PolicyError::Request(e.to_string()))?;
-        let resource_uid = self.names.resource(resource);
-        let action_uid = self.names.action(action);
+        let principal = self.principals.get(principal, &self.names.workload)?;
+        // The request is built here from typed values, the same way every time; the schema
+        // test below checks that it conforms, so it is not validated again per request.
+        let request = self.request(&principal.uid, action, resource, ctx, None)?;
+        let response =
+            self.authorizer
+                .is_authorized(&request, &self.loaded().set, &principal.entities);
+        let diag = response.diagnostics();
+        Ok(Decision {
+            allowed: response.decision() == CedarDecision::Allow,
+            policies: diag.reason().map(ToString::to_string).collect(),
+            errors: diag.errors().map(ToString::to_string).collect(),
+        })
+    }
+
+    /// The Cedar request for `action` on `resource` by the principal `uid`; validated against
+    /// `schema` when one is given.
+    fn request(
+        &self,
+        uid: &EntityUid,
+        action: Action,
+        resource: &Resource,
+        ctx: &RequestContext,
+        schema: Option<&Schema>,
+    ) -> Result<Request, PolicyError> {
         let mut pairs = vec![
             (
                 "requested_ttl_secs".to_owned(),
@@ -616,29 +613,142 @@ impl PolicyEngine {
         }
         let context =
             Context::from_pairs(pairs).map_err(|e| PolicyError::Request(e.to_string()))?;
-        let request = Request::new(
-            principal_uid,
-            action_uid,
-            resource_uid,
+        Request::new(
+            uid.clone(),
+            self.names.action(action),
+            self.names.resource(resource),
             context,
-            Some(&self.schema),
+            schema,
         )
-        .map_err(|e| PolicyError::Request(e.to_string()))?;
-        let entities = Entities::from_entities(
-            [entity, Entity::with_uid(self.names.resource(resource))],
-            None,
-        )
-        .map_err(|e| PolicyError::Request(e.to_string()))?;
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.loaded().set, &entities);
-        let diag = response.diagnostics();
-        Ok(Decision {
-            allowed: response.decision() == CedarDecision::Allow,
-            policies: diag.reason().map(ToString::to_string).collect(),
-            errors: diag.errors().map(ToString::to_string).collect(),
-        })
+        .map_err(|e| PolicyError::Request(e.to_string()))
     }
+}
+
+/// A principal as Cedar sees it: its uid and the entities to decide with (the principal alone;
+/// resources are entities with no attributes, so they need no entry).
+struct PrincipalEntities {
+    uid: EntityUid,
+    entities: Entities,
+}
+
+/// What a cached principal was built from, compared in full on every hit.
+struct PrincipalSource {
+    spiffe_id: String,
+    attestor: String,
+    claims: Map<String, Value>,
+    built: Arc<PrincipalEntities>,
+}
+
+/// Principals' entities by what they were built from: a workload asking again and again (the
+/// common case) is turned into Cedar values once, not on every request.
+#[derive(Default)]
+struct Principals {
+    built: std::sync::Mutex<std::collections::HashMap<u64, PrincipalSource>>,
+    hasher: std::hash::RandomState,
+}
+
+/// Most principals kept; the cache is cleared when it fills.
+const PRINCIPAL_CACHE: usize = 4096;
+
+impl Principals {
+    fn get(
+        &self,
+        p: &Principal<'_>,
+        workload: &EntityTypeName,
+    ) -> Result<Arc<PrincipalEntities>, PolicyError> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.hasher.build_hasher();
+        p.spiffe_id.as_str().hash(&mut h);
+        p.attestor.hash(&mut h);
+        hash_claims(p.claims, &mut h);
+        let key = h.finish();
+        let lock = || {
+            self.built
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(c) = lock().get(&key).filter(|c| {
+            c.spiffe_id == p.spiffe_id.as_str() && c.attestor == p.attestor && c.claims == *p.claims
+        }) {
+            return Ok(c.built.clone());
+        }
+        let built = Arc::new(build_principal(p, workload)?);
+        let mut cache = lock();
+        if cache.len() >= PRINCIPAL_CACHE {
+            cache.clear();
+        }
+        cache.insert(
+            key,
+            PrincipalSource {
+                spiffe_id: p.spiffe_id.as_str().to_owned(),
+                attestor: p.attestor.to_owned(),
+                claims: p.claims.clone(),
+                built: built.clone(),
+            },
+        );
+        Ok(built)
+    }
+}
+
+/// Feeds claims to a hasher: keys, and values with their kind.
+fn hash_claims(claims: &Map<String, Value>, h: &mut impl std::hash::Hasher) {
+    use std::hash::Hash;
+    fn value(v: &Value, h: &mut impl std::hash::Hasher) {
+        match v {
+            Value::Null => 0u8.hash(h),
+            Value::Bool(b) => (1u8, b).hash(h),
+            Value::Number(n) => (2u8, n.to_string()).hash(h),
+            Value::String(s) => (3u8, s).hash(h),
+            Value::Array(a) => {
+                (4u8, a.len()).hash(h);
+                a.iter().for_each(|v| value(v, h));
+            }
+            Value::Object(m) => {
+                (5u8, m.len()).hash(h);
+                hash_claims(m, h);
+            }
+        }
+    }
+    for (k, v) in claims {
+        k.hash(h);
+        value(v, h);
+    }
+}
+
+/// The principal entity: its attributes, and its claims as tags.
+fn build_principal(
+    p: &Principal<'_>,
+    workload: &EntityTypeName,
+) -> Result<PrincipalEntities, PolicyError> {
+    let uid =
+        EntityUid::from_type_name_and_id(workload.clone(), EntityId::new(p.spiffe_id.as_str()));
+    let entity = Entity::new_with_tags(
+        uid.clone(),
+        [
+            (
+                "spiffe_id".to_owned(),
+                RestrictedExpression::new_string(p.spiffe_id.to_string()),
+            ),
+            (
+                "attestor".to_owned(),
+                RestrictedExpression::new_string(p.attestor.to_owned()),
+            ),
+            (
+                "trust_domain".to_owned(),
+                RestrictedExpression::new_string(p.spiffe_id.trust_domain().to_owned()),
+            ),
+            (
+                "path".to_owned(),
+                RestrictedExpression::new_string(p.spiffe_id.path().to_owned()),
+            ),
+        ],
+        [],
+        claim_tags(p.claims)?,
+    )
+    .map_err(|e| PolicyError::Request(e.to_string()))?;
+    let entities =
+        Entities::from_entities([entity], None).map_err(|e| PolicyError::Request(e.to_string()))?;
+    Ok(PrincipalEntities { uid, entities })
 }
 
 #[cfg(test)]
@@ -844,5 +954,82 @@ when { context.now.toDate() == datetime("2026-09-21T00:00:00Z") };
             claims.insert(format!("c{i}"), Value::from(i));
         }
         assert!(matches!(claim_tags(&claims), Err(PolicyError::Request(_))));
+    }
+
+    /// Requests are not validated per decision; every shape `decide` builds must conform.
+    #[test]
+    fn requests_conform_to_the_schema() {
+        let (_d, e) = engine(&[("ci.cedar", CI_POLICY)]);
+        let e = e.unwrap();
+        let uid = EntityUid::from_type_name_and_id(
+            e.names.workload.clone(),
+            EntityId::new("spiffe://example.org/ci/app"),
+        );
+        let task = TaskContext {
+            id: "t-1".into(),
+            labels: vec!["env=prod".into()],
+            age_secs: 3,
+        };
+        for (action, resource) in [
+            (Action::BeginTask, Resource::Target("task".into())),
+            (Action::MintX509Svid, Resource::Target("x509-svid".into())),
+            (Action::MintJwtSvid, Resource::Audience("deploy".into())),
+        ] {
+            for ip in [None, Some("10.1.2.3"), Some("::1")] {
+                for task in [None, Some(task.clone())] {
+                    let ctx = RequestContext {
+                        task,
+                        ..ctx(60, ip)
+                    };
+                    e.request(&uid, action, &resource, &ctx, Some(&e.schema))
+                        .unwrap_or_else(|err| panic!("{action:?} {ctx:?}: {err}"));
+                }
+            }
+        }
+        // And the check is real: a context of the wrong shape is refused.
+        let wrong = Request::new(
+            uid,
+            e.names.action(Action::MintJwtSvid),
+            e.names.resource(&Resource::Audience("deploy".into())),
+            Context::from_pairs([("now".to_owned(), RestrictedExpression::new_long(1))]).unwrap(),
+            Some(&e.schema),
+        );
+        assert!(wrong.is_err());
+    }
+
+    /// A principal asking again is served from the cache, and different claims are not.
+    #[test]
+    fn principals_are_built_once_per_distinct_claims() {
+        let (_d, e) = engine(&[("ci.cedar", CI_POLICY)]);
+        let e = e.unwrap();
+        let id: SpiffeId = "spiffe://example.org/ci/app".parse().unwrap();
+        let main = serde_json::json!({"ref": "refs/heads/main", "run": {"id": 42}})
+            .as_object()
+            .unwrap()
+            .clone();
+        let mut other = main.clone();
+        other.insert("ref".into(), Value::from("refs/heads/dev"));
+        let p = |claims| Principal {
+            spiffe_id: &id,
+            attestor: "oidc",
+            claims,
+        };
+        let a = e.principals.get(&p(&main), &e.names.workload).unwrap();
+        let b = e.principals.get(&p(&main), &e.names.workload).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = e.principals.get(&p(&other), &e.names.workload).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        // Decisions follow the claims, cached or not.
+        let aud = Resource::Audience("deploy".into());
+        let ctx = ctx(300, Some("10.1.2.3"));
+        for _ in 0..2 {
+            let allowed = |claims| {
+                e.decide(&p(claims), Action::MintJwtSvid, &aud, &ctx)
+                    .unwrap()
+                    .allowed
+            };
+            assert!(allowed(&main));
+            assert!(!allowed(&other));
+        }
     }
 }
