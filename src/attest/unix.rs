@@ -38,21 +38,13 @@ impl UnixAttestor {
         Self::default()
     }
 
-    /// The peer's executable: its path, its open file, and the key its hash is cached under.
-    /// Only `/proc` is read (memory, not disk), so this runs on the request's own thread.
-    fn exe(pid: i32) -> Result<(String, std::fs::File, FileKey), String> {
+    /// The peer's executable: its path and the key its hash is cached under. Only `/proc` is
+    /// read (memory, not disk), so this runs on the request's own thread.
+    fn exe(pid: i32) -> Result<(PathBuf, String, FileKey), String> {
         let link = PathBuf::from(format!("/proc/{pid}/exe"));
         let path = std::fs::read_link(&link).map_err(|e| e.to_string())?;
-        let file = std::fs::File::open(&link).map_err(|e| e.to_string())?;
-        let meta = file.metadata().map_err(|e| e.to_string())?;
-        let key = (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-        );
-        Ok((path.to_string_lossy().into_owned(), file, key))
+        let key = file_key(&std::fs::metadata(&link).map_err(|e| e.to_string())?);
+        Ok((link, path.to_string_lossy().into_owned(), key))
     }
 
     fn cached_hash(&self, key: &FileKey) -> Option<String> {
@@ -63,8 +55,11 @@ impl UnixAttestor {
             .cloned()
     }
 
-    /// Hashes an executable not seen before (blocking: it reads the whole file) and caches it.
-    fn hash(&self, mut file: std::fs::File, key: FileKey) -> Result<String, String> {
+    /// Hashes an executable not seen before (blocking: it reads the whole file) and caches it
+    /// under the key of the file it read.
+    fn hash(&self, link: &std::path::Path) -> Result<String, String> {
+        let mut file = std::fs::File::open(link).map_err(|e| e.to_string())?;
+        let key = file_key(&file.metadata().map_err(|e| e.to_string())?);
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -85,7 +80,7 @@ impl UnixAttestor {
 
     /// `exe_path` and `exe_sha256` of process `pid`, or why they cannot be read.
     async fn exe_claims(&self, pid: i32) -> Result<Result<(String, String), String>, AttestError> {
-        let (path, file, key) = match Self::exe(pid) {
+        let (link, path, key) = match Self::exe(pid) {
             Ok(exe) => exe,
             Err(reason) => return Ok(Err(reason)),
         };
@@ -93,7 +88,7 @@ impl UnixAttestor {
             return Ok(Ok((path, hash)));
         }
         let this = self.clone();
-        let hash = tokio::task::spawn_blocking(move || this.hash(file, key))
+        let hash = tokio::task::spawn_blocking(move || this.hash(&link))
             .await
             .map_err(|e| AttestError::PeerUnreadable {
                 pid,
@@ -101,6 +96,17 @@ impl UnixAttestor {
             })?;
         Ok(hash.map(|h| (path, h)))
     }
+}
+
+/// What identifies a file's content at one moment.
+fn file_key(meta: &std::fs::Metadata) -> FileKey {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
 }
 
 /// Lowercase hex of `bytes`.

@@ -113,7 +113,7 @@ pub struct Principal<'a> {
 }
 
 /// The task a request belongs to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskContext {
     /// Task id.
     pub id: String,
@@ -224,6 +224,7 @@ pub struct PolicyEngine {
     authorizer: Authorizer,
     names: Names,
     principals: Principals,
+    contexts: Contexts,
     current: RwLock<Arc<Loaded>>,
     generation: tokio::sync::watch::Sender<u64>,
 }
@@ -473,6 +474,7 @@ impl PolicyEngine {
             authorizer: Authorizer::new(),
             names,
             principals: Principals::default(),
+            contexts: Contexts::default(),
             current: RwLock::new(Arc::new(Loaded {
                 set,
                 count,
@@ -579,6 +581,18 @@ impl PolicyEngine {
         ctx: &RequestContext,
         schema: Option<&Schema>,
     ) -> Result<Request, PolicyError> {
+        Request::new(
+            uid.clone(),
+            self.names.action(action),
+            self.names.resource(resource),
+            self.contexts.get(ctx, |ctx| self.context(ctx))?,
+            schema,
+        )
+        .map_err(|e| PolicyError::Request(e.to_string()))
+    }
+
+    /// `context` of a request, built from Cedar expressions (and evaluated by Cedar).
+    fn context(&self, ctx: &RequestContext) -> Result<Context, PolicyError> {
         let mut pairs = vec![
             (
                 "requested_ttl_secs".to_owned(),
@@ -611,16 +625,73 @@ impl PolicyEngine {
                 .map_err(|e| PolicyError::Request(e.to_string()))?,
             ));
         }
-        let context =
-            Context::from_pairs(pairs).map_err(|e| PolicyError::Request(e.to_string()))?;
-        Request::new(
-            uid.clone(),
-            self.names.action(action),
-            self.names.resource(resource),
-            context,
-            schema,
-        )
-        .map_err(|e| PolicyError::Request(e.to_string()))
+        Context::from_pairs(pairs).map_err(|e| PolicyError::Request(e.to_string()))
+    }
+}
+
+/// Request contexts of the current second: requests that agree on every context value (the
+/// same task asking again within the second, typically) share one evaluated `Context`.
+#[derive(Default)]
+struct Contexts {
+    current: std::sync::Mutex<CurrentContexts>,
+    hasher: std::hash::RandomState,
+}
+
+/// The second the contexts are of, and the contexts by a hash of their values.
+type CurrentContexts = (
+    i64,
+    std::collections::HashMap<u64, (RequestContext, Context)>,
+);
+
+/// Most contexts kept for one second; past this, contexts are built without being kept.
+const CONTEXT_CACHE: usize = 4096;
+
+impl Contexts {
+    fn get(
+        &self,
+        ctx: &RequestContext,
+        build: impl FnOnce(&RequestContext) -> Result<Context, PolicyError>,
+    ) -> Result<Context, PolicyError> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let second = crate::clock::unix_secs(ctx.now);
+        let mut h = self.hasher.build_hasher();
+        ctx.requested_ttl_secs.hash(&mut h);
+        ctx.evidence_age_secs.hash(&mut h);
+        ctx.source_ip.hash(&mut h);
+        if let Some(t) = &ctx.task {
+            (&t.id, &t.labels, t.age_secs).hash(&mut h);
+        }
+        let key = h.finish();
+        let same = |c: &RequestContext| {
+            c.requested_ttl_secs == ctx.requested_ttl_secs
+                && c.evidence_age_secs == ctx.evidence_age_secs
+                && c.source_ip == ctx.source_ip
+                && c.task == ctx.task
+        };
+        if let Some((_, context)) = self
+            .lock()
+            .1
+            .get(&key)
+            .filter(|(c, _)| crate::clock::unix_secs(c.now) == second && same(c))
+        {
+            return Ok(context.clone());
+        }
+        let context = build(ctx)?;
+        let mut current = self.lock();
+        if second > current.0 {
+            current.0 = second;
+            current.1.clear();
+        }
+        if current.0 == second && current.1.len() < CONTEXT_CACHE {
+            current.1.insert(key, (ctx.clone(), context.clone()));
+        }
+        Ok(context)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CurrentContexts> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
