@@ -255,6 +255,7 @@ pub struct Broker {
     /// What the CRL lists, kept between rebuilds; the mutex also makes rebuilds one at a time.
     crl_revoked: Arc<tokio::sync::Mutex<RevokedSet>>,
     crl_thread: CrlThread,
+    expansions: crate::lease::Expansions,
     closing: tokio::sync::watch::Sender<bool>,
     crl_updates: tokio::sync::watch::Sender<u64>,
 }
@@ -398,6 +399,7 @@ impl Broker {
             crl_number: std::sync::atomic::AtomicU64::new(0),
             crl_revoked: Arc::default(),
             crl_thread: CrlThread::start(),
+            expansions: crate::lease::Expansions::default(),
             closing: tokio::sync::watch::channel(false).0,
             crl_updates: tokio::sync::watch::channel(0).0,
         }
@@ -451,7 +453,7 @@ impl Broker {
             }
             CrlSource::Events(events) => {
                 for event in events {
-                    for lease in self.store.revoked_leases(event).await? {
+                    for lease in self.revoked_leases(event).await?.iter() {
                         let Some(serial) = lease.serial.as_deref() else {
                             continue;
                         };
@@ -1356,6 +1358,14 @@ impl Broker {
     /// Whether a lease is honoured now, with its record.
     pub async fn lease_status(&self, key: &str) -> Result<Option<LeaseStatus>, BrokerError> {
         Ok(self.store.lease(&lease_key(key)).await?)
+    }
+
+    /// The credentials `event` revoked, read once however many watchers (and the CRL) ask.
+    pub async fn revoked_leases(&self, event: &Revocation) -> Result<Arc<Vec<Lease>>, BrokerError> {
+        Ok(self
+            .expansions
+            .get(event, self.store.revoked_leases(event))
+            .await?)
     }
 
     /// The revocation events after `cursor`.

@@ -38,7 +38,7 @@ impl RevocationsService {
 }
 
 async fn expand(broker: &Broker, r: &Revocation) -> Result<RevocationEvent, BrokerError> {
-    let leases = broker.store().revoked_leases(r).await?;
+    let leases = broker.revoked_leases(r).await?;
     Ok(RevocationEvent {
         cursor: u64::try_from(r.seq).unwrap_or(0),
         revoked_at: r.at,
@@ -46,16 +46,16 @@ async fn expand(broker: &Broker, r: &Revocation) -> Result<RevocationEvent, Brok
         task_id: r.task_id.clone().unwrap_or_default(),
         lease_id: r.lease_id.clone().unwrap_or_default(),
         credentials: leases
-            .into_iter()
+            .iter()
             .map(|l| RevokedCredential {
                 jti: if l.kind == LeaseKind::Jwt {
                     l.id.clone()
                 } else {
                     String::new()
                 },
-                lease_id: l.id,
-                spiffe_id: l.spiffe_id,
-                serial: l.serial.unwrap_or_default(),
+                lease_id: l.id.clone(),
+                spiffe_id: l.spiffe_id.clone(),
+                serial: l.serial.clone().unwrap_or_default(),
                 expires_at: l.expires_at,
             })
             .collect(),

@@ -1577,7 +1577,7 @@ async fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
     if args.smoke {
         args.clients = args.clients.min(4);
-        args.seconds = args.seconds.min(0.3);
+        args.seconds = args.seconds.min(1.0);
         args.revocations = args.revocations.min(5);
         args.leases = args.leases.min(20_000);
         args.tasks = args.tasks.min(2_000);

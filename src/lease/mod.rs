@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use crate::clock::Clock;
-use crate::store::{Revocation, Store, Task, TaskState};
+use crate::store::{Lease, Revocation, Store, Task, TaskState};
 
 /// How many revocation events a slow listener may fall behind before it is cut off.
 pub const BUS_CAPACITY: usize = 4096;
@@ -52,6 +52,68 @@ struct ActiveTasks {
 /// Where a task lookup stands, for [`RevocationBus::remember_task`].
 #[derive(Debug, Clone, Copy)]
 pub struct TaskGeneration(u64);
+
+/// The credentials of recent revocation events, read once and shared: every watcher and the
+/// CRL need the same list right after the event, and for a task with many leases that read is
+/// the slow part of delivering it.
+#[derive(Default)]
+pub struct Expansions {
+    recent: std::sync::Mutex<std::collections::VecDeque<(i64, Arc<Expansion>)>>,
+}
+
+/// One event's credentials, read by whoever asks first.
+type Expansion = tokio::sync::OnceCell<Arc<Vec<Lease>>>;
+
+/// Most recent events whose credentials are kept.
+const EXPANSIONS: usize = 32;
+/// Most credentials kept across them; older events are dropped past it.
+const EXPANDED_LEASES: usize = 65_536;
+
+impl Expansions {
+    /// The credentials revoked by `event`: from a read already made (or under way) for the same
+    /// event, or else from `read`.
+    pub async fn get<E, F>(&self, event: &Revocation, read: F) -> Result<Arc<Vec<Lease>>, E>
+    where
+        F: std::future::Future<Output = Result<Vec<Lease>, E>>,
+    {
+        let cell = {
+            let mut recent = self.lock();
+            match recent.iter().find(|(seq, _)| *seq == event.seq) {
+                Some((_, cell)) => cell.clone(),
+                None => {
+                    let cell = Arc::new(Expansion::new());
+                    recent.push_back((event.seq, cell.clone()));
+                    if recent.len() > EXPANSIONS {
+                        recent.pop_front();
+                    }
+                    cell
+                }
+            }
+        };
+        let leases = cell
+            .get_or_try_init(|| async { read.await.map(Arc::new) })
+            .await?
+            .clone();
+        // Bound what is kept: drop the oldest events while the total is too large.
+        let mut recent = self.lock();
+        let mut total: usize = recent
+            .iter()
+            .filter_map(|(_, c)| c.get().map(|l| l.len()))
+            .sum();
+        while total > EXPANDED_LEASES && recent.len() > 1 {
+            if let Some((_, c)) = recent.pop_front() {
+                total -= c.get().map_or(0, |l| l.len());
+            }
+        }
+        Ok(leases)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(i64, Arc<Expansion>)>> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 #[derive(Default)]
 struct Recent {
@@ -212,4 +274,96 @@ pub async fn reap_once(store: &dyn Store, bus: &RevocationBus, clock: &dyn Clock
         bus.publish(event);
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LeaseKind;
+
+    fn event(seq: i64) -> Revocation {
+        Revocation {
+            seq,
+            at: 100,
+            task_id: Some(format!("t{seq}")),
+            lease_id: None,
+            reason: "ended".into(),
+        }
+    }
+
+    fn leases(n: usize) -> Vec<Lease> {
+        (0..n)
+            .map(|i| Lease {
+                id: format!("l{i}"),
+                task_id: Some("t".into()),
+                kind: LeaseKind::Jwt,
+                serial: None,
+                spiffe_id: "spiffe://example.org/w".into(),
+                audience: vec!["a".into()],
+                issued_at: 1,
+                expires_at: 200,
+                revoked: false,
+                revoked_at: None,
+                reason: None,
+            })
+            .collect()
+    }
+
+    /// Concurrent askers for one event share a single read; another event reads again.
+    #[tokio::test]
+    async fn an_event_is_expanded_once() {
+        let x = Expansions::default();
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let read = |n| {
+            let reads = &reads;
+            async move {
+                reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok::<_, std::convert::Infallible>(leases(n))
+            }
+        };
+        let one = event(1);
+        let (a, b) = tokio::join!(x.get(&one, read(3)), x.get(&one, read(3)));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.len(), 3);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(x.get(&event(2), read(1)).await.unwrap().len(), 1);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// A failed read is not kept: the next asker reads again.
+    #[tokio::test]
+    async fn a_failed_read_is_retried() {
+        let x = Expansions::default();
+        assert!(x.get(&event(1), async { Err("down") }).await.is_err());
+        let got = x.get(&event(1), async { Ok::<_, &str>(leases(2)) }).await;
+        assert_eq!(got.unwrap().len(), 2);
+    }
+
+    /// What is kept stays bounded in events and in credentials.
+    #[tokio::test]
+    async fn kept_expansions_are_bounded() {
+        let x = Expansions::default();
+        for seq in 0..100 {
+            x.get(&event(seq), async { Ok::<_, ()>(leases(10)) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(x.lock().len(), EXPANSIONS);
+        for seq in 100..103 {
+            x.get(&event(seq), async {
+                Ok::<_, ()>(leases(EXPANDED_LEASES / 2))
+            })
+            .await
+            .unwrap();
+        }
+        let kept: usize = x
+            .lock()
+            .iter()
+            .filter_map(|(_, c)| c.get().map(|l| l.len()))
+            .sum();
+        assert!(kept <= EXPANDED_LEASES, "{kept} kept");
+        assert!(x.lock().iter().any(|(seq, _)| *seq == 102));
+    }
 }

@@ -359,7 +359,7 @@ impl SqliteStore {
         let writer = Self::pool(
             options
                 .clone()
-                .pragma("cache_size", format!("-{}", WRITER_CACHE_KIB)),
+                .pragma("cache_size", format!("-{WRITER_CACHE_KIB}")),
             1,
         )
         .await?;
