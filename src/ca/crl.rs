@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::MintError;
+use super::der::{SEQUENCE, element, integer, signed, time, tlv};
 
 /// A revoked certificate: when it was revoked and when it expires (Unix seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,11 +71,7 @@ impl RevokedSet {
     }
 }
 
-const SEQUENCE: u8 = 0x30;
-const INTEGER: u8 = 0x02;
-const BIT_STRING: u8 = 0x03;
-const UTC_TIME: u8 = 0x17;
-const GENERALIZED_TIME: u8 = 0x18;
+/// The `crlExtensions` field's tag.
 const EXTENSIONS_TAG: u8 = 0xa0;
 
 /// `crlEntryExtensions`: reasonCode (2.5.29.21) = cessationOfOperation (5), as RFC 5280 §5.3.1
@@ -92,95 +89,6 @@ pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-/// Appends a DER length.
-fn length(out: &mut Vec<u8>, len: usize) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let be = len.to_be_bytes();
-        let skip = be.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (be.len() - skip) as u8);
-        out.extend_from_slice(&be[skip..]);
-    }
-}
-
-/// Appends tag, length and `content`.
-fn tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
-    out.push(tag);
-    length(out, content.len());
-    out.extend_from_slice(content);
-}
-
-/// Appends a positive INTEGER in minimal encoding (as rcgen encodes the certificate's serial,
-/// so relying parties match them byte for byte).
-fn integer(out: &mut Vec<u8>, magnitude: &[u8]) {
-    let skip = magnitude.iter().take_while(|b| **b == 0).count();
-    let m = &magnitude[skip..];
-    out.push(INTEGER);
-    match m.first() {
-        None => out.extend_from_slice(&[1, 0]),
-        Some(b) if *b >= 0x80 => {
-            length(out, m.len() + 1);
-            out.push(0);
-            out.extend_from_slice(m);
-        }
-        Some(_) => {
-            length(out, m.len());
-            out.extend_from_slice(m);
-        }
-    }
-}
-
-/// Appends a time as RFC 5280 §4.1.2.5 wants: UTCTime through 2049, GeneralizedTime after.
-fn time(out: &mut Vec<u8>, unix: i64) {
-    let t = time::OffsetDateTime::from_unix_timestamp(unix.max(0))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let year = t.year().unsigned_abs();
-    let utc = (1950..2050).contains(&t.year());
-    let fields = [
-        year / 100,
-        year % 100,
-        u32::from(u8::from(t.month())),
-        u32::from(t.day()),
-        u32::from(t.hour()),
-        u32::from(t.minute()),
-        u32::from(t.second()),
-    ];
-    // UTCTime drops the century: YYMMDDHHMMSSZ; GeneralizedTime is YYYYMMDDHHMMSSZ.
-    let (tag, fields) = if utc {
-        (UTC_TIME, &fields[1..])
-    } else {
-        (GENERALIZED_TIME, &fields[..])
-    };
-    out.push(tag);
-    length(out, fields.len() * 2 + 1);
-    for v in fields {
-        out.extend_from_slice(&[b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8]);
-    }
-    out.push(b'Z');
-}
-
-/// One DER element at the start of `der`: (tag, whole element length, content range).
-fn element(der: &[u8]) -> Option<(u8, usize, std::ops::Range<usize>)> {
-    let tag = *der.first()?;
-    let first = *der.get(1)?;
-    let (header, len) = if first < 0x80 {
-        (2, usize::from(first))
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let len = der
-            .get(2..2 + n)?
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (2 + n, len)
-    };
-    let end = header.checked_add(len)?;
-    (end <= der.len()).then_some((tag, end, header..end))
 }
 
 /// Splits a signed CRL without entries into what goes before the entries in its to-be-signed
@@ -229,55 +137,12 @@ pub(super) fn assemble(
     tlv(&mut tbs, SEQUENCE, &tbs_content);
     drop(tbs_content);
     let signature = sign(&tbs)?;
-    let mut bits = Vec::with_capacity(signature.len() + 1);
-    bits.push(0);
-    bits.extend_from_slice(&signature);
-    let mut content = tbs;
-    content.extend_from_slice(algorithm);
-    tlv(&mut content, BIT_STRING, &bits);
-    let mut der = Vec::with_capacity(content.len() + 8);
-    tlv(&mut der, SEQUENCE, &content);
-    Ok(der)
+    Ok(signed(tbs, algorithm, &signature))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn integers_are_minimal_and_positive() {
-        let enc = |b: &[u8]| {
-            let mut v = Vec::new();
-            integer(&mut v, b);
-            v
-        };
-        assert_eq!(enc(&[0x40, 1]), [2, 2, 0x40, 1]);
-        assert_eq!(enc(&[0x80]), [2, 2, 0, 0x80]);
-        assert_eq!(enc(&[0, 0, 5]), [2, 1, 5]);
-        assert_eq!(enc(&[0]), [2, 1, 0]);
-    }
-
-    #[test]
-    fn times_switch_to_generalized_in_2050() {
-        let enc = |t: i64| {
-            let mut v = Vec::new();
-            time(&mut v, t);
-            v
-        };
-        // 2026-11-23T01:02:03Z
-        assert_eq!(enc(1_795_395_723), b"\x17\x0d261123010203Z");
-        // 2050-01-01T00:00:00Z
-        assert_eq!(enc(2_524_608_000), b"\x18\x0f20500101000000Z");
-    }
-
-    #[test]
-    fn long_lengths() {
-        let mut v = Vec::new();
-        length(&mut v, 300);
-        assert_eq!(v, [0x82, 1, 44]);
-        assert_eq!(element(&[0x30, 0x82, 0, 1, 9]), Some((0x30, 5, 4..5)));
-        assert_eq!(element(&[0x30, 0x82, 0, 2, 9]), None, "truncated");
-    }
 
     #[test]
     fn serials_must_be_hex() {

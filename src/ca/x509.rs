@@ -5,6 +5,10 @@
 //! few seconds for clock skew, and a CRL distribution point. From a CSR only the public key is
 //! used: its subject, SANs and extensions are never copied, and a CSR asking to be a CA is
 //! refused. Never logs CSR or key bytes.
+//!
+//! rcgen encodes one leaf when the minter starts; each X.509-SVID is then written from that
+//! template's pieces (serial, validity, key, SAN and key identifier are the parts that differ)
+//! and signed, with no general ASN.1 writer on the path that runs for every credential.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -17,6 +21,7 @@ use rcgen::{
     SigningKey,
 };
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::oid_registry::{
@@ -28,6 +33,7 @@ use x509_parser::public_key::PublicKey;
 
 use super::MintError;
 use super::crl::RevokedSet;
+use super::der;
 use crate::id::SpiffeId;
 use crate::secret::Secret;
 
@@ -206,6 +212,7 @@ pub struct ServingIdentity {
 /// Signs X.509-SVIDs with the intermediate CA.
 pub struct X509Minter {
     issuer: Issuer<'static, KeyPair>,
+    leaf: LeafTemplate,
     intermediate_der: Vec<u8>,
     roots: Vec<Vec<u8>>,
     ca_not_after: SystemTime,
@@ -222,6 +229,222 @@ fn whole_secs(t: SystemTime) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+/// Seconds since the Unix epoch (0 before it).
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// DER of the subjectAltName extension's OID (2.5.29.17).
+const OID_SUBJECT_ALT_NAME: &[u8] = &[der::OID, 3, 0x55, 0x1d, 0x11];
+/// DER of the subjectKeyIdentifier extension's OID (2.5.29.14).
+const OID_SUBJECT_KEY_IDENTIFIER: &[u8] = &[der::OID, 3, 0x55, 0x1d, 0x0e];
+/// The context tags of a certificate's `version` and `extensions` fields.
+const VERSION_TAG: u8 = 0xa0;
+const EXTENSIONS_TAG: u8 = 0xa3;
+/// GeneralName `uniformResourceIdentifier` ([6] IMPLICIT IA5String).
+const URI_TAG: u8 = 0x86;
+
+/// One extension of the leaf template.
+enum LeafExtension {
+    /// The same in every leaf (authority key identifier, key usages, CRL distribution point,
+    /// basic constraints): its whole DER.
+    Fixed(Vec<u8>),
+    /// The SPIFFE ID as the one URI SAN.
+    SubjectAltName,
+    /// The subject key identifier: as rcgen derives it, the first 20 bytes of the SHA-256 of
+    /// the subjectPublicKeyInfo.
+    SubjectKeyIdentifier,
+}
+
+/// A leaf certificate's to-be-signed part, in the pieces every leaf shares.
+#[derive(Default)]
+struct LeafTemplate {
+    /// The `version` field.
+    version: Vec<u8>,
+    /// The `signature` algorithm and `issuer` fields, between serial and validity.
+    algorithm_and_issuer: Vec<u8>,
+    /// The `subject` field.
+    subject: Vec<u8>,
+    /// The extensions, in order.
+    extensions: Vec<LeafExtension>,
+    /// The certificate's `signatureAlgorithm`.
+    algorithm: Vec<u8>,
+}
+
+impl LeafTemplate {
+    /// Splits a leaf encoded by rcgen. `None` if it is not shaped as expected.
+    fn parse(cert: &[u8]) -> Option<Self> {
+        let (der::SEQUENCE, _, body) = der::element(cert)? else {
+            return None;
+        };
+        let [tbs, algorithm, _signature] = der::elements(&cert[body])?[..] else {
+            return None;
+        };
+        let (der::SEQUENCE, _, body) = der::element(tbs)? else {
+            return None;
+        };
+        let [
+            version,
+            _serial,
+            signature,
+            issuer,
+            _validity,
+            subject,
+            _key,
+            extensions,
+        ] = der::elements(&tbs[body])?[..]
+        else {
+            return None;
+        };
+        if version.first() != Some(&VERSION_TAG) || signature != algorithm {
+            return None;
+        }
+        let (EXTENSIONS_TAG, _, body) = der::element(extensions)? else {
+            return None;
+        };
+        let list = &extensions[body];
+        let (der::SEQUENCE, _, body) = der::element(list)? else {
+            return None;
+        };
+        let mut parsed = Vec::new();
+        for ext in der::elements(&list[body])? {
+            let (_, _, body) = der::element(ext)?;
+            let (der::OID, oid_len, _) = der::element(&ext[body.clone()])? else {
+                return None;
+            };
+            // The two rewritten per leaf are written non-critical: extnID and extnValue only.
+            let rewritten = der::elements(&ext[body.clone()])?.len() == 2;
+            parsed.push(match &ext[body.start..body.start + oid_len] {
+                OID_SUBJECT_ALT_NAME if rewritten => LeafExtension::SubjectAltName,
+                OID_SUBJECT_KEY_IDENTIFIER if rewritten => LeafExtension::SubjectKeyIdentifier,
+                OID_SUBJECT_ALT_NAME | OID_SUBJECT_KEY_IDENTIFIER => return None,
+                _ => LeafExtension::Fixed(ext.to_vec()),
+            });
+        }
+        let count = |f: fn(&LeafExtension) -> bool| parsed.iter().filter(|e| f(e)).count();
+        if count(|e| matches!(e, LeafExtension::SubjectAltName)) != 1
+            || count(|e| matches!(e, LeafExtension::SubjectKeyIdentifier)) != 1
+        {
+            return None;
+        }
+        Some(Self {
+            version: version.to_vec(),
+            algorithm_and_issuer: [signature, issuer].concat(),
+            subject: subject.to_vec(),
+            extensions: parsed,
+            algorithm: algorithm.to_vec(),
+        })
+    }
+
+    /// The to-be-signed certificate for one leaf. `spki` is the subject's DER
+    /// subjectPublicKeyInfo, `uri` its SPIFFE ID (ASCII, as a validated SPIFFE ID is).
+    fn tbs(&self, serial: &Serial, validity: [i64; 2], uri: &str, spki: &[u8]) -> Vec<u8> {
+        let fixed: usize = self
+            .extensions
+            .iter()
+            .map(|e| match e {
+                LeafExtension::Fixed(b) => b.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut exts = Vec::with_capacity(fixed + uri.len() + 64);
+        let mut value = Vec::with_capacity(uri.len() + 8);
+        for ext in &self.extensions {
+            let oid = match ext {
+                LeafExtension::Fixed(b) => {
+                    exts.extend_from_slice(b);
+                    continue;
+                }
+                LeafExtension::SubjectAltName => {
+                    value.clear();
+                    der::header(&mut value, der::SEQUENCE, der::size(uri.len()));
+                    der::tlv(&mut value, URI_TAG, uri.as_bytes());
+                    OID_SUBJECT_ALT_NAME
+                }
+                LeafExtension::SubjectKeyIdentifier => {
+                    let digest = ring::digest::digest(&ring::digest::SHA256, spki);
+                    value.clear();
+                    der::tlv(&mut value, der::OCTET_STRING, &digest.as_ref()[..20]);
+                    OID_SUBJECT_KEY_IDENTIFIER
+                }
+            };
+            // Extension ::= SEQUENCE { extnID, extnValue OCTET STRING } (not critical).
+            der::header(&mut exts, der::SEQUENCE, oid.len() + der::size(value.len()));
+            exts.extend_from_slice(oid);
+            der::tlv(&mut exts, der::OCTET_STRING, &value);
+        }
+
+        let mut content = Vec::with_capacity(
+            self.version.len()
+                + self.algorithm_and_issuer.len()
+                + self.subject.len()
+                + spki.len()
+                + exts.len()
+                + 64,
+        );
+        content.extend_from_slice(&self.version);
+        der::integer(&mut content, serial.bytes());
+        content.extend_from_slice(&self.algorithm_and_issuer);
+        let mut times = Vec::with_capacity(36);
+        der::time(&mut times, validity[0]);
+        der::time(&mut times, validity[1]);
+        der::tlv(&mut content, der::SEQUENCE, &times);
+        content.extend_from_slice(&self.subject);
+        content.extend_from_slice(spki);
+        der::header(&mut content, EXTENSIONS_TAG, der::size(exts.len()));
+        der::tlv(&mut content, der::SEQUENCE, &exts);
+        let mut tbs = Vec::with_capacity(content.len() + 4);
+        der::tlv(&mut tbs, der::SEQUENCE, &content);
+        tbs
+    }
+}
+
+/// A P-256 key pair made with ring: its public key and its PKCS#8 DER. The public point is read
+/// from the document ring returns, rather than derived from the private key again.
+fn generate_p256(rng: &SystemRandom) -> Result<(CsrKey, Secret<Vec<u8>>), MintError> {
+    let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+        .map_err(|_| MintError::Signing("key generation failed".into()))?;
+    let point = pkcs8_ec_public_key(doc.as_ref())
+        .ok_or_else(|| MintError::Signing("unexpected PKCS#8 encoding".into()))?;
+    Ok((
+        CsrKey {
+            raw: point.to_vec(),
+            alg: &PKCS_ECDSA_P256_SHA256,
+        },
+        Secret::new(doc.as_ref().to_vec()),
+    ))
+}
+
+/// The uncompressed P-256 public point of a PKCS#8 EC private key: the `[1] publicKey` of the
+/// ECPrivateKey (RFC 5915) inside the PrivateKeyInfo (RFC 5208).
+fn pkcs8_ec_public_key(doc: &[u8]) -> Option<&[u8]> {
+    let (der::SEQUENCE, _, body) = der::element(doc)? else {
+        return None;
+    };
+    let [_version, _algorithm, private_key, ..] = der::elements(&doc[body])?[..] else {
+        return None;
+    };
+    let (der::OCTET_STRING, _, body) = der::element(private_key)? else {
+        return None;
+    };
+    let ec = &private_key[body];
+    let (der::SEQUENCE, _, body) = der::element(ec)? else {
+        return None;
+    };
+    let public = der::elements(&ec[body])?
+        .into_iter()
+        .find(|f| f.first() == Some(&0xa1))?;
+    let (_, _, body) = der::element(public)?;
+    let bits = &public[body];
+    let (der::BIT_STRING, _, body) = der::element(bits)? else {
+        return None;
+    };
+    let point = bits[body].strip_prefix(&[0])?;
+    (point.len() == 65 && point[0] == 4).then_some(point)
+}
+
 impl X509Minter {
     /// A minter signing with the intermediate CA; `crl_url` goes into every leaf's CRL
     /// distribution point.
@@ -235,14 +458,38 @@ impl X509Minter {
         let issuer =
             Issuer::from_ca_cert_der(&intermediate_der.as_slice().into(), intermediate_key)
                 .map_err(|e| MintError::Signing(e.to_string()))?;
-        Ok(Self {
+        let mut minter = Self {
             issuer,
+            leaf: LeafTemplate::default(),
             intermediate_der,
             roots: vec![root_der],
             ca_not_after,
             crl_url,
             rng: SystemRandom::new(),
-        })
+        };
+        minter.leaf = minter.leaf_template()?;
+        Ok(minter)
+    }
+
+    /// Encodes a leaf with rcgen once, for a placeholder key and SPIFFE ID, and keeps its
+    /// to-be-signed part in pieces: every leaf differs from it only in serial, validity, key,
+    /// SAN and subject key identifier.
+    fn leaf_template(&self) -> Result<LeafTemplate, MintError> {
+        let now = SystemTime::now();
+        let not_after = (now + Duration::from_secs(60)).min(self.ca_not_after);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| MintError::Signing(e.to_string()))?;
+        let mut params = self.leaf_params(Serial([0x40; 16]), now, not_after)?;
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://template.invalid/leaf"
+                .try_into()
+                .map_err(|e: rcgen::Error| MintError::Signing(e.to_string()))?,
+        )];
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| MintError::Signing(e.to_string()))?;
+        LeafTemplate::parse(cert.der())
+            .ok_or_else(|| MintError::Signing("unexpected leaf certificate encoding".into()))
     }
 
     /// When the signing CA expires; no leaf may outlive it.
@@ -317,6 +564,9 @@ impl X509Minter {
     }
 
     /// Mints an X.509-SVID for `id`, valid until `not_after` (already clamped by the caller).
+    ///
+    /// The certificate is the one rcgen encodes for [`Self::leaf_params`] (a test checks it
+    /// byte for byte), written from the pre-encoded template: this runs for every X.509-SVID.
     pub fn mint(
         &self,
         id: &SpiffeId,
@@ -324,26 +574,33 @@ impl X509Minter {
         now: SystemTime,
         not_after: SystemTime,
     ) -> Result<X509Svid, MintError> {
+        if not_after <= now || not_after > self.ca_not_after {
+            return Err(MintError::CaExpired);
+        }
         let serial = Serial::random(&self.rng)?;
-        let mut params = self.leaf_params(serial, now, not_after)?;
-        params.subject_alt_names =
-            vec![SanType::URI(id.as_str().try_into().map_err(
-                |e: rcgen::Error| MintError::Signing(e.to_string()),
-            )?)];
-        let (cert, private_key) = match key {
-            SubjectKey::Csr(k) => (params.signed_by(&k, &self.issuer), None),
+        let (public, private_key) = match key {
+            SubjectKey::Csr(k) => (k, None),
             SubjectKey::Generate => {
-                let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-                    .map_err(|e| MintError::Signing(e.to_string()))?;
-                (
-                    params.signed_by(&k, &self.issuer),
-                    Some(Secret::new(k.serialize_der())),
-                )
+                let (public, pkcs8) = generate_p256(&self.rng)?;
+                (public, Some(pkcs8))
             }
         };
-        let cert = cert.map_err(|e| MintError::Signing(e.to_string()))?;
+        let tbs = self.leaf.tbs(
+            &serial,
+            [unix_secs(now - BACKDATE), unix_secs(not_after)],
+            id.as_str(),
+            &public.subject_public_key_info(),
+        );
+        let signature = self
+            .issuer
+            .key()
+            .sign(&tbs)
+            .map_err(|e| MintError::Signing(e.to_string()))?;
         Ok(X509Svid {
-            cert_chain: vec![cert.der().to_vec(), self.intermediate_der.clone()],
+            cert_chain: vec![
+                der::signed(tbs, &self.leaf.algorithm, &signature),
+                self.intermediate_der.clone(),
+            ],
             private_key,
             serial,
             not_after: whole_secs(not_after),
@@ -448,6 +705,96 @@ mod tests {
                 Ok(_) => panic!("{what}: accepted"),
             }
         }
+    }
+
+    fn minter(crl_url: Option<String>) -> X509Minter {
+        let dir = tempfile::tempdir().unwrap();
+        let td: crate::id::TrustDomain = "example.org".parse().unwrap();
+        super::super::keys::init(dir.path(), &td, Default::default(), SystemTime::now()).unwrap();
+        let m = super::super::keys::load(dir.path(), &td).unwrap();
+        X509Minter::new(
+            m.root_der,
+            m.intermediate_der,
+            m.intermediate_key,
+            m.intermediate_not_after,
+            crl_url,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn leaves_are_the_certificates_rcgen_encodes() {
+        let id: SpiffeId = "spiffe://example.org/ci/deploy/a-rather-long-path-segment-to-need-long-lengths-0123456789-0123456789-0123456789".parse().unwrap();
+        let now = SystemTime::now();
+        let not_after = now + Duration::from_secs(600);
+        let mut subjects = Vec::new();
+        for alg in [
+            &PKCS_ECDSA_P256_SHA256,
+            &PKCS_ECDSA_P384_SHA384,
+            &PKCS_ED25519,
+        ] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = parse_csr(&csr_der(&CertificateParams::default(), &key)).unwrap();
+            subjects.push(Some(csr));
+        }
+        subjects.push(None);
+        for crl_url in [None, Some("https://broker.example.org:8443/crl".to_owned())] {
+            let minter = minter(crl_url);
+            for subject in &subjects {
+                let key = subject
+                    .clone()
+                    .map_or(SubjectKey::Generate, SubjectKey::Csr);
+                let svid = minter.mint(&id, key, now, not_after).unwrap();
+                let (_, cert) = x509_parser::parse_x509_certificate(&svid.cert_chain[0]).unwrap();
+                let public = subject.clone().unwrap_or_else(|| CsrKey {
+                    raw: cert.public_key().subject_public_key.data.to_vec(),
+                    alg: &PKCS_ECDSA_P256_SHA256,
+                });
+
+                // rcgen, given the same serial, times and key, encodes the same certificate.
+                let mut params = minter.leaf_params(svid.serial, now, not_after).unwrap();
+                params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().unwrap())];
+                let expected = params.signed_by(&public, &minter.issuer).unwrap();
+                let (_, expected) = x509_parser::parse_x509_certificate(expected.der()).unwrap();
+                assert_eq!(
+                    cert.tbs_certificate.as_ref(),
+                    expected.tbs_certificate.as_ref()
+                );
+                assert_eq!(cert.signature_algorithm, expected.signature_algorithm);
+
+                let (_, intermediate) =
+                    x509_parser::parse_x509_certificate(&svid.cert_chain[1]).unwrap();
+                cert.verify_signature(Some(intermediate.public_key()))
+                    .unwrap();
+                assert_eq!(svid.private_key.is_some(), subject.is_none());
+                if let Some(pkcs8) = &svid.private_key {
+                    // The returned private key is the certificate's.
+                    let pair = EcdsaKeyPair::from_pkcs8(
+                        &ECDSA_P256_SHA256_ASN1_SIGNING,
+                        pkcs8.expose(),
+                        &SystemRandom::new(),
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        ring::signature::KeyPair::public_key(&pair).as_ref(),
+                        &cert.public_key().subject_public_key.data[..]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pkcs8_public_keys() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        assert_eq!(
+            pkcs8_ec_public_key(&key.serialize_der()),
+            Some(key.public_key_raw())
+        );
+        let ed = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        assert_eq!(pkcs8_ec_public_key(&ed.serialize_der()), None);
+        assert_eq!(pkcs8_ec_public_key(b"\x30\x03\x02\x01\x00"), None);
+        assert_eq!(pkcs8_ec_public_key(b""), None);
     }
 
     #[test]
