@@ -495,7 +495,7 @@ pub mod conformance {
         }
     }
 
-    fn lease(id: &str, task: Option<&str>, serial: Option<&str>, expires_at: i64) -> Lease {
+    pub fn lease(id: &str, task: Option<&str>, serial: Option<&str>, expires_at: i64) -> Lease {
         Lease {
             id: id.into(),
             task_id: task.map(Into::into),

@@ -92,6 +92,24 @@ const READERS: u32 = 4;
 /// The writing connection's page cache, KiB.
 const WRITER_CACHE_KIB: u32 = 64 * 1024;
 
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// WAL frames (pages) after which the log is restarted from its beginning: 32 MiB of 4 KiB
+/// pages.
+const WAL_RESTART_FRAMES: i64 = 8192;
+/// How long a restart may hold the writer while waiting for readers to leave the log, ms.
+const WAL_RESTART_WAIT_MS: u64 = 20;
+/// The writer's own automatic checkpoint, a backstop should the checkpointer fall behind:
+/// four times the restart size.
+const WRITER_AUTOCHECKPOINT_FRAMES: i64 = 4 * WAL_RESTART_FRAMES;
+/// The WAL file is truncated back to this size when the log restarts, bytes (a size the log
+/// reaches only when the backstop had to act).
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+/// Free space the database's filesystem must have for the store to report ready, bytes.
+const MIN_FREE_BYTES: u64 = 1024 * 1024;
+/// The busy timeout of every connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A write transaction on one pooled connection, begun `IMMEDIATE` (the write lock is taken up
 /// front, so writers queue on the busy timeout instead of failing to upgrade).
 ///
@@ -193,6 +211,77 @@ pub struct SqliteStore {
     /// another one has written), so a group commit does not re-read the index pages it touches.
     writer: SqlitePool,
     leases: tokio::sync::mpsc::Sender<super::QueuedLease>,
+    /// Held only so the checkpointer stops when the last clone of the store is dropped.
+    _checkpointer: Option<tokio::sync::mpsc::Sender<()>>,
+    /// The directory of the database file (none in memory), whose free space `ping` checks.
+    dir: Option<std::path::PathBuf>,
+}
+
+/// Copies committed WAL frames into the database file every [`CHECKPOINT_EVERY`], on its own
+/// connection, beside the writer: a `PASSIVE` checkpoint neither waits for nor blocks it, so
+/// commits (which every waiting credential waits on) no longer copy pages and sync the file.
+///
+/// Under continuous writes a passive checkpoint never finds the log fully copied at the moment a
+/// new write begins, so the log would never start over. Past [`WAL_RESTART_FRAMES`], a
+/// `RESTART` checkpoint runs on the writer's own connection, queued between its commits: the
+/// passive pass just before left it only the last few frames to copy, and no other connection
+/// competes for the write lock (SQLite's busy handler sleeps in growing steps, which a busy
+/// writer would keep winning). It waits at most [`WAL_RESTART_WAIT_MS`] for readers to leave
+/// the log, and is tried again on the next pass if one is still reading. Ends when the store is
+/// dropped.
+async fn checkpointer(
+    pool: SqlitePool,
+    writer: SqlitePool,
+    mut stop: tokio::sync::mpsc::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.recv() => break,
+            _ = tick.tick() => {}
+        }
+        let result = match passive_checkpoint(&pool).await {
+            Ok((_, log, _)) if log >= WAL_RESTART_FRAMES => restart_wal(&writer).await,
+            other => other.map(|_| ()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "sqlite checkpoint failed; the writer's own checkpoint is the backstop");
+        }
+    }
+    pool.close().await;
+}
+
+/// A `PASSIVE` checkpoint on one connection of `pool`: (whether it was blocked, frames in the
+/// log, frames copied into the database file).
+async fn passive_checkpoint(pool: &SqlitePool) -> Result<(i64, i64, i64), StoreError> {
+    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(pool)
+        .await
+        .map_err(unavailable)
+}
+
+/// Restarts the log on the writer's connection (see [`checkpointer`]), waiting at most
+/// [`WAL_RESTART_WAIT_MS`] for readers.
+async fn restart_wal(writer: &SqlitePool) -> Result<(), StoreError> {
+    let mut conn = writer.acquire().await.map_err(unavailable)?;
+    let timeout = |ms: u128| sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {ms}"));
+    sqlx::query(timeout(u128::from(WAL_RESTART_WAIT_MS)))
+        .execute(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+    let restarted: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+        .fetch_one(&mut *conn)
+        .await;
+    if let Err(e) = sqlx::query(timeout(BUSY_TIMEOUT.as_millis()))
+        .execute(&mut *conn)
+        .await
+    {
+        // A writer left with the short timeout would give up on busy readers: replace it.
+        conn.close_on_drop();
+        return Err(unavailable(e));
+    }
+    restarted.map(|_| ()).map_err(unavailable)
 }
 
 /// One group commit (see [`super::lease_writer`]): every lease of the batch in one write
@@ -351,20 +440,37 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         // The writer first: it creates the file and switches it to WAL.
         // Its page cache holds the index pages that inserts land on (SQLite's default, 2 MiB,
         // holds fewer than a busy lease table's random-keyed indexes touch).
+        // Checkpoints run on their own connection (see `checkpointer`), not inside the writer's
+        // commits, which every waiting credential would wait on.
         let writer = Self::pool(
             options
                 .clone()
-                .pragma("cache_size", format!("-{WRITER_CACHE_KIB}")),
+                .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"))
+                .pragma(
+                    "wal_autocheckpoint",
+                    WRITER_AUTOCHECKPOINT_FRAMES.to_string(),
+                )
+                .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string()),
             1,
         )
         .await?;
-        let readers = Self::pool(options, READERS).await?;
-        Self::connect(readers, writer).await
+        let readers = Self::pool(options.clone(), READERS).await?;
+        let (stop, stopped) = tokio::sync::mpsc::channel(1);
+        let mut store = Self::connect(readers, writer, Some(stop)).await?;
+        store.dir = Some(
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned(),
+        );
+        let checkpoints = Self::pool(options, 1).await?;
+        tokio::spawn(checkpointer(checkpoints, store.writer.clone(), stopped));
+        Ok(store)
     }
 
     /// A private in-memory database (tests).
@@ -372,7 +478,7 @@ impl SqliteStore {
         let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(unavailable)?;
         // An in-memory database exists per connection: exactly one, for reads and writes.
         let pool = Self::pool(options, 1).await?;
-        Self::connect(pool.clone(), pool).await
+        Self::connect(pool.clone(), pool, None).await
     }
 
     async fn pool(
@@ -388,7 +494,11 @@ impl SqliteStore {
             .map_err(unavailable)
     }
 
-    async fn connect(pool: SqlitePool, writer: SqlitePool) -> Result<Self, StoreError> {
+    async fn connect(
+        pool: SqlitePool,
+        writer: SqlitePool,
+        checkpointer: Option<tokio::sync::mpsc::Sender<()>>,
+    ) -> Result<Self, StoreError> {
         let (tx, rx) = tokio::sync::mpsc::channel(4 * BATCH);
         let lease_writer = writer.clone();
         tokio::spawn(super::lease_writer(
@@ -403,6 +513,8 @@ impl SqliteStore {
             pool,
             writer,
             leases: tx,
+            _checkpointer: checkpointer,
+            dir: None,
         };
         store.migrate().await?;
         Ok(store)
@@ -906,6 +1018,23 @@ impl Store for SqliteStore {
                 .execute(&self.writer)
                 .await
                 .map_err(unavailable)?;
+            // SQLite reuses the space of its log once the log restarts, so that small write can
+            // succeed on a full disk while the next commit that needs new space fails.
+            if let Some(dir) = &self.dir {
+                let fs = rustix::fs::statvfs(dir.as_path()).map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot read free space of {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+                if free < MIN_FREE_BYTES {
+                    return Err(StoreError::Unavailable(format!(
+                        "{} has {free} bytes free, under the {MIN_FREE_BYTES} the store needs",
+                        dir.display()
+                    )));
+                }
+            }
             Ok(())
         })
     }
@@ -938,6 +1067,74 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join(FILE)).await.unwrap();
         super::super::conformance::ended_task_covers_racing_leases(Arc::new(s)).await;
+    }
+
+    /// Under continuous writes the checkpointer copies the log into the database file and
+    /// restarts it before the writer's own backstop checkpoint is reached, and nothing written
+    /// is lost on the way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wal_restarts_under_continuous_writes() {
+        use super::super::conformance::{lease, task};
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(SqliteStore::open(&dir.path().join(FILE)).await.unwrap());
+        const TASKS: usize = 64;
+        for t in 0..TASKS {
+            let t = task(
+                &format!("t{t}"),
+                "spiffe://e.org/w",
+                i64::MAX / 2,
+                i64::MAX / 2,
+            );
+            s.insert_task(t).await.unwrap();
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let (s, stop) = (s.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let l = lease(
+                            &format!("t{t}-{n}"),
+                            Some(&format!("t{t}")),
+                            None,
+                            i64::MAX / 2,
+                        );
+                        s.insert_lease(l).await.unwrap();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut peak = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let (_, log, _) = passive_checkpoint(&s.pool).await.unwrap();
+            assert!(
+                log < WRITER_AUTOCHECKPOINT_FRAMES,
+                "{log} frames: the checkpointer fell behind"
+            );
+            if peak >= WAL_RESTART_FRAMES && log < peak / 2 {
+                break;
+            }
+            peak = peak.max(log);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log never restarted (peak {peak} frames)"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut written = 0;
+        for w in writers {
+            written += w.await.unwrap();
+        }
+        let mut held = 0;
+        for t in 0..TASKS {
+            held += s.count_task_leases(&format!("t{t}")).await.unwrap();
+        }
+        assert_eq!(held, written);
     }
 
     #[tokio::test]
