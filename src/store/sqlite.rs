@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::Row;
@@ -92,8 +94,12 @@ const READERS: u32 = 4;
 /// The writing connection's page cache, KiB.
 const WRITER_CACHE_KIB: u32 = 64 * 1024;
 
-/// How often the checkpointer copies committed WAL frames into the database file.
+/// How often the checkpointer looks at the log.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// Leases committed since the last checkpoint that make the next one due at once.
+const CHECKPOINT_BUSY_LEASES: u64 = 128;
+/// How often the checkpointer runs while other writes than leases change the log.
+const CHECKPOINT_QUIET_EVERY: Duration = Duration::from_secs(5);
 /// WAL frames (pages) after which the log is restarted from its beginning: 32 MiB of 4 KiB
 /// pages.
 const WAL_RESTART_FRAMES: i64 = 8192;
@@ -211,15 +217,22 @@ pub struct SqliteStore {
     /// another one has written), so a group commit does not re-read the index pages it touches.
     writer: SqlitePool,
     leases: tokio::sync::mpsc::Sender<super::QueuedLease>,
+    /// Leases committed (or attempted) so far: how busy the log is, for the checkpointer.
+    committed: Arc<AtomicU64>,
     /// Held only so the checkpointer stops when the last clone of the store is dropped.
     _checkpointer: Option<tokio::sync::mpsc::Sender<()>>,
     /// The directory of the database file (none in memory), whose free space `ping` checks.
     dir: Option<std::path::PathBuf>,
 }
 
-/// Copies committed WAL frames into the database file every [`CHECKPOINT_EVERY`], on its own
-/// connection, beside the writer: a `PASSIVE` checkpoint neither waits for nor blocks it, so
-/// commits (which every waiting credential waits on) no longer copy pages and sync the file.
+/// Copies committed WAL frames into the database file on its own connection, beside the writer:
+/// a `PASSIVE` checkpoint neither waits for nor blocks it, so commits (which every waiting
+/// credential waits on) no longer copy pages and sync the file.
+///
+/// A pass costs two file syncs however little it copies, so passes follow the load: every
+/// [`CHECKPOINT_EVERY`] while leases are being committed ([`CHECKPOINT_BUSY_LEASES`] or more
+/// since the last pass), every [`CHECKPOINT_QUIET_EVERY`] while only other writes (tasks,
+/// keep-alives, the reaper) touch the log, and not at all while the log file is unchanged.
 ///
 /// Under continuous writes a passive checkpoint never finds the log fully copied at the moment a
 /// new write begins, so the log would never start over. Past [`WAL_RESTART_FRAMES`], a
@@ -232,15 +245,27 @@ pub struct SqliteStore {
 async fn checkpointer(
     pool: SqlitePool,
     writer: SqlitePool,
+    wal: std::path::PathBuf,
+    committed: Arc<AtomicU64>,
     mut stop: tokio::sync::mpsc::Receiver<()>,
 ) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut seen, mut last, mut leases) = (None, std::time::Instant::now(), 0);
     loop {
         tokio::select! {
             _ = stop.recv() => break,
             _ = tick.tick() => {}
         }
+        let stamp = std::fs::metadata(&wal)
+            .and_then(|m| Ok((m.len(), m.modified()?)))
+            .ok();
+        let now_leases = committed.load(Ordering::Relaxed);
+        let busy = now_leases.saturating_sub(leases) >= CHECKPOINT_BUSY_LEASES;
+        if stamp == seen || !(busy || last.elapsed() >= CHECKPOINT_QUIET_EVERY) {
+            continue;
+        }
+        (seen, last, leases) = (stamp, std::time::Instant::now(), now_leases);
         let result = match passive_checkpoint(&pool).await {
             Ok((_, log, _)) if log >= WAL_RESTART_FRAMES => restart_wal(&writer).await,
             other => other.map(|_| ()),
@@ -469,7 +494,15 @@ impl SqliteStore {
                 .to_owned(),
         );
         let checkpoints = Self::pool(options, 1).await?;
-        tokio::spawn(checkpointer(checkpoints, store.writer.clone(), stopped));
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        tokio::spawn(checkpointer(
+            checkpoints,
+            store.writer.clone(),
+            wal.into(),
+            store.committed.clone(),
+            stopped,
+        ));
         Ok(store)
     }
 
@@ -501,18 +534,25 @@ impl SqliteStore {
     ) -> Result<Self, StoreError> {
         let (tx, rx) = tokio::sync::mpsc::channel(4 * BATCH);
         let lease_writer = writer.clone();
+        let committed = Arc::new(AtomicU64::new(0));
+        let counter = committed.clone();
         tokio::spawn(super::lease_writer(
             rx,
             BATCH,
             Box::new(move |leases| {
-                let pool = lease_writer.clone();
-                Box::pin(async move { write_leases(&pool, leases).await })
+                let (pool, counter) = (lease_writer.clone(), counter.clone());
+                Box::pin(async move {
+                    let written = write_leases(&pool, leases).await;
+                    counter.fetch_add(leases.len() as u64, Ordering::Relaxed);
+                    written
+                })
             }),
         ));
         let store = Self {
             pool,
             writer,
             leases: tx,
+            committed,
             _checkpointer: checkpointer,
             dir: None,
         };
