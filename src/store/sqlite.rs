@@ -217,7 +217,7 @@ pub struct SqliteStore {
     /// another one has written), so a group commit does not re-read the index pages it touches.
     writer: SqlitePool,
     leases: tokio::sync::mpsc::Sender<super::QueuedLease>,
-    /// Leases committed (or attempted) so far: how busy the log is, for the checkpointer.
+    /// Leases committed so far: how busy the log is, for the checkpointer.
     committed: Arc<AtomicU64>,
     /// Held only so the checkpointer stops when the last clone of the store is dropped.
     _checkpointer: Option<tokio::sync::mpsc::Sender<()>>,
@@ -543,7 +543,9 @@ impl SqliteStore {
                 let (pool, counter) = (lease_writer.clone(), counter.clone());
                 Box::pin(async move {
                     let written = write_leases(&pool, leases).await;
-                    counter.fetch_add(leases.len() as u64, Ordering::Relaxed);
+                    if written.is_ok() {
+                        counter.fetch_add(leases.len() as u64, Ordering::Relaxed);
+                    }
                     written
                 })
             }),
