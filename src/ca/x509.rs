@@ -475,8 +475,14 @@ impl X509Minter {
     /// to-be-signed part in pieces: every leaf differs from it only in serial, validity, key,
     /// SAN and subject key identifier.
     fn leaf_template(&self) -> Result<LeafTemplate, MintError> {
-        let now = SystemTime::now();
-        let not_after = (now + Duration::from_secs(60)).min(self.ca_not_after);
+        // Any validity inside the CA's does (every mint writes its own), so a broker whose CA
+        // has expired still starts, and refuses mints with `CaExpired`.
+        let minute = Duration::from_secs(60);
+        let not_after = self
+            .ca_not_after
+            .checked_sub(minute)
+            .ok_or(MintError::CaExpired)?;
+        let now = not_after.checked_sub(minute).ok_or(MintError::CaExpired)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| MintError::Signing(e.to_string()))?;
         let mut params = self.leaf_params(Serial([0x40; 16]), now, not_after)?;
@@ -707,7 +713,8 @@ mod tests {
         }
     }
 
-    fn minter(crl_url: Option<String>) -> X509Minter {
+    /// A minter on a new CA; `ca_not_after` overrides the CA's own expiry.
+    fn minter(crl_url: Option<String>, ca_not_after: Option<SystemTime>) -> X509Minter {
         let dir = tempfile::tempdir().unwrap();
         let td: crate::id::TrustDomain = "example.org".parse().unwrap();
         super::super::keys::init(dir.path(), &td, Default::default(), SystemTime::now()).unwrap();
@@ -716,7 +723,7 @@ mod tests {
             m.root_der,
             m.intermediate_der,
             m.intermediate_key,
-            m.intermediate_not_after,
+            ca_not_after.unwrap_or(m.intermediate_not_after),
             crl_url,
         )
         .unwrap()
@@ -739,7 +746,7 @@ mod tests {
         }
         subjects.push(None);
         for crl_url in [None, Some("https://broker.example.org:8443/crl".to_owned())] {
-            let minter = minter(crl_url);
+            let minter = minter(crl_url, None);
             for subject in &subjects {
                 let key = subject
                     .clone()
@@ -782,6 +789,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_expired_ca_loads_and_refuses_to_mint() {
+        let now = SystemTime::now();
+        let minter = minter(None, Some(now - Duration::from_secs(3600)));
+        let id: SpiffeId = "spiffe://example.org/w".parse().unwrap();
+        let err = minter
+            .mint(
+                &id,
+                SubjectKey::Generate,
+                now,
+                now + Duration::from_secs(60),
+            )
+            .unwrap_err();
+        assert_eq!(err, MintError::CaExpired);
     }
 
     #[test]
