@@ -34,6 +34,7 @@ use x509_parser::public_key::PublicKey;
 use super::MintError;
 use super::crl::RevokedSet;
 use super::der;
+use crate::clock::unix_secs;
 use crate::id::SpiffeId;
 use crate::secret::Secret;
 
@@ -227,13 +228,6 @@ fn whole_secs(t: SystemTime) -> SystemTime {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-}
-
-/// Seconds since the Unix epoch (0 before it).
-fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// DER of the subjectAltName extension's OID (2.5.29.17).
@@ -538,15 +532,21 @@ impl X509Minter {
         &self.roots
     }
 
+    /// A leaf may be valid from `now` until `not_after` only within the CA's own validity.
+    fn check_validity(&self, now: SystemTime, not_after: SystemTime) -> Result<(), MintError> {
+        if not_after <= now || not_after > self.ca_not_after {
+            return Err(MintError::CaExpired);
+        }
+        Ok(())
+    }
+
     fn leaf_params(
         &self,
         serial: Serial,
         now: SystemTime,
         not_after: SystemTime,
     ) -> Result<CertificateParams, MintError> {
-        if not_after <= now || not_after > self.ca_not_after {
-            return Err(MintError::CaExpired);
-        }
+        self.check_validity(now, not_after)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "SPIFFE");
@@ -580,9 +580,7 @@ impl X509Minter {
         now: SystemTime,
         not_after: SystemTime,
     ) -> Result<X509Svid, MintError> {
-        if not_after <= now || not_after > self.ca_not_after {
-            return Err(MintError::CaExpired);
-        }
+        self.check_validity(now, not_after)?;
         let serial = Serial::random(&self.rng)?;
         let (public, private_key) = match key {
             SubjectKey::Csr(k) => (k, None),
