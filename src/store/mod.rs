@@ -228,6 +228,15 @@ impl LeaseKind {
             Self::Jwt => "jwt",
         }
     }
+
+    /// The kind a stored name names.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "x509" => Some(Self::X509),
+            "jwt" => Some(Self::Jwt),
+            _ => None,
+        }
+    }
 }
 
 /// One issued credential.
@@ -686,7 +695,16 @@ pub mod conformance {
         let x5_seq = s.revocations_after(0, 10).await.unwrap()[0].seq;
         assert!(ev2.seq > ev.seq);
         assert!(s.revoke_lease("x2", "admin", 211).await.unwrap().is_none());
-        assert_eq!(s.revoked_leases(&ev2).await.unwrap()[0].id, "x2");
+        // Expansions carry each lease whole (audience, serial, revocation), in id order.
+        assert_eq!(
+            *s.revoked_leases(&ev2).await.unwrap(),
+            [s.lease("x2").await.unwrap().unwrap().lease]
+        );
+        let expanded = s.revoked_leases(&ev).await.unwrap();
+        assert!(expanded.windows(2).all(|w| w[0].id < w[1].id));
+        for l in &expanded {
+            assert_eq!(*l, s.lease(&l.id).await.unwrap().unwrap().lease);
+        }
 
         // The CRL query: task-ended and revoked X.509 leases until their expiry (x5 expired).
         let serials: Vec<String> = s

@@ -314,11 +314,7 @@ fn lease_row(row: &PgRow) -> Result<LeaseStatus, StoreError> {
         lease: Lease {
             id: row.try_get("id").map_err(unavailable)?,
             task_id: row.try_get("task_id").map_err(unavailable)?,
-            kind: match kind.as_str() {
-                "x509" => LeaseKind::X509,
-                "jwt" => LeaseKind::Jwt,
-                other => return Err(corrupt(format!("lease kind {other}"))),
-            },
+            kind: LeaseKind::parse(&kind).ok_or_else(|| corrupt(format!("lease kind {kind}")))?,
             serial: row.try_get("serial").map_err(unavailable)?,
             spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
             audience: serde_json::from_str(&audience).map_err(corrupt)?,
