@@ -980,6 +980,7 @@ async fn fill(
     tasks: usize,
     leases: usize,
     big: usize,
+    big_tasks: usize,
 ) -> anyhow::Result<()> {
     let now = unix_now();
     // Tasks stay live through the run: long heartbeat and grace, deadline tomorrow.
@@ -1016,17 +1017,23 @@ async fn fill(
     while let Some(r) = inflight.join_next().await {
         r??;
     }
-    // Task 0 holds `big` leases; the rest spread evenly. Expiry spread over 100 minutes, so 1%
-    // of the leases expire each minute.
-    let spread = leases.saturating_sub(big).max(1);
+    // Tasks 0..big_tasks hold `big` leases each; the rest spread evenly. Expiry spread over 100
+    // minutes, so 1% of the leases expire each minute.
+    let in_big = big * big_tasks;
+    let spread = leases.saturating_sub(in_big).max(1);
     for i in 0..leases {
         let store = store.clone();
-        let task = if i < big {
-            0
+        let task = if i < in_big {
+            i / big
         } else {
-            1 + (i - big) % tasks.saturating_sub(1).max(1)
+            big_tasks + (i - in_big) % tasks.saturating_sub(big_tasks).max(1)
         };
-        let expires = now + 60 + i64::try_from((i as u64 * 6000) / spread as u64).unwrap_or(0);
+        // The big tasks' leases outlive the run: their revocation lists every one of them.
+        let expires = if i < in_big {
+            now + 86_400
+        } else {
+            now + 60 + i64::try_from(((i - in_big) as u64 * 6000) / spread as u64).unwrap_or(0)
+        };
         inflight.spawn(async move {
             store
                 .insert_lease(Lease {
@@ -1064,6 +1071,9 @@ async fn fill(
     Ok(())
 }
 
+/// Tasks of 10,000 leases revoked in the lease-scale run, one after another.
+const BIG_TASKS: usize = 3;
+
 async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
@@ -1072,6 +1082,8 @@ async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Val
     opts.extra_config = store_config(store_url);
     let config = opts.prepare(dir.path())?;
     let big = 10_000.min(args.leases / 2);
+    // Several such tasks, so the revocation is more than one sample (one in the smoke run).
+    let big_tasks = BIG_TASKS.min(args.leases / (2 * big.max(1))).max(1);
 
     // Fill through the store itself (what a broker would have written over time).
     let fill_started = Instant::now();
@@ -1084,7 +1096,7 @@ async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Val
                 Arc::new(ephemera::store::postgres::PostgresStore::open(pg).await?)
             }
         };
-        fill(store, args.tasks, args.leases, big).await?;
+        fill(store, args.tasks, args.leases, big, big_tasks).await?;
     }
     let fill_secs = fill_started.elapsed().as_secs_f64();
     let db_bytes = dir_size(&data);
@@ -1149,24 +1161,28 @@ async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Val
         active_pages.push(t0.elapsed());
     }
 
-    // Revoking the task with `big` leases: the admin call, then its watch event with every
+    // Revoking each task with `big` leases: the admin call, then its watch event with every
     // credential.
     let mut watch = RevocationsClient::new(channel.clone())
         .watch(WatchRequest { cursor: None })
         .await?
         .into_inner();
-    let t0 = Instant::now();
-    admin
-        .revoke_task(target.admin(RevokeTaskRequest {
-            task_id: "task-00000000".into(),
-        })?)
-        .await?;
-    let revoke_call = t0.elapsed();
-    let event = tokio::time::timeout(Duration::from_secs(60), watch.message())
-        .await
-        .context("no watch event")??
-        .context("watch ended")?;
-    let revoke_event = t0.elapsed();
+    let (mut revoke_calls, mut revoke_events, mut in_event) = (Vec::new(), Vec::new(), usize::MAX);
+    for task in 0..big_tasks {
+        let t0 = Instant::now();
+        admin
+            .revoke_task(target.admin(RevokeTaskRequest {
+                task_id: format!("task-{task:08}"),
+            })?)
+            .await?;
+        revoke_calls.push(t0.elapsed());
+        let event = tokio::time::timeout(Duration::from_secs(60), watch.message())
+            .await
+            .context("no watch event")??
+            .context("watch ended")?;
+        revoke_events.push(t0.elapsed());
+        in_event = in_event.min(event.credentials.len());
+    }
 
     // Reaper and idle CPU while leases expire at 1% a minute.
     let cpu0 = target.cpu.read().unwrap_or(0.0);
@@ -1188,9 +1204,9 @@ async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Val
         "list_active_leases_first_page": latency_json(active_pages),
         "revoke_task": {
             "leases": big,
-            "admin_call_ms": ms(revoke_call),
-            "watch_event_ms": ms(revoke_event),
-            "credentials_in_event": event.credentials.len(),
+            "admin_call": latency_json(revoke_calls),
+            "watch_event": latency_json(revoke_events),
+            "credentials_in_event": in_event,
         },
         "idle_cpu": {
             "seconds_sampled": args.reaper_seconds,
@@ -1558,12 +1574,17 @@ fn print_table(report: &Value) {
             l["list_leases_page"]["p99_ms"],
             l["list_active_leases_first_page"]["p50_ms"]
         );
+        let r = &l["revoke_task"];
         println!(
-            "  revoke task ({} leases)  admin call {} ms, watch event with {} credentials at {} ms",
-            l["revoke_task"]["leases"],
-            l["revoke_task"]["admin_call_ms"],
-            l["revoke_task"]["credentials_in_event"],
-            l["revoke_task"]["watch_event_ms"]
+            "  revoke task ({} leases)  {} tasks: admin call p50 {} ms, max {} ms; watch event \
+             with {} credentials p50 {} ms, max {} ms",
+            r["leases"],
+            r["watch_event"]["samples"],
+            r["admin_call"]["p50_ms"],
+            r["admin_call"]["max_ms"],
+            r["credentials_in_event"],
+            r["watch_event"]["p50_ms"],
+            r["watch_event"]["max_ms"]
         );
         println!(
             "  CPU while 1%/min expire  {} ms per minute (sampled {}s)",
