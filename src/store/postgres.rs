@@ -20,7 +20,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 
 use super::{
     BoxFuture, JoinToken, Lease, LeaseKind, LeaseStatus, ListFilter, NewJoinToken, Revocation,
-    RevokedSerial, Store, StoreError, Task, TaskState, TokenHash,
+    RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
 };
 use crate::config::PostgresConfig;
 use crate::lease::RevocationBus;
@@ -690,21 +690,21 @@ impl Store for PostgresStore {
     fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
         let event = event.clone();
         Box::pin(async move {
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
-                 WHERE ($1::text IS NOT NULL AND l.task_id = $1)
-                    OR ($2::text IS NOT NULL AND l.id = $2)
-                 ORDER BY l.id"
-            ));
-            sqlx::query(sql)
-                .bind(&event.task_id)
-                .bind(&event.lease_id)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(|r| lease_row(r).map(|s| s.lease))
-                .collect()
+            // One row of JSON, built inside PostgreSQL (see `leases_from_json`).
+            let json: String = sqlx::query_scalar(
+                "SELECT COALESCE(json_agg(json_build_array(id, task_id, kind, serial, spiffe_id,
+                            audience::json, issued_at, expires_at, revoked::int, revoked_at,
+                            reason) ORDER BY id), '[]')::text
+                 FROM leases
+                 WHERE ($1::text IS NOT NULL AND task_id = $1)
+                    OR ($2::text IS NOT NULL AND id = $2)",
+            )
+            .bind(&event.task_id)
+            .bind(&event.lease_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            leases_from_json(&json)
         })
     }
 

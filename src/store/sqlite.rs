@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 
 use super::{
     BoxFuture, JoinToken, Lease, LeaseKind, LeaseStatus, ListFilter, NewJoinToken, Revocation,
-    RevokedSerial, Store, StoreError, Task, TaskState, TokenHash,
+    RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
 };
 
 /// File name of the database inside the data directory.
@@ -415,50 +415,6 @@ fn lease_row(row: &sqlx::sqlite::SqliteRow) -> Result<LeaseStatus, StoreError> {
             reason: row.try_get("reason").map_err(unavailable)?,
         },
         task_state: task_state.as_deref().and_then(TaskState::parse),
-    })
-}
-
-/// A lease as `revoked_leases` reads it: the columns in table order, as one JSON array.
-type LeaseJson = (
-    String,
-    Option<String>,
-    String,
-    Option<String>,
-    String,
-    Vec<String>,
-    i64,
-    i64,
-    i64,
-    Option<i64>,
-    Option<String>,
-);
-
-fn lease_from_json(row: LeaseJson) -> Result<Lease, StoreError> {
-    let (
-        id,
-        task_id,
-        kind,
-        serial,
-        spiffe_id,
-        audience,
-        issued_at,
-        expires_at,
-        revoked,
-        revoked_at,
-        reason,
-    ) = row;
-    Ok(Lease {
-        id,
-        task_id,
-        kind: lease_kind(&kind)?,
-        serial,
-        spiffe_id,
-        audience,
-        issued_at,
-        expires_at,
-        revoked: revoked != 0,
-        revoked_at,
-        reason,
     })
 }
 
@@ -903,8 +859,7 @@ impl Store for SqliteStore {
     fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
         let event = event.clone();
         Box::pin(async move {
-            // One row of JSON, built inside SQLite: a task may hold thousands of leases, and
-            // handing each back as a row of values costs several times the read itself.
+            // One row of JSON, built inside SQLite (see `leases_from_json`).
             let json: Option<String> = sqlx::query_scalar(
                 "SELECT json_group_array(json_array(id, task_id, kind, serial, spiffe_id,
                             json(audience), issued_at, expires_at, revoked, revoked_at, reason)
@@ -917,9 +872,7 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await
             .map_err(unavailable)?;
-            let rows: Vec<LeaseJson> = serde_json::from_str(json.as_deref().unwrap_or("[]"))
-                .map_err(|e| StoreError::Corrupt(format!("revoked leases: {e}")))?;
-            rows.into_iter().map(lease_from_json).collect()
+            leases_from_json(json.as_deref().unwrap_or("[]"))
         })
     }
 
