@@ -25,8 +25,23 @@ fn smoke_mode_reports_every_figure() {
     let runs = r["issuance"].as_array().unwrap();
     assert_eq!(
         runs.len(),
-        6,
-        "tcp and unix × x509 (CSR), x509 (broker key), jwt"
+        8,
+        "tcp and unix × x509 (CSR), x509 (broker key), jwt; Workload API jwt and x509 streams"
+    );
+    let cases: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["transport"].as_str().unwrap(),
+                r["credential"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(cases.contains(&"workload:jwt-svid".to_owned()), "{cases:?}");
+    assert!(
+        cases.contains(&"workload:x509-svid (stream+task)".to_owned()),
+        "{cases:?}"
     );
     for run in runs {
         assert!(run["credentials"].as_u64().unwrap() > 0, "{run}");

@@ -3,7 +3,8 @@
 //!
 //! Claims: `uid`, `gid`, `pid`, and when `/proc/<pid>/exe` is readable, `exe_path` and
 //! `exe_sha256`. Executable hashes are cached by (device, inode, size, mtime) so a busy workload
-//! does not cost one file hash per request. The pid is read at request time; a process that
+//! does not cost one file hash per request, and computed once when many processes of a new
+//! executable connect at the same time. The pid is read at request time; a process that
 //! exits and whose pid is reused between connect and request is the known limit of pid-based
 //! attestation, as for every peer-credential attestor.
 
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::{Map, Value};
@@ -26,10 +28,16 @@ const HASH_CACHE_LIMIT: usize = 1024;
 /// Identity of an executable file's content at one moment.
 type FileKey = (u64, u64, u64, i64, i64);
 
+/// One executable's hash, computed once: callers that miss the cache together wait for the
+/// same read of the file instead of each reading it.
+type HashCell = Arc<tokio::sync::OnceCell<String>>;
+
 /// The `unix` attestor.
 #[derive(Default, Clone)]
 pub struct UnixAttestor {
-    hashes: Arc<Mutex<HashMap<FileKey, String>>>,
+    hashes: Arc<Mutex<HashMap<FileKey, HashCell>>>,
+    /// Executables read and hashed so far.
+    files_hashed: Arc<AtomicUsize>,
 }
 
 impl UnixAttestor {
@@ -47,19 +55,22 @@ impl UnixAttestor {
         Ok((link, path.to_string_lossy().into_owned(), key))
     }
 
-    fn cached_hash(&self, key: &FileKey) -> Option<String> {
-        self.hashes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .cloned()
+    /// The cache entry for `key`, made empty if there is none yet.
+    fn cell(&self, key: FileKey) -> HashCell {
+        let mut cache = self.hashes.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= HASH_CACHE_LIMIT && !cache.contains_key(&key) {
+            cache.clear();
+        }
+        cache.entry(key).or_default().clone()
     }
 
-    /// Hashes an executable not seen before (blocking: it reads the whole file) and caches it
-    /// under the key of the file it read.
-    fn hash(&self, link: &std::path::Path) -> Result<String, String> {
+    /// Hashes the executable behind `link` (blocking: it reads the whole file), provided the
+    /// file opened is still the one `key` describes.
+    fn hash(link: &std::path::Path, key: &FileKey) -> Result<String, String> {
         let mut file = std::fs::File::open(link).map_err(|e| e.to_string())?;
-        let key = file_key(&file.metadata().map_err(|e| e.to_string())?);
+        if file_key(&file.metadata().map_err(|e| e.to_string())?) != *key {
+            return Err("the executable changed while it was being read".into());
+        }
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -69,32 +80,36 @@ impl UnixAttestor {
             }
             ctx.update(&buf[..n]);
         }
-        let h = hex(ctx.finish().as_ref());
-        let mut cache = self.hashes.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() >= HASH_CACHE_LIMIT {
-            cache.clear();
-        }
-        cache.insert(key, h.clone());
-        Ok(h)
+        Ok(hex(ctx.finish().as_ref()))
     }
 
-    /// `exe_path` and `exe_sha256` of process `pid`, or why they cannot be read.
+    /// `exe_path` and `exe_sha256` of process `pid`, or why they cannot be read. An executable
+    /// not seen before is hashed once, however many of its processes ask at the same time; a
+    /// failed hash is not cached, so the next request tries again.
     async fn exe_claims(&self, pid: i32) -> Result<Result<(String, String), String>, AttestError> {
         let (link, path, key) = match Self::exe(pid) {
             Ok(exe) => exe,
             Err(reason) => return Ok(Err(reason)),
         };
-        if let Some(hash) = self.cached_hash(&key) {
-            return Ok(Ok((path, hash)));
+        let cell = self.cell(key);
+        let hash = cell
+            .get_or_try_init(|| async move {
+                self.files_hashed.fetch_add(1, Ordering::Relaxed);
+                match tokio::task::spawn_blocking(move || Self::hash(&link, &key)).await {
+                    Ok(Ok(h)) => Ok(h),
+                    Ok(Err(reason)) => Err(Ok(reason)),
+                    Err(e) => Err(Err(AttestError::PeerUnreadable {
+                        pid,
+                        reason: e.to_string(),
+                    })),
+                }
+            })
+            .await;
+        match hash {
+            Ok(h) => Ok(Ok((path, h.clone()))),
+            Err(Ok(reason)) => Ok(Err(reason)),
+            Err(Err(e)) => Err(e),
         }
-        let this = self.clone();
-        let hash = tokio::task::spawn_blocking(move || this.hash(&link))
-            .await
-            .map_err(|e| AttestError::PeerUnreadable {
-                pid,
-                reason: e.to_string(),
-            })?;
-        Ok(hash.map(|h| (path, h)))
     }
 }
 
@@ -189,6 +204,34 @@ mod tests {
         // Second time comes from the cache and agrees.
         let again = a.attest(&evidence).await.unwrap().unwrap();
         assert_eq!(again.claims["exe_sha256"], want.as_str());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn processes_of_a_new_executable_arriving_together_hash_it_once() {
+        let me = std::process::id() as i32;
+        let evidence = Arc::new(Evidence {
+            unix_peer: Some(UnixPeer {
+                uid: 1000,
+                gid: 100,
+                pid: Some(me),
+            }),
+            ..Evidence::default()
+        });
+        let a = UnixAttestor::new();
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let (a, evidence) = (a.clone(), evidence.clone());
+                tokio::spawn(async move { a.attest(&evidence).await.unwrap().unwrap() })
+            })
+            .collect();
+        let exe = std::env::current_exe().unwrap();
+        let want = hex(
+            ring::digest::digest(&ring::digest::SHA256, &std::fs::read(&exe).unwrap()).as_ref(),
+        );
+        for c in calls {
+            assert_eq!(c.await.unwrap().claims["exe_sha256"], want.as_str());
+        }
+        assert_eq!(a.files_hashed.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -33,6 +33,8 @@ use ephemera::api::pb::v1::{
     BeginTaskRequest, EndTaskRequest, KeepAliveRequest, ListLeasesRequest, MintJwtSvidRequest,
     MintX509SvidRequest, RevokeTaskRequest, WatchRequest,
 };
+use ephemera::api::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use ephemera::api::pb::workload::{JwtsvidRequest, X509svidRequest};
 use ephemera::client::ConnectOptions;
 use ephemera::client::evidence::{Evidence, Source};
 use ephemera::dev::DevOptions;
@@ -71,8 +73,9 @@ struct Args {
     /// Only these parts: issuance, revocation, lease-scale (repeatable).
     #[arg(long)]
     only: Vec<String>,
-    /// Only these issuance cases, as transport:credential (tcp|unix : csr|keygen|jwt;
-    /// repeatable), e.g. `--case unix:jwt` to profile one.
+    /// Only these issuance cases, as transport:credential (tcp|unix : csr|keygen|jwt, or
+    /// workload : keygen|jwt for the SPIFFE Workload API; repeatable), e.g. `--case unix:jwt`
+    /// to profile one.
     #[arg(long)]
     case: Vec<String>,
     /// Print JSON instead of tables.
@@ -81,6 +84,9 @@ struct Args {
     /// A running broker's Unix socket (issuance only).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// A running broker's SPIFFE Workload API socket (issuance only).
+    #[arg(long)]
+    workload_socket: Option<PathBuf>,
     /// A running broker's TCP address (issuance only; needs --ca-file and --token-file).
     #[arg(long)]
     addr: Option<String>,
@@ -110,10 +116,7 @@ impl Args {
     fn wants_case(&self, t: Transport, kind: Kind) -> bool {
         let name = format!(
             "{}:{}",
-            match t {
-                Transport::Tcp => "tcp",
-                Transport::Unix => "unix",
-            },
+            t.name(),
             match kind {
                 Kind::X509Csr => "csr",
                 Kind::X509Keygen => "keygen",
@@ -284,6 +287,7 @@ impl BenchIssuer {
 /// The broker the issuance and revocation runs talk to.
 struct Target {
     socket: PathBuf,
+    workload_socket: Option<PathBuf>,
     tcp: Option<(String, PathBuf)>,
     http: Option<String>,
     tcp_evidence: Option<Evidence>,
@@ -353,6 +357,7 @@ match = {{ iss = "{BENCH_ISSUER}" }}
         .map(|t| t.trim().to_owned());
     Ok(Target {
         socket: e.broker_socket.clone(),
+        workload_socket: e.workload_socket.clone(),
         tcp: Some((e.grpc_addr.clone(), e.ca_bundle.clone())),
         http: Some(e.http_addr.clone()),
         tcp_evidence: Some(Evidence::bearer(
@@ -385,6 +390,7 @@ fn remote(args: &Args) -> anyhow::Result<Target> {
     };
     Ok(Target {
         socket: args.socket.clone().unwrap_or_default(),
+        workload_socket: args.workload_socket.clone(),
         tcp,
         http: None,
         tcp_evidence,
@@ -401,8 +407,22 @@ fn remote(args: &Args) -> anyhow::Result<Target> {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Transport {
+    /// The broker API over TLS on loopback TCP.
     Tcp,
+    /// The broker API on its Unix socket.
     Unix,
+    /// The SPIFFE Workload API on its Unix socket.
+    Workload,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Unix => "unix",
+            Self::Workload => "workload",
+        }
+    }
 }
 
 impl Target {
@@ -410,6 +430,14 @@ impl Target {
         let opts = match t {
             Transport::Unix => ConnectOptions {
                 socket: Some(self.socket.clone()),
+                ..ConnectOptions::default()
+            },
+            Transport::Workload => ConnectOptions {
+                socket: Some(
+                    self.workload_socket
+                        .clone()
+                        .context("no Workload API socket")?,
+                ),
                 ..ConnectOptions::default()
             },
             Transport::Tcp => {
@@ -451,24 +479,75 @@ enum Kind {
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Self::X509Csr => "x509-svid (CSR)",
-            Self::X509Keygen => "x509-svid (broker key)",
-            Self::Jwt => "jwt-svid",
+    fn name(self, transport: Transport) -> &'static str {
+        match (self, transport) {
+            (Self::X509Csr, _) => "x509-svid (CSR)",
+            (Self::X509Keygen, Transport::Workload) => "x509-svid (stream+task)",
+            (Self::X509Keygen, _) => "x509-svid (broker key)",
+            (Self::Jwt, _) => "jwt-svid",
         }
     }
 }
 
-async fn issuance_run(
+/// The timed part of an issuance run: requests started before `start` are warm-up.
+#[derive(Clone, Copy)]
+struct Window {
+    start: tokio::time::Instant,
+    end: tokio::time::Instant,
+}
+
+impl Window {
+    /// Starts after a warm-up of a fifth of `seconds` (at most 1 s) from now.
+    fn after_warmup(seconds: f64) -> Self {
+        let warmup = Duration::from_secs_f64((seconds / 5.0).min(1.0));
+        let start = tokio::time::Instant::now() + warmup;
+        Self {
+            start,
+            end: start + Duration::from_secs_f64(seconds),
+        }
+    }
+
+    /// When the next request starts, or `None` once the window has closed.
+    fn next(&self) -> Option<tokio::time::Instant> {
+        let t0 = tokio::time::Instant::now();
+        (t0 < self.end).then_some(t0)
+    }
+}
+
+/// One client's requests inside the window: latencies of those that succeeded, and failures.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    errors: u64,
+}
+
+impl Tally {
+    fn record(&mut self, window: &Window, t0: tokio::time::Instant, ok: bool) {
+        if t0 < window.start {
+            return;
+        }
+        if ok {
+            self.latencies.push(t0.elapsed());
+        } else {
+            self.errors += 1;
+        }
+    }
+}
+
+/// Broker API clients: each with its own connection and task, kept alive, ready before the
+/// window opens. Returns the clients' workers and the keep-alive senders to stop afterwards.
+async fn broker_clients(
     target: &Arc<Target>,
     transport: Transport,
     kind: Kind,
     clients: usize,
     seconds: f64,
     csrs: &Arc<Vec<Vec<u8>>>,
-) -> anyhow::Result<Value> {
-    // Each client: its own connection and task, kept alive, ready before timing starts.
+) -> anyhow::Result<(
+    Window,
+    Vec<tokio::task::JoinHandle<Tally>>,
+    Vec<tokio::task::JoinHandle<()>>,
+)> {
     let mut setups = Vec::new();
     let mut keepers = Vec::new();
     for _ in 0..clients {
@@ -498,21 +577,14 @@ async fn issuance_run(
         }));
         setups.push((client, task.task_id));
     }
-    let warmup = Duration::from_secs_f64((seconds / 5.0).min(1.0));
-    let start = tokio::time::Instant::now() + warmup;
-    let end = start + Duration::from_secs_f64(seconds);
+    let window = Window::after_warmup(seconds);
     let mut workers = Vec::new();
     for (i, (mut client, task_id)) in setups.into_iter().enumerate() {
         let (target, csrs) = (target.clone(), csrs.clone());
         workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
+            let mut tally = Tally::default();
             let mut n = i;
-            loop {
-                let t0 = tokio::time::Instant::now();
-                if t0 >= end {
-                    break;
-                }
+            while let Some(t0) = window.next() {
                 let ok = match kind {
                     Kind::Jwt => client
                         .mint_jwt_svid(target.request(
@@ -542,30 +614,106 @@ async fn issuance_run(
                         .is_ok(),
                 };
                 n += clients;
-                if t0 >= start {
-                    if ok {
-                        lat.push(t0.elapsed());
-                    } else {
-                        errors += 1;
-                    }
-                }
+                tally.record(&window, t0, ok);
             }
             let _ = client
                 .end_task(target.request(transport, EndTaskRequest { task_id }))
                 .await;
-            (lat, errors)
+            tally
         }));
     }
-    tokio::time::sleep_until(start).await;
+    Ok((window, workers, keepers))
+}
+
+/// A Workload API request: the security header every call must carry.
+fn workload_request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        ephemera::api::workload::HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    req
+}
+
+/// SPIFFE Workload API clients, each on its own connection, attested by its peer credentials
+/// like any workload. JWT: `FetchJWTSVID` calls. X.509: a workload starting up, over and over:
+/// open `FetchX509SVID` (a task begins and an SVID is minted with a broker key), wait for the
+/// first response, close the stream (the task ends and the SVID is revoked).
+async fn workload_clients(
+    target: &Arc<Target>,
+    kind: Kind,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<(Window, Vec<tokio::task::JoinHandle<Tally>>)> {
+    let mut channels = Vec::new();
+    for _ in 0..clients {
+        channels.push(target.channel(Transport::Workload).await?);
+    }
+    let window = Window::after_warmup(seconds);
+    let workers = channels
+        .into_iter()
+        .map(|channel| {
+            let mut client = SpiffeWorkloadApiClient::new(channel);
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                while let Some(t0) = window.next() {
+                    let ok = match kind {
+                        Kind::Jwt => client
+                            .fetch_jwtsvid(workload_request(JwtsvidRequest {
+                                audience: vec!["bench".into()],
+                                spiffe_id: String::new(),
+                            }))
+                            .await
+                            .is_ok_and(|r| r.get_ref().svids.iter().any(|s| !s.svid.is_empty())),
+                        Kind::X509Csr | Kind::X509Keygen => {
+                            match client
+                                .fetch_x509svid(workload_request(X509svidRequest {}))
+                                .await
+                            {
+                                Ok(r) => r.into_inner().message().await.is_ok_and(|m| {
+                                    m.is_some_and(|m| {
+                                        m.svids.iter().any(|s| {
+                                            !s.x509_svid.is_empty() && !s.x509_svid_key.is_empty()
+                                        })
+                                    })
+                                }),
+                                Err(_) => false,
+                            }
+                        }
+                    };
+                    tally.record(&window, t0, ok);
+                }
+                tally
+            })
+        })
+        .collect();
+    Ok((window, workers))
+}
+
+async fn issuance_run(
+    target: &Arc<Target>,
+    transport: Transport,
+    kind: Kind,
+    clients: usize,
+    seconds: f64,
+    csrs: &Arc<Vec<Vec<u8>>>,
+) -> anyhow::Result<Value> {
+    let (window, workers, keepers) = if transport == Transport::Workload {
+        let (window, workers) = workload_clients(target, kind, clients, seconds).await?;
+        (window, workers, Vec::new())
+    } else {
+        broker_clients(target, transport, kind, clients, seconds, csrs).await?
+    };
+    tokio::time::sleep_until(window.start).await;
     let commits0 = commit_totals(target).await;
     let cpu0 = target.cpu.read();
     let wall0 = Instant::now();
     let mut all = Vec::new();
     let mut errors = 0;
     for w in workers {
-        let (lat, e) = w.await?;
-        all.extend(lat);
-        errors += e;
+        let tally = w.await?;
+        all.extend(tally.latencies);
+        errors += tally.errors;
     }
     for k in keepers {
         k.abort();
@@ -581,8 +729,8 @@ async fn issuance_run(
             });
     let n = all.len();
     Ok(json!({
-        "transport": format!("{transport:?}").to_lowercase(),
-        "credential": kind.name(),
+        "transport": transport.name(),
+        "credential": kind.name(transport),
         "clients": clients,
         "credentials": n,
         "errors": errors,
@@ -629,9 +777,18 @@ async fn issuance(target: &Arc<Target>, args: &Args, sign_rate: f64) -> anyhow::
     if !target.socket.as_os_str().is_empty() {
         transports.push(Transport::Unix);
     }
+    if target.workload_socket.is_some() {
+        transports.push(Transport::Workload);
+    }
     let mut runs = Vec::new();
     for t in transports {
-        for kind in [Kind::X509Csr, Kind::X509Keygen, Kind::Jwt] {
+        // The Workload API mints with broker keys only. Its X.509 run goes last: every stream
+        // it closes revokes a certificate, and the CRL carries them until they expire.
+        let kinds: &[Kind] = match t {
+            Transport::Workload => &[Kind::Jwt, Kind::X509Keygen],
+            _ => &[Kind::X509Csr, Kind::X509Keygen, Kind::Jwt],
+        };
+        for &kind in kinds {
             if !args.wants_case(t, kind) {
                 continue;
             }
@@ -1116,6 +1273,7 @@ async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Val
     .await?;
     let target = Target {
         socket: endpoints.broker_socket.clone(),
+        workload_socket: None,
         tcp: None,
         http: Some(endpoints.http_addr.clone()),
         tcp_evidence: None,
@@ -1471,7 +1629,7 @@ fn print_table(report: &Value) {
     }
     if let Some(runs) = report["issuance"].as_array() {
         println!(
-            "{:<6} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8}",
+            "{:<8} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8}",
             "issue",
             "credential",
             "per sec",
@@ -1485,7 +1643,7 @@ fn print_table(report: &Value) {
         );
         for r in runs {
             println!(
-                "{:<6} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8}",
+                "{:<8} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8}",
                 cell(&r["transport"]),
                 cell(&r["credential"]),
                 cell(&r["per_second"]),
