@@ -25,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // The CRL is shared, not copied, into every Workload API response that carries it.
+        .bytes(".X509SVIDResponse.crl")
+        .bytes(".X509BundlesResponse.crl")
         .compile_fds(descriptors)?;
     Ok(())
 }

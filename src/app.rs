@@ -596,8 +596,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     // The SPIFFE Workload API on its own socket: only SpiffeWorkloadAPI is served there.
     if let Some(path) = &config.workload_socket {
         let listener = bind_socket(path).await?;
-        let svc = SpiffeWorkloadApiServer::new(WorkloadService::new(broker.clone()))
-            .max_decoding_message_size(max_msg);
+        let svc =
+            SpiffeWorkloadApiServer::new(WorkloadService::new(broker.clone(), config.workload_api))
+                .max_decoding_message_size(max_msg);
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             Server::builder()

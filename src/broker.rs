@@ -250,7 +250,7 @@ pub struct Broker {
     limits: Limits,
     bus: RevocationBus,
     quotas: crate::quota::Quotas,
-    crl: std::sync::RwLock<Arc<Vec<u8>>>,
+    crl: std::sync::RwLock<bytes::Bytes>,
     crl_number: std::sync::atomic::AtomicU64,
     /// What the CRL lists, kept between rebuilds; the mutex also makes rebuilds one at a time.
     crl_revoked: Arc<tokio::sync::Mutex<RevokedSet>>,
@@ -395,7 +395,7 @@ impl Broker {
             limits,
             bus,
             quotas: crate::quota::Quotas::new(quotas),
-            crl: std::sync::RwLock::new(Arc::new(Vec::new())),
+            crl: std::sync::RwLock::new(bytes::Bytes::new()),
             crl_number: std::sync::atomic::AtomicU64::new(0),
             crl_revoked: Arc::default(),
             crl_thread: CrlThread::start(),
@@ -422,7 +422,7 @@ impl Broker {
     }
 
     /// The current CRL (DER); empty until first built.
-    pub fn crl(&self) -> Arc<Vec<u8>> {
+    pub fn crl(&self) -> bytes::Bytes {
         self.crl
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -495,7 +495,7 @@ impl Broker {
         *self
             .crl
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(der);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = bytes::Bytes::from(der);
         self.crl_updates.send_modify(|n| *n += 1);
         Ok(listed)
     }

@@ -184,6 +184,10 @@ pub struct RawWorkloadApi {
     pub enabled: Option<bool>,
     /// Its Unix socket.
     pub socket: Option<PathBuf>,
+    /// Largest CRL (DER bytes) carried in responses (default 2 MiB; 0 never carries one).
+    pub crl_max_bytes: Option<usize>,
+    /// Shortest time between two CRL-only updates on one stream (default "1s").
+    pub crl_push_interval: Option<String>,
 }
 
 /// `[admin]` as written.
@@ -363,6 +367,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The SPIFFE Workload API socket; `None` when disabled.
     pub workload_socket: Option<PathBuf>,
+    /// How the Workload API streams carry the CRL.
+    pub workload_api: WorkloadApiSettings,
     /// Identity-mapping rules, tried in order.
     pub mappings: Vec<MappingRule>,
     /// The file this configuration was read from, if any (watched for mapping changes).
@@ -371,6 +377,31 @@ pub struct Config {
     pub tasks: TaskSettings,
     /// Per-identity quotas.
     pub quotas: crate::quota::QuotaSettings,
+}
+
+/// How the SPIFFE Workload API streams carry the CRL.
+///
+/// Every `FetchX509SVID` and `FetchX509Bundles` response carries the CRL, and a new CRL is sent
+/// to every open stream. Under heavy churn the CRL grows (it lists each revoked serial until its
+/// `notAfter`) and changes many times a second: both are bounded here so the streams stay within
+/// the 4 MiB message limit SPIFFE clients apply by default and do not multiply the CRL by the
+/// number of streams on every rebuild. `/crl` and the revocation watch are not affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadApiSettings {
+    /// A CRL larger than this (DER bytes) is left out of responses (0: never carried).
+    pub crl_max_bytes: usize,
+    /// Shortest time between two CRL-only updates on one stream; SVID rotation and
+    /// revocation of the stream's own SVIDs are never delayed.
+    pub crl_push_interval: Duration,
+}
+
+impl Default for WorkloadApiSettings {
+    fn default() -> Self {
+        Self {
+            crl_max_bytes: 2 * 1024 * 1024,
+            crl_push_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// gRPC listener settings.
@@ -705,6 +736,8 @@ impl Config {
             );
         }
 
+        let workload_api = workload_api_settings(&mut p, &raw.workload_api);
+
         let mut oidc = Vec::new();
         for (i, raw) in raw.oidc.iter().enumerate() {
             if let Some(o) = oidc_issuer(&mut p, &format!("oidc[{i}]"), raw, base) {
@@ -817,6 +850,7 @@ impl Config {
                     admin_spiffe_ids,
                     store,
                     workload_socket,
+                    workload_api,
                     mappings,
                     source: None,
                     tasks,
@@ -961,6 +995,40 @@ fn task_settings(p: &mut Problems, raw: &RawTasks) -> TaskSettings {
     }
     s
 }
+
+/// `[workload_api]`: how its streams carry the CRL.
+fn workload_api_settings(p: &mut Problems, raw: &RawWorkloadApi) -> WorkloadApiSettings {
+    let d = WorkloadApiSettings::default();
+    let crl_max_bytes = raw.crl_max_bytes.unwrap_or(d.crl_max_bytes);
+    if crl_max_bytes > MAX_WORKLOAD_CRL_BYTES {
+        p.push(
+            "workload_api.crl_max_bytes",
+            format!(
+                "must be at most {MAX_WORKLOAD_CRL_BYTES} (SPIFFE clients refuse messages over 4 MiB by default); 0 leaves the CRL out"
+            ),
+        );
+    }
+    let crl_push_interval = match raw.crl_push_interval.as_deref().map(parse_duration) {
+        None => d.crl_push_interval,
+        Some(Ok(x)) if x <= Duration::from_secs(300) => x,
+        Some(Ok(_)) => {
+            p.push("workload_api.crl_push_interval", "must be at most 5m");
+            d.crl_push_interval
+        }
+        Some(Err(e)) => {
+            p.push("workload_api.crl_push_interval", e);
+            d.crl_push_interval
+        }
+    };
+    WorkloadApiSettings {
+        crl_max_bytes,
+        crl_push_interval,
+    }
+}
+
+/// Largest `workload_api.crl_max_bytes`: room for the SVIDs, keys and bundle of a response
+/// under the 4 MiB limit SPIFFE clients apply by default.
+const MAX_WORKLOAD_CRL_BYTES: usize = 3 * 1024 * 1024 + 512 * 1024;
 
 /// `[limits]`.
 fn quota_settings(p: &mut Problems, raw: &RawLimits) -> crate::quota::QuotaSettings {
@@ -1158,6 +1226,17 @@ mod tests {
         assert!(!c.grpc.insecure_plaintext);
         assert!(c.mappings.is_empty());
         assert_eq!(c.policy_dir, Path::new("/var/lib/ephemera/policies"));
+        assert_eq!(c.workload_api, WorkloadApiSettings::default());
+        let set =
+            format!("{MINIMAL}\n[workload_api]\ncrl_max_bytes = 0\ncrl_push_interval = \"0s\"\n");
+        let c = Config::from_toml(&set, Path::new("/etc")).unwrap();
+        assert_eq!(
+            c.workload_api,
+            WorkloadApiSettings {
+                crl_max_bytes: 0,
+                crl_push_interval: Duration::ZERO,
+            }
+        );
     }
 
     #[test]
@@ -1315,6 +1394,21 @@ mod tests {
                 "tiny message limit",
                 "[grpc]\nmax_message_bytes = 10",
                 "grpc.max_message_bytes",
+            ),
+            (
+                "workload CRL over the clients' limit",
+                "[workload_api]\ncrl_max_bytes = 5000000",
+                "workload_api.crl_max_bytes",
+            ),
+            (
+                "bad CRL push interval",
+                "[workload_api]\ncrl_push_interval = \"soon\"",
+                "workload_api.crl_push_interval",
+            ),
+            (
+                "CRL push interval too long",
+                "[workload_api]\ncrl_push_interval = \"1h\"",
+                "workload_api.crl_push_interval",
             ),
             ("bad log filter", "[log]\nlevel = \"=[\"", "log.level"),
             (

@@ -64,13 +64,13 @@ async fn crl(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::CONTENT_TYPE, "text/plain")],
-            b"crl not built yet\n".to_vec(),
+            bytes::Bytes::from_static(b"crl not built yet\n"),
         );
     }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/pkix-crl")],
-        der.as_ref().clone(),
+        der,
     )
 }
 
@@ -115,7 +115,8 @@ async fn introspect(
     }
 }
 
-/// Prometheus text exposition; the task and lease gauges are sampled from the store now.
+/// Prometheus text exposition; the task and lease gauges are sampled from the store now, the
+/// CRL size from the CRL served.
 async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     let now = s.broker.clock().unix_now();
     match s.broker.store().counts(now).await {
@@ -125,6 +126,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         }
         Err(e) => tracing::warn!(error = %e, "cannot sample task and lease counts"),
     }
+    ::metrics::gauge!(crate::telemetry::CRL_BYTES).set(s.broker.crl().len() as f64);
     let body = crate::telemetry::handle()
         .map(|h| h.render())
         .unwrap_or_default();

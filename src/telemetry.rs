@@ -25,6 +25,9 @@ pub const PROPAGATION_SECONDS: &str = "ephemera_revocation_propagation_seconds";
 pub const ACTIVE_TASKS: &str = "ephemera_active_tasks";
 /// Honoured leases, sampled at scrape time.
 pub const ACTIVE_LEASES: &str = "ephemera_active_leases";
+/// Size of the CRL served (DER bytes), sampled at scrape time: the Workload API leaves it out
+/// above `workload_api.crl_max_bytes`.
+pub const CRL_BYTES: &str = "ephemera_crl_bytes";
 
 const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

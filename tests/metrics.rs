@@ -120,6 +120,11 @@ async fn a_scripted_sequence_shows_exactly_the_expected_counts() {
             "{name} {labels:?}\n{scrape}"
         );
     }
+    let crl_bytes = value(&scrape, "ephemera_crl_bytes", &[]);
+    assert!(
+        crl_bytes > 100.0,
+        "a signed CRL is served: {crl_bytes} bytes"
+    );
     // Nothing identifying leaks into labels.
     assert!(!scrape.contains("spiffe://"), "{scrape}");
     b.running.shutdown().await.unwrap();

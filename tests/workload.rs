@@ -317,3 +317,215 @@ async fn several_identities_come_with_unique_hints_and_the_first_is_the_default(
     assert_eq!(one.spiffe_id(), &agent);
     b.running.shutdown().await.unwrap();
 }
+
+/// A raw `SpiffeWorkloadAPI` client (the `spiffe` crate does not expose the CRL field).
+async fn raw_client(
+    b: &TestBroker,
+) -> ephemera::api::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::transport::Channel,
+> {
+    let channel = ephemera::client::connect(
+        &ephemera::client::Target::Socket(b.running.endpoints.workload_socket.clone().unwrap()),
+        std::path::Path::new("/nonexistent"),
+    )
+    .await
+    .unwrap();
+    ephemera::api::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+}
+
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    req
+}
+
+/// The serials (hex) a CRL lists, read with x509-parser.
+fn crl_serials(der: &[u8]) -> Vec<String> {
+    let (rest, crl) = x509_parser::parse_x509_crl(der).unwrap();
+    assert!(rest.is_empty());
+    crl.iter_revoked_certificates()
+        .map(|r| r.raw_serial().iter().map(|x| format!("{x:02x}")).collect())
+        .collect()
+}
+
+/// Mints an X.509-SVID over the broker API in a task of its own and ends the task; returns the
+/// serial once `/crl` lists it (a new CRL was built).
+async fn revoke_one(b: &TestBroker) -> String {
+    use ephemera::api::pb::v1::{BeginTaskRequest, EndTaskRequest, MintX509SvidRequest};
+    let mut client = b.unix_client().await;
+    let task = client
+        .begin_task(BeginTaskRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let x = client
+        .mint_x509_svid(MintX509SvidRequest {
+            task_id: task.task_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .end_task(EndTaskRequest {
+            task_id: task.task_id,
+        })
+        .await
+        .unwrap();
+    crl_listing(b, &x.serial).await;
+    x.serial
+}
+
+/// Reads a stream's messages with the time each arrived, until one's CRL lists `serials`
+/// serials (bounded: 15s per message).
+fn read_until_listed<T: Send + 'static>(
+    mut stream: tonic::Streaming<T>,
+    serials: usize,
+    crl: fn(&T) -> &[bytes::Bytes],
+) -> tokio::task::JoinHandle<Vec<(tokio::time::Instant, T)>> {
+    tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(15), stream.message())
+                .await
+                .expect("a CRL update within 15s")
+                .unwrap()
+                .expect("the stream stays open");
+            let done = crl(&m)
+                .first()
+                .is_some_and(|c| crl_serials(c).len() >= serials);
+            got.push((tokio::time::Instant::now(), m));
+            if done {
+                return got;
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn streams_carry_the_crl_and_pace_its_updates() {
+    use ephemera::api::pb::workload::{X509BundlesRequest, X509svidRequest};
+    let interval = Duration::from_secs(2);
+    let b = start(&format!(
+        "{}\n[workload_api]\ncrl_push_interval = \"2s\"\n",
+        uid_rule()
+    ))
+    .await;
+    let mut raw = raw_client(&b).await;
+    let svids = raw
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let bundles = raw
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let svid_updates = read_until_listed(svids, 3, |m| &m.crl);
+    let bundle_updates = read_until_listed(bundles, 3, |m| &m.crl);
+
+    // Three revocations, each a new CRL, in quick succession.
+    let mut revoked = Vec::new();
+    for _ in 0..3 {
+        revoked.push(revoke_one(&b).await);
+    }
+    revoked.sort();
+
+    let svid_updates = svid_updates.await.unwrap();
+    let bundle_updates = bundle_updates.await.unwrap();
+    // The first response of each carries the CRL (nothing revoked yet) with the SVID or bundle.
+    let first = &svid_updates[0].1;
+    assert_eq!(first.svids.len(), 1);
+    assert!(!first.svids[0].x509_svid.is_empty() && !first.svids[0].x509_svid_key.is_empty());
+    assert_eq!(first.crl.len(), 1, "the first response carries the CRL");
+    assert!(crl_serials(&first.crl[0]).is_empty());
+    assert_eq!(bundle_updates[0].1.crl, first.crl);
+    assert_eq!(bundle_updates[0].1.bundles.len(), 1);
+    // Then CRL-only updates, no closer together than the interval (three CRLs were built in
+    // less), the SVID unchanged, until one lists all three serials.
+    let crl_only = |updates: &[(tokio::time::Instant, Vec<bytes::Bytes>)], name: &str| {
+        assert!(updates.len() >= 2, "{name}: no CRL update");
+        for w in updates.windows(2) {
+            let gap = w[1].0 - w[0].0;
+            assert!(
+                gap >= interval - Duration::from_millis(300),
+                "{name}: CRL updates {gap:?} apart, paced at {interval:?}"
+            );
+        }
+        let mut last = crl_serials(&updates[updates.len() - 1].1[0]);
+        last.sort();
+        assert_eq!(
+            last, revoked,
+            "{name}: the last update lists every revoked serial"
+        );
+    };
+    for (_, m) in &svid_updates[1..] {
+        assert_eq!(m.svids, first.svids, "a CRL-only update keeps the SVID");
+    }
+    crl_only(
+        &svid_updates
+            .into_iter()
+            .map(|(t, m)| (t, m.crl))
+            .collect::<Vec<_>>(),
+        "FetchX509SVID",
+    );
+    crl_only(
+        &bundle_updates
+            .into_iter()
+            .map(|(t, m)| (t, m.crl))
+            .collect::<Vec<_>>(),
+        "FetchX509Bundles",
+    );
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crl_larger_than_the_limit_is_left_out_and_the_streams_go_on() {
+    use ephemera::api::pb::workload::{X509BundlesRequest, X509svidRequest};
+    // Smaller than any CRL; updates would be immediate.
+    let b = start(&format!(
+        "{}\n[workload_api]\ncrl_max_bytes = 64\ncrl_push_interval = \"0s\"\n",
+        uid_rule()
+    ))
+    .await;
+    let mut raw = raw_client(&b).await;
+    let mut svids = raw
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bundles = raw
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = svids.message().await.unwrap().unwrap();
+    assert_eq!(first.svids.len(), 1, "the SVID still comes");
+    assert!(first.crl.is_empty(), "the CRL is left out");
+    let first_bundles = bundles.message().await.unwrap().unwrap();
+    assert_eq!(first_bundles.bundles.len(), 1);
+    assert!(first_bundles.crl.is_empty());
+
+    // A new CRL (served at /crl) is not pushed: it would be left out again.
+    let serial = revoke_one(&b).await;
+    assert!(crl_serials(&crl_listing(&b, &serial).await).contains(&serial));
+    for (name, next) in [
+        (
+            "FetchX509SVID",
+            tokio::time::timeout(Duration::from_millis(1500), svids.message())
+                .await
+                .map(|m| m.map(|m| m.map(|_| ()))),
+        ),
+        (
+            "FetchX509Bundles",
+            tokio::time::timeout(Duration::from_millis(1500), bundles.message())
+                .await
+                .map(|m| m.map(|m| m.map(|_| ()))),
+        ),
+    ] {
+        assert!(next.is_err(), "{name}: nothing to send, got {next:?}");
+    }
+    b.running.shutdown().await.unwrap();
+}

@@ -5,12 +5,17 @@
 //! is attested from the caller's peer credentials; callers without an identity that policy
 //! permits get `PermissionDenied`. One `FetchX509SVID` stream is one task: its SVIDs are bound
 //! to the task, renewed at half their lifetime, and revoked when the stream ends. Streams send
-//! the full state at once and again on every change (rotation, revocation, new CRL).
+//! the full state at once and again on every change (rotation, revocation, new CRL); CRL-only
+//! updates are paced and a CRL too large for SPIFFE clients is left out
+//! ([`WorkloadApiSettings`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -23,6 +28,7 @@ use super::pb::workload::{
 };
 use super::status::to_status;
 use crate::broker::{Broker, BrokerError, MintedX509, WorkloadSession};
+use crate::config::WorkloadApiSettings;
 use crate::id::{Audience, SpiffeId};
 
 /// The security header every Workload API call must carry.
@@ -31,12 +37,20 @@ pub const HEADER: &str = "workload.spiffe.io";
 /// The `SpiffeWorkloadAPI` service.
 pub struct WorkloadService {
     broker: Arc<Broker>,
+    crl: Arc<CrlFeed>,
 }
 
 impl WorkloadService {
     /// A service over `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+    pub fn new(broker: Arc<Broker>, settings: WorkloadApiSettings) -> Self {
+        Self {
+            crl: Arc::new(CrlFeed {
+                broker: broker.clone(),
+                settings,
+                omitting: AtomicBool::new(false),
+            }),
+            broker,
+        }
     }
 
     /// Admits a call that needs no particular identity but some identity: the security header,
@@ -74,8 +88,96 @@ fn stream<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> Response<
     Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
-fn x509_response(broker: &Broker, svids: &[MintedX509]) -> X509svidResponse {
-    let crl = broker.crl();
+/// The CRL as the streams carry it: the broker's current one, shared, unless it is larger than
+/// `crl_max_bytes`.
+struct CrlFeed {
+    broker: Arc<Broker>,
+    settings: WorkloadApiSettings,
+    /// Whether the last look found the CRL too large (logged when this changes).
+    omitting: AtomicBool,
+}
+
+impl CrlFeed {
+    /// The `crl` field of a response.
+    fn field(&self) -> Vec<Bytes> {
+        let crl = self.broker.crl();
+        if crl.is_empty() {
+            return Vec::new();
+        }
+        let limit = self.settings.crl_max_bytes;
+        let too_big = crl.len() > limit;
+        if limit > 0 && self.omitting.swap(too_big, Ordering::Relaxed) != too_big {
+            if too_big {
+                tracing::warn!(
+                    crl_bytes = crl.len(),
+                    limit,
+                    "the CRL is larger than workload_api.crl_max_bytes: Workload API responses \
+                     leave it out until it shrinks; relying parties read it from /crl"
+                );
+            } else {
+                tracing::info!(
+                    crl_bytes = crl.len(),
+                    "the CRL fits workload_api.crl_max_bytes again: Workload API responses carry it"
+                );
+            }
+        }
+        if too_big { Vec::new() } else { vec![crl] }
+    }
+
+    fn pacer(&self) -> CrlPacer {
+        CrlPacer {
+            interval: self.settings.crl_push_interval,
+            last: None,
+            due: None,
+            sent_one: false,
+        }
+    }
+}
+
+/// Paces one stream's CRL-only updates: a new CRL is sent no sooner than `interval` after the
+/// last response that carried one, and not at all when it would be left out again.
+struct CrlPacer {
+    interval: Duration,
+    /// When the last response carrying the CRL field was sent.
+    last: Option<tokio::time::Instant>,
+    /// When the pending CRL update is due.
+    due: Option<tokio::time::Instant>,
+    /// Whether the last response carried a CRL.
+    sent_one: bool,
+}
+
+impl CrlPacer {
+    /// A response carrying `crl` was sent.
+    fn sent(&mut self, crl: &[Bytes]) {
+        self.last = Some(tokio::time::Instant::now());
+        self.due = None;
+        self.sent_one = !crl.is_empty();
+    }
+
+    /// The broker's CRL changed: schedule an update.
+    fn changed(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.due
+            .get_or_insert_with(|| self.last.map_or(now, |l| (l + self.interval).max(now)));
+    }
+
+    /// Resolves when an update is due.
+    async fn due(&self) {
+        match self.due {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The update is due with `crl`: whether it is worth sending (not when the last response
+    /// carried no CRL and this one would not either).
+    fn take(&mut self, crl: &[Bytes]) -> bool {
+        self.due = None;
+        self.sent_one || !crl.is_empty()
+    }
+}
+
+fn x509_response(svids: &[MintedX509], crl: Vec<Bytes>) -> X509svidResponse {
     X509svidResponse {
         svids: svids
             .iter()
@@ -92,11 +194,7 @@ fn x509_response(broker: &Broker, svids: &[MintedX509]) -> X509svidResponse {
                 hint: hint(&m.spiffe_id),
             })
             .collect(),
-        crl: if crl.is_empty() {
-            Vec::new()
-        } else {
-            vec![crl.as_ref().clone()]
-        },
+        crl,
         federated_bundles: HashMap::new(),
     }
 }
@@ -114,6 +212,7 @@ fn renew_after(svids: &[MintedX509], now: SystemTime) -> Duration {
 /// Serves one `FetchX509SVID` stream until the client leaves, the task ends, or shutdown.
 async fn x509_stream(
     broker: Arc<Broker>,
+    feed: Arc<CrlFeed>,
     evidence: crate::attest::Evidence,
     session: WorkloadSession,
     tx: mpsc::Sender<Result<X509svidResponse, Status>>,
@@ -129,13 +228,16 @@ async fn x509_stream(
     let mut written_due = 0;
     let mut svids = Vec::new();
     let mut renew = tokio::time::Instant::now();
+    let mut pacer = feed.pacer();
     loop {
         if tokio::time::Instant::now() >= renew {
             match broker.workload_svids(&evidence, &session).await {
                 Ok(fresh) => {
                     svids = fresh;
                     renew = tokio::time::Instant::now() + renew_after(&svids, broker.clock().now());
-                    if tx.send(Ok(x509_response(&broker, &svids))).await.is_err() {
+                    let crl = feed.field();
+                    pacer.sent(&crl);
+                    if tx.send(Ok(x509_response(&svids, crl))).await.is_err() {
                         break;
                     }
                 }
@@ -158,8 +260,15 @@ async fn x509_stream(
                 if changed.is_err() {
                     break;
                 }
-                if tx.send(Ok(x509_response(&broker, &svids))).await.is_err() {
-                    break;
+                pacer.changed();
+            }
+            () = pacer.due() => {
+                let crl = feed.field();
+                if pacer.take(&crl) {
+                    pacer.sent(&crl);
+                    if tx.send(Ok(x509_response(&svids, crl))).await.is_err() {
+                        break;
+                    }
                 }
             }
             ev = revocations.recv() => match ev {
@@ -225,7 +334,13 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
             .await
             .map_err(|e| to_status(&e))?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(x509_stream(self.broker.clone(), evidence, session, tx));
+        tokio::spawn(x509_stream(
+            self.broker.clone(),
+            self.crl.clone(),
+            evidence,
+            session,
+            tx,
+        ));
         Ok(stream(rx))
     }
 
@@ -235,27 +350,39 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         self.admit(&request).await?;
         let (tx, rx) = mpsc::channel(4);
-        let broker = self.broker.clone();
+        let (broker, feed) = (self.broker.clone(), self.crl.clone());
         tokio::spawn(async move {
             let mut crl_updates = broker.crl_updates();
+            let mut pacer = feed.pacer();
             let td = broker.trust_domain().id_uri();
+            let bundles = || [(td.clone(), concat(broker.ca().x509.roots()))].into();
+            let crl = feed.field();
+            pacer.sent(&crl);
+            let first = X509BundlesResponse {
+                crl,
+                bundles: bundles(),
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
             loop {
-                let crl = broker.crl();
-                let msg = X509BundlesResponse {
-                    crl: if crl.is_empty() {
-                        Vec::new()
-                    } else {
-                        vec![crl.as_ref().clone()]
-                    },
-                    bundles: [(td.clone(), concat(broker.ca().x509.roots()))].into(),
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
                 tokio::select! {
                     () = tx.closed() => return,
                     () = broker.closed() => return,
-                    changed = crl_updates.changed() => if changed.is_err() { return },
+                    changed = crl_updates.changed() => match changed {
+                        Ok(()) => pacer.changed(),
+                        Err(_) => return,
+                    },
+                    () = pacer.due() => {
+                        let crl = feed.field();
+                        if pacer.take(&crl) {
+                            pacer.sent(&crl);
+                            let msg = X509BundlesResponse { crl, bundles: bundles() };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                 }
             }
         });

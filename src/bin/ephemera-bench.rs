@@ -103,7 +103,8 @@ struct Args {
     /// sampling its RSS and open file descriptors (the long mode is 600).
     #[arg(long, value_name = "SECONDS")]
     soak: Option<f64>,
-    /// PostgreSQL URL for the in-process broker and the lease-scale store (default: SQLite).
+    /// PostgreSQL server URL (default: SQLite): each part of the run (issuance and revocation,
+    /// lease scale, soak) gets a fresh database there, dropped when the part ends.
     #[arg(long, env = "EPHEMERA_BENCH_POSTGRES_URL")]
     store_url: Option<String>,
 }
@@ -1244,19 +1245,22 @@ async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow::Result<Val
 
     // Fill through the store itself (what a broker would have written over time).
     let fill_started = Instant::now();
-    {
-        let store: Arc<dyn Store> = match &config.store {
-            ephemera::config::StoreConfig::Sqlite { path } => {
-                Arc::new(ephemera::store::sqlite::SqliteStore::open(path).await?)
-            }
-            ephemera::config::StoreConfig::Postgres(pg) => {
-                Arc::new(ephemera::store::postgres::PostgresStore::open(pg).await?)
-            }
-        };
-        fill(store, args.tasks, args.leases, big, big_tasks).await?;
-    }
+    let db_bytes = match &config.store {
+        ephemera::config::StoreConfig::Sqlite { path } => {
+            let store = Arc::new(ephemera::store::sqlite::SqliteStore::open(path).await?);
+            fill(store, args.tasks, args.leases, big, big_tasks).await?;
+            dir_size(&data)
+        }
+        ephemera::config::StoreConfig::Postgres(pg) => {
+            let store = Arc::new(ephemera::store::postgres::PostgresStore::open(pg).await?);
+            fill(store.clone(), args.tasks, args.leases, big, big_tasks).await?;
+            let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+                .fetch_one(store.pool())
+                .await?;
+            u64::try_from(bytes).unwrap_or(0)
+        }
+    };
     let fill_secs = fill_started.elapsed().as_secs_f64();
-    let db_bytes = dir_size(&data);
 
     // Restart to ready: a broker process on the filled store.
     let started = Instant::now();
@@ -1781,12 +1785,45 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// A database of its own on the `--store-url` server for one part of the run, so no earlier
+/// run's leases (nor the CRL they make) weigh on it; `None` for SQLite.
+struct PartStore(Option<String>);
+
+impl PartStore {
+    async fn new(server: Option<&str>) -> anyhow::Result<Self> {
+        Ok(Self(match server {
+            Some(s) => Some(
+                ephemera::store::postgres::testing::fresh_database(s)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            ),
+            None => None,
+        }))
+    }
+
+    fn url(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    async fn drop(self) -> anyhow::Result<()> {
+        if let Some(url) = self.0 {
+            ephemera::store::postgres::testing::drop_database(&url)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Ok(())
+    }
+}
+
 async fn run(args: &Args) -> anyhow::Result<Value> {
     let remote_target = args.socket.is_some() || args.addr.is_some();
     if let Some(seconds) = args.soak {
+        let store = PartStore::new(args.store_url.as_deref()).await?;
+        let soaked = soak(seconds, store.url()).await?;
+        store.drop().await?;
         return Ok(json!({
             "machine": machine(),
-            "soak": soak(seconds, args.store_url.as_deref()).await?,
+            "soak": soaked,
         }));
     }
     let sign_rate = signing_rate(if args.smoke { 0.2 } else { 2.0 })?;
@@ -1801,10 +1838,11 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         "signing": { "es256_per_second": sign_rate.round(), "es256_us": ((1e6 / sign_rate) * 10.0).round() / 10.0 },
     });
     if args.wants("issuance") || args.wants("revocation") {
+        let store = PartStore::new(args.store_url.as_deref().filter(|_| !remote_target)).await?;
         let target = Arc::new(if remote_target {
             remote(args)?
         } else {
-            in_process(args.store_url.as_deref()).await?
+            in_process(store.url()).await?
         });
         if args.wants("issuance") {
             report["issuance"] = issuance(&target, args, sign_rate).await?;
@@ -1816,9 +1854,12 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         if let Ok(t) = Arc::try_unwrap(target) {
             tokio::task::spawn_blocking(move || drop(t)).await?;
         }
+        store.drop().await?;
     }
     if args.wants("lease-scale") && !remote_target {
-        report["lease_scale"] = lease_scale(args, args.store_url.as_deref()).await?;
+        let store = PartStore::new(args.store_url.as_deref()).await?;
+        report["lease_scale"] = lease_scale(args, store.url()).await?;
+        store.drop().await?;
     }
     Ok(report)
 }

@@ -1036,6 +1036,30 @@ pub mod testing {
         Ok(url)
     }
 
+    /// Drops a database [`fresh_database`] made (its URL), closing its connections first.
+    pub async fn drop_database(database_url: &str) -> Result<(), String> {
+        let base = database_url.split('?').next().unwrap_or(database_url);
+        let name = base
+            .rsplit('/')
+            .next()
+            .filter(|n| {
+                n.starts_with("ephemera_test_") && n[14..].bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .ok_or_else(|| format!("{database_url} is not a database fresh_database made"))?;
+        let server = url_without_database(database_url);
+        let options = connect_options(&server)?;
+        let mut conn = sqlx::ConnectOptions::connect(&options)
+            .await
+            .map_err(|e| format!("connecting to {server}: {e}"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| format!("dropping database {name}: {e}"))?;
+        Ok(())
+    }
+
     fn url_without_database(url: &str) -> String {
         let base = url.split('?').next().unwrap_or(url);
         let scheme_end = base.find("://").map_or(0, |i| i + 3);
