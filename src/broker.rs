@@ -1368,6 +1368,11 @@ impl Broker {
             .await?)
     }
 
+    /// The newest revocation event's number (0 when there is none).
+    pub async fn newest_revocation(&self) -> Result<i64, BrokerError> {
+        Ok(self.store.newest_revocation().await?)
+    }
+
     /// The revocation events after `cursor`.
     pub async fn revocations_after(
         &self,

@@ -222,6 +222,62 @@ async fn watch_delivers_each_event_once_in_order_and_resumes_without_gaps() {
 }
 
 #[tokio::test]
+async fn a_watch_without_a_cursor_gets_every_event_committed_after_it_opened() {
+    let b = start(&uid_rule()).await;
+    let mut client = b.unix_client().await;
+    let mut watcher = RevocationsClient::new(b.unix_client_channel().await);
+    // A history of 1,200 events, none of which a watch without a cursor replays (finding where
+    // history ends must not hold the stream's start back past the call's return).
+    let mut fill = Vec::new();
+    for _ in 0..8 {
+        let mut c = b.unix_client().await;
+        fill.push(tokio::spawn(async move {
+            for _ in 0..150 {
+                let task_id = c
+                    .begin_task(BeginTaskRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .task_id;
+                c.end_task(EndTaskRequest { task_id }).await.unwrap();
+            }
+        }));
+    }
+    for f in fill {
+        f.await.unwrap();
+    }
+    for round in 0..20 {
+        let task_id = client
+            .begin_task(BeginTaskRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .task_id;
+        let mut stream = watcher
+            .watch(WatchRequest { cursor: None })
+            .await
+            .unwrap()
+            .into_inner();
+        // Ended the moment the watch call returns: the watch must already count it as new.
+        client
+            .end_task(EndTaskRequest {
+                task_id: task_id.clone(),
+            })
+            .await
+            .unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the event of a task ended after Watch returned")
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev.task_id, task_id, "round {round}: only what came after");
+    }
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_policy_reload_that_forbids_a_live_task_revokes_it() {
     // A grace longer than the time the test clock skips: only the policy may end a task here,
     // not the reaper.

@@ -81,27 +81,13 @@ async fn catch_up(broker: &Broker, last: &mut i64, tx: &Tx) -> Result<bool, Brok
     }
 }
 
-async fn watch(broker: Arc<Broker>, cursor: Option<u64>, tx: Tx) {
-    let mut bus = broker.bus().subscribe();
-    // Without a cursor, start after the newest committed event.
-    let mut last = match cursor {
-        Some(c) => i64::try_from(c).unwrap_or(i64::MAX),
-        None => {
-            let mut newest = 0;
-            loop {
-                match broker.revocations_after(newest, PAGE).await {
-                    Ok(page) if !page.is_empty() => {
-                        newest = page.last().map_or(newest, |r| r.seq);
-                    }
-                    Ok(_) => break newest,
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(&e))).await;
-                        return;
-                    }
-                }
-            }
-        }
-    };
+/// Follows the bus (`bus`, subscribed before `last` was settled) after event `last`.
+async fn watch(
+    broker: Arc<Broker>,
+    mut bus: tokio::sync::broadcast::Receiver<Revocation>,
+    mut last: i64,
+    tx: Tx,
+) {
     match catch_up(&broker, &mut last, &tx).await {
         Ok(true) => {}
         Ok(false) => return,
@@ -158,11 +144,23 @@ impl revocations_server::Revocations for RevocationsService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let cursor = request.into_inner().cursor;
+        // Where the stream starts is settled before the caller hears back: every event
+        // committed after this call returns is delivered (the bus is subscribed first, so
+        // nothing falls between the two). Without a cursor, it starts after the newest event.
+        let bus = self.broker.bus().subscribe();
+        let last = match cursor {
+            Some(c) => i64::try_from(c).unwrap_or(i64::MAX),
+            None => self
+                .broker
+                .newest_revocation()
+                .await
+                .map_err(|e| to_status(&e))?,
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(BUFFER);
         let broker = self.broker.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = watch(broker.clone(), cursor, tx.clone()) => {}
+                () = watch(broker.clone(), bus, last, tx.clone()) => {}
                 () = broker.closed() => {
                     let _ = tx.send(Err(Status::unavailable("broker shutting down; resume from your last cursor"))).await;
                 }

@@ -940,9 +940,21 @@ async fn revocation(target: &Arc<Target>, count: usize) -> anyhow::Result<Value>
     let watcher = {
         let seen = seen.clone();
         tokio::spawn(async move {
-            while let Ok(Some(ev)) = stream.message().await {
-                if let Ok(mut s) = seen.lock() {
-                    s.entry(ev.task_id).or_insert_with(Instant::now);
+            loop {
+                match stream.message().await {
+                    Ok(Some(ev)) => {
+                        if let Ok(mut s) = seen.lock() {
+                            s.entry(ev.task_id).or_insert_with(Instant::now);
+                        }
+                    }
+                    Ok(None) => {
+                        eprintln!("the watch stream ended");
+                        break;
+                    }
+                    Err(e) => {
+                        eprintln!("the watch stream failed: {e}");
+                        break;
+                    }
                 }
             }
         })
@@ -954,7 +966,8 @@ async fn revocation(target: &Arc<Target>, count: usize) -> anyhow::Result<Value>
                 let hit = seen.lock().map(|s| s.get(&task_id).copied()).ok().flatten();
                 async move { Ok(hit.is_some()) }
             })
-            .await?;
+            .await
+            .context("the watch event")?;
             let at = seen.lock().ok().and_then(|s| s.get(&task_id).copied());
             at.context("watch event")
         }
@@ -1022,7 +1035,9 @@ async fn revocation(target: &Arc<Target>, count: usize) -> anyhow::Result<Value>
                 let token = m.token.clone();
                 async move {
                     let w = watch.await?;
-                    let i = until(|| introspect_inactive(&http_base, &token)).await?;
+                    let i = until(|| introspect_inactive(&http_base, &token))
+                        .await
+                        .context("introspection inactive")?;
                     anyhow::Ok((w, i))
                 }
             });
@@ -1844,17 +1859,22 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         } else {
             in_process(store.url()).await?
         });
-        if args.wants("issuance") {
-            report["issuance"] = issuance(&target, args, sign_rate).await?;
+        let measured = async {
+            if args.wants("issuance") {
+                report["issuance"] = issuance(&target, args, sign_rate).await?;
+            }
+            if args.wants("revocation") && !remote_target {
+                report["revocation"] = revocation(&target, args.revocations).await?;
+            }
+            anyhow::Ok(())
         }
-        if args.wants("revocation") && !remote_target {
-            report["revocation"] = revocation(&target, args.revocations).await?;
-        }
-        // The broker's runtime cannot be dropped inside ours.
+        .await;
+        // The broker's runtime cannot be dropped inside ours (also when a part failed).
         if let Ok(t) = Arc::try_unwrap(target) {
             tokio::task::spawn_blocking(move || drop(t)).await?;
         }
         store.drop().await?;
+        measured?;
     }
     if args.wants("lease-scale") && !remote_target {
         let store = PartStore::new(args.store_url.as_deref()).await?;

@@ -449,6 +449,9 @@ pub trait Store: Send + Sync {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<Revocation>, StoreError>>;
 
+    /// The newest revocation event's number; 0 when there is none.
+    fn newest_revocation(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
+
     /// Leases affected by a revocation event (the lease, or every lease of the task).
     fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>>;
 
@@ -621,6 +624,7 @@ pub mod conformance {
     /// the event log, listings with filters and paging, restart refresh, pruning.
     pub async fn tasks_and_leases(store: std::sync::Arc<dyn Store>) {
         let s = store.as_ref();
+        assert_eq!(s.newest_revocation().await.unwrap(), 0, "no events yet");
         s.insert_task(task("t1", "spiffe://e.org/a", 1_000, 140))
             .await
             .unwrap();
@@ -767,6 +771,7 @@ pub mod conformance {
         );
         assert_eq!(s.revocations_after(ev.seq, 10).await.unwrap().len(), 1);
         assert!(x5_seq < ev.seq);
+        assert_eq!(s.newest_revocation().await.unwrap(), ev2.seq);
 
         // Listings.
         let f =

@@ -687,6 +687,10 @@ impl Store for PostgresStore {
         })
     }
 
+    fn newest_revocation(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
+        Box::pin(newest_seq(self))
+    }
+
     fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
         let event = event.clone();
         Box::pin(async move {

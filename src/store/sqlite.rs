@@ -856,6 +856,15 @@ impl Store for SqliteStore {
         })
     }
 
+    fn newest_revocation(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM revocations")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
     fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>> {
         let event = event.clone();
         Box::pin(async move {

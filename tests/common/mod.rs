@@ -123,6 +123,17 @@ impl TestBroker {
         .unwrap()
     }
 
+    /// A channel over the Unix socket (for the services besides `Broker`).
+    pub async fn unix_client_channel(&self) -> Channel {
+        ConnectOptions {
+            socket: Some(self.socket()),
+            ..ConnectOptions::default()
+        }
+        .connect()
+        .await
+        .unwrap()
+    }
+
     /// The admin token of this broker.
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("admin.token"))
