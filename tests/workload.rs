@@ -112,16 +112,9 @@ async fn standard_client_gets_verifiable_x509_and_jwt_svids() {
 
 #[tokio::test]
 async fn calls_without_the_security_header_are_refused() {
-    use ephemera::api::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     use ephemera::api::pb::workload::{JwtsvidRequest, X509svidRequest};
     let b = start(&uid_rule()).await;
-    let channel = ephemera::client::connect(
-        &ephemera::client::Target::Socket(b.running.endpoints.workload_socket.clone().unwrap()),
-        std::path::Path::new("/nonexistent"),
-    )
-    .await
-    .unwrap();
-    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let mut raw = raw_client(&b).await;
     let err = raw.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = raw
@@ -137,10 +130,10 @@ async fn calls_without_the_security_header_are_refused() {
         TD.parse().unwrap(),
         Vec::new(),
     ));
-    let mut req = tonic::Request::new(X509svidRequest {});
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    let err = raw.fetch_x509svid(req).await.unwrap_err();
+    let err = raw
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     b.running.shutdown().await.unwrap();
 }

@@ -179,17 +179,22 @@ impl Attestor for UnixAttestor {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn attests_own_process_with_executable_hash() {
-        let me = std::process::id() as i32;
-        let evidence = Evidence {
+    /// This test process, as the peer of a Unix socket with uid 1000.
+    fn own_process() -> Evidence {
+        Evidence {
             unix_peer: Some(UnixPeer {
                 uid: 1000,
                 gid: 100,
-                pid: Some(me),
+                pid: Some(std::process::id() as i32),
             }),
             ..Evidence::default()
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn attests_own_process_with_executable_hash() {
+        let me = std::process::id() as i32;
+        let evidence = own_process();
         let a = UnixAttestor::new();
         let id = a.attest(&evidence).await.unwrap().unwrap();
         assert_eq!(id.attestor, "unix");
@@ -208,15 +213,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn processes_of_a_new_executable_arriving_together_hash_it_once() {
-        let me = std::process::id() as i32;
-        let evidence = Arc::new(Evidence {
-            unix_peer: Some(UnixPeer {
-                uid: 1000,
-                gid: 100,
-                pid: Some(me),
-            }),
-            ..Evidence::default()
-        });
+        let evidence = Arc::new(own_process());
         let a = UnixAttestor::new();
         let calls: Vec<_> = (0..16)
             .map(|_| {
