@@ -129,29 +129,26 @@ impl CrlFeed {
             interval: self.settings.crl_push_interval,
             last: None,
             due: None,
-            sent_one: false,
         }
     }
 }
 
 /// Paces one stream's CRL-only updates: a new CRL is sent no sooner than `interval` after the
-/// last response that carried one, and not at all when it would be left out again.
+/// last response, and not at all while it is left out. A client then keeps the last CRL it was
+/// given (signed, and valid until its `nextUpdate`) rather than being told of an empty one.
 struct CrlPacer {
     interval: Duration,
-    /// When the last response carrying the CRL field was sent.
+    /// When the last response was sent.
     last: Option<tokio::time::Instant>,
     /// When the pending CRL update is due.
     due: Option<tokio::time::Instant>,
-    /// Whether the last response carried a CRL.
-    sent_one: bool,
 }
 
 impl CrlPacer {
-    /// A response carrying `crl` was sent.
-    fn sent(&mut self, crl: &[Bytes]) {
+    /// A response was sent.
+    fn sent(&mut self) {
         self.last = Some(tokio::time::Instant::now());
         self.due = None;
-        self.sent_one = !crl.is_empty();
     }
 
     /// The broker's CRL changed: schedule an update.
@@ -169,11 +166,10 @@ impl CrlPacer {
         }
     }
 
-    /// The update is due with `crl`: whether it is worth sending (not when the last response
-    /// carried no CRL and this one would not either).
+    /// The update is due with `crl`: whether to send it (only with a CRL to carry).
     fn take(&mut self, crl: &[Bytes]) -> bool {
         self.due = None;
-        self.sent_one || !crl.is_empty()
+        !crl.is_empty()
     }
 }
 
@@ -236,7 +232,7 @@ async fn x509_stream(
                     svids = fresh;
                     renew = tokio::time::Instant::now() + renew_after(&svids, broker.clock().now());
                     let crl = feed.field();
-                    pacer.sent(&crl);
+                    pacer.sent();
                     if tx.send(Ok(x509_response(&svids, crl))).await.is_err() {
                         break;
                     }
@@ -265,7 +261,7 @@ async fn x509_stream(
             () = pacer.due() => {
                 let crl = feed.field();
                 if pacer.take(&crl) {
-                    pacer.sent(&crl);
+                    pacer.sent();
                     if tx.send(Ok(x509_response(&svids, crl))).await.is_err() {
                         break;
                     }
@@ -357,7 +353,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
             let td = broker.trust_domain().id_uri();
             let bundles = || [(td.clone(), concat(broker.ca().x509.roots()))].into();
             let crl = feed.field();
-            pacer.sent(&crl);
+            pacer.sent();
             let first = X509BundlesResponse {
                 crl,
                 bundles: bundles(),
@@ -376,7 +372,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
                     () = pacer.due() => {
                         let crl = feed.field();
                         if pacer.take(&crl) {
-                            pacer.sent(&crl);
+                            pacer.sent();
                             let msg = X509BundlesResponse { crl, bundles: bundles() };
                             if tx.send(Ok(msg)).await.is_err() {
                                 return;
@@ -482,5 +478,42 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
                     .collect(),
             }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crl_updates_are_paced_and_never_sent_without_a_crl() {
+        let interval = Duration::from_secs(1);
+        let mut pacer = CrlPacer {
+            interval,
+            last: None,
+            due: None,
+        };
+        let before = tokio::time::Instant::now();
+        // Before any response, a change is due at once.
+        pacer.changed();
+        assert!(pacer.due.is_some_and(|d| d <= tokio::time::Instant::now()));
+        pacer.sent();
+        let sent = pacer.last.unwrap();
+        assert!(sent >= before);
+        assert_eq!(pacer.due, None);
+        // Changes right after a response wait out the interval, however many arrive.
+        pacer.changed();
+        pacer.changed();
+        assert!(pacer.due.is_some_and(|d| d >= sent + interval));
+        let crl = vec![Bytes::from_static(b"crl")];
+        assert!(pacer.take(&crl));
+        assert_eq!(pacer.due, None, "taken");
+        // A CRL left out (too large) is not sent as an update: the client keeps its last one.
+        pacer.changed();
+        assert!(!pacer.take(&[]));
+        // Long after the last response, a change is due at once.
+        pacer.last = Some(tokio::time::Instant::now() - 2 * interval);
+        pacer.changed();
+        assert!(pacer.due.is_some_and(|d| d <= tokio::time::Instant::now()));
     }
 }
