@@ -1834,11 +1834,11 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     let remote_target = args.socket.is_some() || args.addr.is_some();
     if let Some(seconds) = args.soak {
         let store = PartStore::new(args.store_url.as_deref()).await?;
-        let soaked = soak(seconds, store.url()).await?;
+        let soaked = soak(seconds, store.url()).await;
         store.drop().await?;
         return Ok(json!({
             "machine": machine(),
-            "soak": soaked,
+            "soak": soaked?,
         }));
     }
     let sign_rate = signing_rate(if args.smoke { 0.2 } else { 2.0 })?;
@@ -1878,8 +1878,9 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     }
     if args.wants("lease-scale") && !remote_target {
         let store = PartStore::new(args.store_url.as_deref()).await?;
-        report["lease_scale"] = lease_scale(args, store.url()).await?;
+        let scaled = lease_scale(args, store.url()).await;
         store.drop().await?;
+        report["lease_scale"] = scaled?;
     }
     Ok(report)
 }
