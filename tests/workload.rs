@@ -522,3 +522,46 @@ async fn a_crl_larger_than_the_limit_is_left_out_and_the_streams_go_on() {
     }
     b.running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_open_stream_keeps_its_task_alive_past_heartbeat_and_grace() {
+    use ephemera::api::pb::workload::X509svidRequest;
+    let b = start(&format!(
+        "{}\n[tasks]\nheartbeat_interval = \"1s\"\ngrace = \"1s\"\n",
+        uid_rule()
+    ))
+    .await;
+    let mut raw = raw_client(&b).await;
+    let mut svids = raw
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = svids.message().await.unwrap().unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&first.svids[0].x509_svid).unwrap();
+    let serial: String = leaf
+        .raw_serial()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    // Three times heartbeat + grace pass (on the broker's clock too), with the reaper running:
+    // the stream's pings keep the task alive.
+    for _ in 0..6 {
+        let quiet = tokio::time::timeout(Duration::from_secs(1), svids.message()).await;
+        assert!(quiet.is_err(), "the stream stays quiet and open: {quiet:?}");
+        b.clock.advance(Duration::from_secs(1));
+    }
+    let lease = b
+        .running
+        .broker
+        .store()
+        .lease(&serial)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        lease.active(b.clock.unix_now()),
+        "the SVID is still honoured"
+    );
+    b.running.shutdown().await.unwrap();
+}

@@ -220,8 +220,10 @@ async fn x509_stream(
             .unwrap_or(10)
             .max(1),
     );
-    let mut keep_alive = tokio::time::interval(heartbeat);
-    let mut written_due = 0;
+    // The task was stored with its first due time: the first keep-alive is one heartbeat away.
+    let mut keep_alive =
+        tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let mut written_due = session.task.due_at;
     let mut svids = Vec::new();
     let mut renew = tokio::time::Instant::now();
     let mut pacer = feed.pacer();
