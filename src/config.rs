@@ -186,7 +186,7 @@ pub struct RawWorkloadApi {
     pub socket: Option<PathBuf>,
     /// Largest CRL (DER bytes) carried in responses (default 2 MiB; 0 never carries one).
     pub crl_max_bytes: Option<usize>,
-    /// Shortest time between two CRL-only updates on one stream (default "1s").
+    /// Shortest time from a stream's last response to a CRL-only update (default "1s").
     pub crl_push_interval: Option<String>,
 }
 
@@ -390,7 +390,7 @@ pub struct Config {
 pub struct WorkloadApiSettings {
     /// A CRL larger than this (DER bytes) is left out of responses (0: never carried).
     pub crl_max_bytes: usize,
-    /// Shortest time between two CRL-only updates on one stream; SVID rotation and
+    /// Shortest time from a stream's last response to a CRL-only update; SVID rotation and
     /// revocation of the stream's own SVIDs are never delayed.
     pub crl_push_interval: Duration,
 }
