@@ -326,6 +326,18 @@ async fn raw_client(
     ephemera::api::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
 }
 
+/// Opens a `FetchX509SVID` stream (one task) on `raw`.
+async fn open_x509_stream(
+    raw: &mut ephemera::api::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+        tonic::transport::Channel,
+    >,
+) -> tonic::Streaming<ephemera::api::pb::workload::X509svidResponse> {
+    raw.fetch_x509svid(with_header(ephemera::api::pb::workload::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn with_header<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.metadata_mut()
@@ -398,7 +410,7 @@ fn read_until_listed<T: Send + 'static>(
 
 #[tokio::test]
 async fn streams_carry_the_crl_and_pace_its_updates() {
-    use ephemera::api::pb::workload::{X509BundlesRequest, X509svidRequest};
+    use ephemera::api::pb::workload::X509BundlesRequest;
     let interval = Duration::from_secs(2);
     let b = start(&format!(
         "{}\n[workload_api]\ncrl_push_interval = \"2s\"\n",
@@ -406,11 +418,7 @@ async fn streams_carry_the_crl_and_pace_its_updates() {
     ))
     .await;
     let mut raw = raw_client(&b).await;
-    let svids = raw
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let svids = open_x509_stream(&mut raw).await;
     let bundles = raw
         .fetch_x509_bundles(with_header(X509BundlesRequest {}))
         .await
@@ -476,7 +484,7 @@ async fn streams_carry_the_crl_and_pace_its_updates() {
 
 #[tokio::test]
 async fn a_crl_larger_than_the_limit_is_left_out_and_the_streams_go_on() {
-    use ephemera::api::pb::workload::{X509BundlesRequest, X509svidRequest};
+    use ephemera::api::pb::workload::X509BundlesRequest;
     // Smaller than any CRL; updates would be immediate.
     let b = start(&format!(
         "{}\n[workload_api]\ncrl_max_bytes = 64\ncrl_push_interval = \"0s\"\n",
@@ -484,11 +492,7 @@ async fn a_crl_larger_than_the_limit_is_left_out_and_the_streams_go_on() {
     ))
     .await;
     let mut raw = raw_client(&b).await;
-    let mut svids = raw
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut svids = open_x509_stream(&mut raw).await;
     let mut bundles = raw
         .fetch_x509_bundles(with_header(X509BundlesRequest {}))
         .await
@@ -525,18 +529,13 @@ async fn a_crl_larger_than_the_limit_is_left_out_and_the_streams_go_on() {
 
 #[tokio::test]
 async fn an_open_stream_keeps_its_task_alive_past_heartbeat_and_grace() {
-    use ephemera::api::pb::workload::X509svidRequest;
     let b = start(&format!(
         "{}\n[tasks]\nheartbeat_interval = \"1s\"\ngrace = \"1s\"\n",
         uid_rule()
     ))
     .await;
     let mut raw = raw_client(&b).await;
-    let mut svids = raw
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut svids = open_x509_stream(&mut raw).await;
     let first = svids.message().await.unwrap().unwrap();
     let (_, leaf) = x509_parser::parse_x509_certificate(&first.svids[0].x509_svid).unwrap();
     let serial: String = leaf
