@@ -70,8 +70,9 @@ fn dev_tour_token_svid_and_clean_shutdown() {
         ])
         .current_dir(work.path())
         .env_remove("EPHEMERA_DATA_DIR")
+        .env_remove("EPHEMERA_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(work.path().join("dev.log")).unwrap())
         .spawn()
         .unwrap();
     let data = work.path().join(".ephemera");
@@ -211,6 +212,13 @@ fn dev_tour_token_svid_and_clean_shutdown() {
     assert!(!data.join("broker.sock").exists());
     assert!(!data.join("endpoints.json").exists());
     assert!(data.join("intermediate-ca.key").exists());
+    // Its log, written to a file, is plain text: the audit lines are there, escape codes are not.
+    let log = std::fs::read_to_string(work.path().join("dev.log")).unwrap();
+    assert!(log.contains("ephemera::audit"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log file:\n{log}"
+    );
 
     // With no broker, the client says what to do and exits 69.
     let out = run(&["token", "--audience", "demo"], work.path());

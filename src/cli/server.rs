@@ -1,6 +1,6 @@
 //! Server-side commands: `serve`, `dev`, `ca init`, `config check`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -50,7 +50,9 @@ pub struct CaInitArgs {
     pub intermediate_ttl: String,
 }
 
-/// Sets up logging to stderr; `EPHEMERA_LOG` overrides the configured filter.
+/// Sets up logging to stderr; `EPHEMERA_LOG` overrides the configured filter. Text lines are
+/// coloured only on a terminal (and never with `NO_COLOR` set): a file, a pipe or journald gets
+/// plain text, not escape codes.
 fn init_logging(level: &str, format: LogFormat) {
     let filter = std::env::var("EPHEMERA_LOG")
         .ok()
@@ -59,11 +61,21 @@ fn init_logging(level: &str, format: LogFormat) {
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Whether log lines get colour: only on a terminal, and not when `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
 }
 
 fn start_failure(e: StartError) -> Failure {
@@ -242,4 +254,22 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
     );
     writeln!(std::io::stdout().lock(), "{banner}").context("writing to stdout")?;
     run_until_signal(running, None).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::colour;
+
+    #[test]
+    fn log_lines_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(
+            colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None), "a file or pipe gets no escape codes");
+    }
 }
