@@ -107,6 +107,11 @@ struct Args {
     /// lease scale, soak) gets a fresh database there, dropped when the part ends.
     #[arg(long, env = "EPHEMERA_BENCH_POSTGRES_URL")]
     store_url: Option<String>,
+    /// Where the in-process broker's log goes (default: an unnamed temporary file, gone when
+    /// the run ends). It logs as a deployed broker does: `info`, JSON lines, one write per line,
+    /// so every credential's cost includes its audit event.
+    #[arg(long, value_name = "FILE")]
+    broker_log: Option<PathBuf>,
 }
 
 impl Args {
@@ -317,7 +322,8 @@ async fn in_process(store_url: Option<&str>) -> anyhow::Result<Target> {
     let jwks_path = dir.path().join("bench-jwks.json");
     std::fs::write(&jwks_path, &issuer.jwks)?;
     let mut opts = DevOptions::embedded(dir.path().join("data"));
-    opts.log_level = "error".into();
+    // Where its lines go is set for the whole run (`broker_log`); this is the config's filter.
+    opts.log_level = "info".into();
     opts.extra_config = format!(
         r#"
 [tasks]
@@ -1770,6 +1776,22 @@ fn print_table(report: &Value) {
     }
 }
 
+/// Logging for the in-process broker, as `log.level = "info"` with `log.format = "json"`
+/// configures a deployed one (each line is written when its event happens), into `path` or an
+/// unnamed temporary file.
+fn broker_log(path: Option<&Path>) -> anyhow::Result<()> {
+    let file = match path {
+        Some(p) => std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        None => tempfile::tempfile()?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .json()
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init()
+        .map_err(|e| anyhow!("{e}"))
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
@@ -1780,6 +1802,10 @@ async fn main() -> std::process::ExitCode {
         args.leases = args.leases.min(20_000);
         args.tasks = args.tasks.min(2_000);
         args.reaper_seconds = args.reaper_seconds.min(1.0);
+    }
+    if let Err(e) = broker_log(args.broker_log.as_deref()) {
+        eprintln!("error: the broker's log: {e:#}");
+        return std::process::ExitCode::FAILURE;
     }
     match run(&args).await {
         Ok(report) => {
@@ -1849,6 +1875,7 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
             "smoke": args.smoke,
             "broker": if remote_target { "running" } else { "in-process" },
             "store": if args.store_url.is_some() { "postgresql" } else { "sqlite" },
+            "broker_log": if remote_target { "the running broker's" } else { "info, JSON lines, to a file" },
         },
         "signing": { "es256_per_second": sign_rate.round(), "es256_us": ((1e6 / sign_rate) * 10.0).round() / 10.0 },
     });
