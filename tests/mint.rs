@@ -128,10 +128,6 @@ async fn x509_svid_from_csr_verifies_and_follows_the_spiffe_rules() {
     b.running.shutdown().await.unwrap();
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }

@@ -191,11 +191,7 @@ async fn child_workload() {
     let ctx = contexts.next().await.unwrap().unwrap();
     let (_, leaf) =
         x509_parser::parse_x509_certificate(ctx.default_svid().unwrap().leaf().as_bytes()).unwrap();
-    let serial: String = leaf
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let serial = hex(leaf.raw_serial());
     use std::io::Write;
     writeln!(std::io::stdout().lock(), "SERIAL={serial}").unwrap();
     loop {
@@ -261,22 +257,7 @@ async fn a_killed_workloads_svids_are_revoked() {
             .unwrap()
             .active(now)
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, der) = http_get_bytes(&b.running.endpoints.http_addr, "/crl").await;
-        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
-        if crl.iter_revoked_certificates().any(|r| {
-            r.raw_serial()
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<String>()
-                == serial
-        }) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "serial not in /crl");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crl_listing(&b, &serial).await;
     b.running.shutdown().await.unwrap();
 }
 
@@ -350,7 +331,7 @@ fn crl_serials(der: &[u8]) -> Vec<String> {
     let (rest, crl) = x509_parser::parse_x509_crl(der).unwrap();
     assert!(rest.is_empty());
     crl.iter_revoked_certificates()
-        .map(|r| r.raw_serial().iter().map(|x| format!("{x:02x}")).collect())
+        .map(|r| hex(r.raw_serial()))
         .collect()
 }
 
@@ -538,11 +519,7 @@ async fn an_open_stream_keeps_its_task_alive_past_heartbeat_and_grace() {
     let mut svids = open_x509_stream(&mut raw).await;
     let first = svids.message().await.unwrap().unwrap();
     let (_, leaf) = x509_parser::parse_x509_certificate(&first.svids[0].x509_svid).unwrap();
-    let serial: String = leaf
-        .raw_serial()
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect();
+    let serial = hex(leaf.raw_serial());
     // Three times heartbeat + grace pass (on the broker's clock too), with the reaper running:
     // the stream's pings keep the task alive.
     for _ in 0..6 {

@@ -318,6 +318,12 @@ pub async fn introspect_http(b: &TestBroker, token: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Lowercase hex, written here rather than taken from the crate so that serials are checked
+/// against an independent rendering.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Waits (bounded) until the served CRL lists `serial`.
 pub async fn crl_listing(b: &TestBroker, serial: &str) -> Vec<u8> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -325,13 +331,10 @@ pub async fn crl_listing(b: &TestBroker, serial: &str) -> Vec<u8> {
         let (status, der) = http_get_bytes(&b.running.endpoints.http_addr, "/crl").await;
         assert_eq!(status, 200);
         let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
-        if crl.iter_revoked_certificates().any(|r| {
-            r.raw_serial()
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<String>()
-                == serial
-        }) {
+        if crl
+            .iter_revoked_certificates()
+            .any(|r| hex(r.raw_serial()) == serial)
+        {
             return der;
         }
         assert!(
