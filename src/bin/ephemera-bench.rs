@@ -145,11 +145,15 @@ fn unix_now() -> i64 {
 /// CPU seconds used by threads of `pid` whose name starts with one of `prefixes` (all threads
 /// when `prefixes` is empty).
 fn cpu_seconds(pid: u32, prefixes: &[&str]) -> f64 {
+    threads_cpu_seconds(pid, prefixes).unwrap_or(0.0)
+}
+
+/// Like [`cpu_seconds`], but `None` when no thread matches.
+fn threads_cpu_seconds(pid: u32, prefixes: &[&str]) -> Option<f64> {
     let ticks = 100.0; // USER_HZ on Linux
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut total = 0u64;
+    let mut matched = false;
     for entry in dir.flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
@@ -162,13 +166,14 @@ fn cpu_seconds(pid: u32, prefixes: &[&str]) -> f64 {
         if !prefixes.is_empty() && !prefixes.iter().any(|p| comm.starts_with(p)) {
             continue;
         }
+        matched = true;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // After ')': state is field 3 of the line, utime 14 and stime 15 → indexes 11 and 12.
         let utime: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0);
         let stime: u64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
         total += utime + stime;
     }
-    total as f64 / ticks
+    matched.then(|| total as f64 / ticks)
 }
 
 /// Resident set size of `pid`, in MiB (current and peak).
@@ -192,12 +197,21 @@ struct BrokerCpu {
     prefixes: Vec<&'static str>,
 }
 
+/// The threads of a SQLite store: sqlx runs each SQLite connection on a thread of its own.
+const SQLITE_THREADS: &[&str] = &["sqlx-sqlite-wor"];
+
 impl BrokerCpu {
     fn read(&self) -> Option<f64> {
         self.pid.map(|p| {
             let prefixes: Vec<&str> = self.prefixes.clone();
             cpu_seconds(p, &prefixes)
         })
+    }
+
+    /// CPU seconds of the broker's SQLite threads (part of [`Self::read`]); `None` when it has
+    /// none (a broker on PostgreSQL).
+    fn read_sqlite(&self) -> Option<f64> {
+        threads_cpu_seconds(self.pid?, SQLITE_THREADS)
     }
 }
 
@@ -374,7 +388,7 @@ match = {{ iss = "{BENCH_ISSUER}" }}
         admin_token,
         cpu: BrokerCpu {
             pid: Some(std::process::id()),
-            prefixes: vec!["ephemera-broke", "sqlx-sqlite-wor"],
+            prefixes: [&["ephemera-broke"], SQLITE_THREADS].concat(),
         },
         _runtime: Some(runtime),
         _running: Some(running),
@@ -714,6 +728,7 @@ async fn issuance_run(
     tokio::time::sleep_until(window.start).await;
     let commits0 = commit_totals(target).await;
     let cpu0 = target.cpu.read();
+    let sqlite0 = target.cpu.read_sqlite();
     let wall0 = Instant::now();
     let mut all = Vec::new();
     let mut errors = 0;
@@ -727,6 +742,7 @@ async fn issuance_run(
     }
     let wall = wall0.elapsed().as_secs_f64().min(seconds).max(1e-9);
     let cpu = target.cpu.read().zip(cpu0).map(|(b, a)| b - a);
+    let sqlite = target.cpu.read_sqlite().zip(sqlite0).map(|(b, a)| b - a);
     let leases_per_commit =
         commit_totals(target)
             .await
@@ -744,6 +760,7 @@ async fn issuance_run(
         "per_second": (n as f64 / wall).round(),
         "latency": latency_json(all),
         "broker_cpu_us_per_credential": cpu.map(|c| (c / n.max(1) as f64 * 1e7).round() / 10.0),
+        "sqlite_cpu_us_per_credential": sqlite.map(|c| (c / n.max(1) as f64 * 1e7).round() / 10.0),
         "leases_per_commit": leases_per_commit,
     }))
 }
@@ -1654,7 +1671,7 @@ fn print_table(report: &Value) {
     }
     if let Some(runs) = report["issuance"].as_array() {
         println!(
-            "{:<8} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8}",
+            "{:<8} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>9} {:>8}",
             "issue",
             "credential",
             "per sec",
@@ -1664,11 +1681,12 @@ fn print_table(report: &Value) {
             "max ms",
             "cpu us/cr",
             "x sig",
+            "sqlite us",
             "l/commit"
         );
         for r in runs {
             println!(
-                "{:<8} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8}",
+                "{:<8} {:<24} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>9} {:>8}",
                 cell(&r["transport"]),
                 cell(&r["credential"]),
                 cell(&r["per_second"]),
@@ -1678,6 +1696,7 @@ fn print_table(report: &Value) {
                 cell(&r["latency"]["max_ms"]),
                 cell(&r["broker_cpu_us_per_credential"]),
                 cell(&r["cpu_per_credential_in_signatures"]),
+                cell(&r["sqlite_cpu_us_per_credential"]),
                 cell(&r["leases_per_commit"]),
             );
         }
