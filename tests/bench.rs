@@ -76,6 +76,7 @@ fn smoke_mode_reports_every_figure() {
         assert!(l[key].as_f64().unwrap() > 0.0, "{key}: {l}");
     }
     assert!(l["list_leases_page"]["p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(l["list_one_task_leases"]["p50_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(l["revoke_task"]["credentials_in_event"], 10_000);
     assert!(l["idle_cpu"]["cpu_ms_per_minute"].as_f64().is_some());
 }

@@ -367,6 +367,19 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
+/// The condition of a lease listing on its task filter, whose value is bound as `param`.
+///
+/// With a task, the condition is a plain equality, so the database finds the task's leases
+/// through its index and sorts that many (a task holds a bounded number). The always-true form,
+/// `param IS NULL OR task_id = param`, hides the index from a plan made before the value is
+/// known, and a listing of one task's leases then read the whole table in id order.
+fn task_condition(f: &ListFilter, param: &str) -> String {
+    match f.task_id {
+        Some(_) => format!("l.task_id = {param}"),
+        None => format!("{param} IS NULL"),
+    }
+}
+
 /// Why the reaper ends a task at `now`.
 pub fn reap_reason(deadline: i64, now: i64) -> &'static str {
     if deadline <= now {

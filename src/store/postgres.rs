@@ -769,13 +769,14 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
-                 WHERE ($1::text IS NULL OR l.task_id = $1)
+                 WHERE {task}
                    AND ($2::text IS NULL OR l.spiffe_id = $2)
                    AND ($3::text IS NULL OR l.id > $3)
                    AND ($4::boolean IS NULL OR
                         ((NOT l.revoked AND l.expires_at > $5
                           AND (t.id IS NULL OR t.state = 'active')) = $4))
-                 ORDER BY l.id LIMIT $6"
+                 ORDER BY l.id LIMIT $6",
+                task = super::task_condition(&f, "$1::text"),
             ));
             sqlx::query(sql)
                 .bind(&f.task_id)
