@@ -2,9 +2,9 @@
 //!
 //! Every leaf has exactly one URI SAN (the SPIFFE ID), `CA:FALSE`, a critical keyUsage with
 //! digitalSignature only, EKU serverAuth + clientAuth, a serial of issue time and 64 random
-//! bits, notBefore backdated a few seconds for clock skew, and a CRL distribution point. From a CSR only the public key is
-//! used: its subject, SANs and extensions are never copied, and a CSR asking to be a CA is
-//! refused. Never logs CSR or key bytes.
+//! bits, notBefore backdated a few seconds for clock skew, and a CRL distribution point. From a
+//! CSR only the public key is used: its subject, SANs and extensions are never copied, and a CSR
+//! asking to be a CA is refused. Never logs CSR or key bytes.
 //!
 //! rcgen encodes one leaf when the minter starts; each X.509-SVID is then written from that
 //! template's pieces (serial, validity, key, SAN and key identifier are the parts that differ)
