@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
@@ -28,7 +27,12 @@ use crate::attest::jwks::JwksCache;
 use crate::attest::oidc::{OidcAttestor, OidcIssuer};
 use crate::attest::unix::UnixAttestor;
 use crate::attest::x509pop::{ClientCas, X509PopAttestor};
-use crate::broker::{Broker, BrokerParts, CrlSource, Limits};
+use crate::broker::reload::{MappingLoader, Reloader};
+use crate::broker::{Broker, BrokerParts, Limits};
+use crate::lease::Reaper;
+use crate::lease::crl::CrlSource;
+use crate::lease::feed::RevocationFeed;
+use crate::shutdown::Shutdown;
 use crate::ca::{Ca, CaError, keys};
 use crate::clock::Clock;
 use crate::config::{Config, ServerName, StoreConfig};
@@ -47,12 +51,6 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// How long shutdown waits for servers to finish before aborting them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// How often the CRL is rebuilt without revocations (to drop expired serials).
-pub const CRL_REFRESH: Duration = Duration::from_secs(300);
-
-/// How often the policy directory is checked for changes.
-pub const POLICY_POLL: Duration = Duration::from_secs(1);
 
 /// Lifetime of the broker's own TLS serving certificate (capped by the CA's expiry).
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(90 * 86_400);
@@ -114,8 +112,11 @@ pub struct Running {
     pub endpoints: Endpoints,
     /// The broker core, for in-process callers.
     pub broker: Arc<Broker>,
-    shutdown: watch::Sender<bool>,
+    shutdown: Shutdown,
+    /// The servers.
     tasks: Vec<JoinHandle<Result<(), String>>>,
+    /// The background workers (reaper, CRL publisher, reloader, revocation feed).
+    workers: Vec<JoinHandle<()>>,
     data_dir: PathBuf,
 }
 
@@ -123,8 +124,7 @@ impl Running {
     /// Stops every listener gracefully (streams are told to end; anything still running after
     /// [`SHUTDOWN_GRACE`] is aborted) and removes the socket and `endpoints.json`.
     pub async fn shutdown(self) -> Result<(), String> {
-        self.broker.close();
-        let _ = self.shutdown.send(true);
+        self.shutdown.trigger();
         let mut first_err = None;
         for mut t in self.tasks {
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut t).await {
@@ -138,6 +138,18 @@ impl Running {
                 Err(_) => {
                     t.abort();
                     tracing::warn!("a server did not stop within the shutdown grace; aborted");
+                }
+            }
+        }
+        for mut w in self.workers {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut w).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(format!("a background worker failed: {e}"));
+                }
+                Err(_) => {
+                    w.abort();
+                    tracing::warn!("a background worker did not stop within the shutdown grace; aborted");
                 }
             }
         }
@@ -160,12 +172,6 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, S
             addr: addr.to_string(),
             source,
         })
-}
-
-/// Modification time and size of a file, to notice edits.
-fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }
 
 /// Re-reads the config file and swaps in its identity-mapping rules if the whole file is
@@ -350,9 +356,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     };
     let admin_auth = Arc::new(AdminAuth::load(
         &config.admin_token_file,
+        &crate::datadir::DataDir::new(&config.data_dir).admin_pages_key(),
         config.admin_spiffe_ids.clone(),
         ca.x509.roots(),
-        ca.page_token_key.expose(),
         clock.clone(),
     )?);
     // After a restart every live task gets one fresh grace period to reconnect its keep-alive;
@@ -368,6 +374,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         );
     }
     let bus = RevocationBus::new();
+    let shutdown = Shutdown::new();
     let broker = Arc::new(Broker::new(BrokerParts {
         trust_domain: config.trust_domain.clone(),
         attestors: attestors(&config, clock.clone(), client_cas, store.clone()),
@@ -383,9 +390,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         },
         bus: bus.clone(),
         quotas: config.quotas,
+        shutdown: shutdown.signal(),
     }));
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let max_msg = config.grpc.max_message_bytes;
     let routes = || -> Result<tonic::service::Routes, StartError> {
         let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -413,151 +420,49 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     };
 
     let mut tasks = Vec::new();
-    let broker_store = store;
+    let mut workers = Vec::new();
 
     // Several brokers on one database: revocations committed by any of them reach this bus.
     if let Some(pg) = postgres {
-        let (bus, rx) = (broker.bus().clone(), shutdown_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            crate::store::postgres::revocation_feed(pg, bus, rx).await;
-            Ok(())
-        }));
-    }
-
-    tasks.push(tokio::spawn({
-        let (store, bus, clock, rx) = (
-            broker_store.clone(),
-            broker.bus().clone(),
-            clock.clone(),
-            shutdown_rx.clone(),
+        workers.push(
+            RevocationFeed {
+                store: pg,
+                bus: broker.bus().clone(),
+            }
+            .start(shutdown.signal()),
         );
-        let retention = config.tasks.retention;
-        async move {
-            crate::lease::reaper(store, bus, clock, retention, rx).await;
-            Ok(())
+    }
+    workers.push(
+        Reaper {
+            store: store.clone(),
+            bus: broker.bus().clone(),
+            clock: clock.clone(),
+            retention: config.tasks.retention,
         }
-    }));
-
-    // The CRL: built now, rebuilt promptly after every revocation (events arriving together are
-    // folded into one rebuild, which reads only their credentials), and read afresh from the
-    // store periodically (so expired serials drop off) and after missed events.
+        .start(shutdown.signal()),
+    );
     broker
-        .rebuild_crl(CrlSource::Store)
+        .crl()
+        .rebuild(CrlSource::Store)
         .await
         .map_err(|e| StartError::Setup(format!("building the CRL: {e}")))?;
-    tasks.push(tokio::spawn({
-        let (broker, mut rx) = (broker.clone(), shutdown_rx.clone());
-        let mut events = broker.bus().subscribe();
-        async move {
-            let mut tick = tokio::time::interval(CRL_REFRESH);
-            tick.tick().await;
-            let mut folded = Vec::new();
-            loop {
-                let mut missed = false;
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() || *rx.borrow() { return Ok(()) },
-                    _ = tick.tick() => missed = true,
-                    ev = events.recv() => match ev {
-                        Ok(r) => folded.push(r),
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => missed = true,
-                    },
-                }
-                let arrived = std::time::Instant::now();
-                if !folded.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                loop {
-                    match events.try_recv() {
-                        Ok(r) => folded.push(r),
-                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
-                            missed = true
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let source = if missed {
-                    CrlSource::Store
-                } else {
-                    CrlSource::Events(&folded)
-                };
-                if let Err(e) = broker.rebuild_crl(source).await {
-                    tracing::warn!(error = %e, "CRL rebuild failed; serving the previous one");
-                    // Events not yet listed must not be lost: read everything again soon.
-                    tick.reset_after(Duration::from_secs(1));
-                    folded.clear();
-                    continue;
-                }
-                if !folded.is_empty() {
-                    ::metrics::histogram!(crate::telemetry::PROPAGATION_SECONDS, "output" => "crl")
-                        .record(arrived.elapsed().as_secs_f64());
-                }
-                folded.clear();
-            }
+    workers.push(broker.crl().start(broker.bus(), shutdown.signal()));
+    let load: MappingLoader = Box::new(|b, p| reload_mappings(b, p));
+    workers.push(
+        Reloader {
+            broker: broker.clone(),
+            mappings: config.source.clone().map(|p| (p, load)),
         }
-    }));
-
-    // After every policy reload, live tasks are decided again: one the policy no longer
-    // permits is revoked with its credentials.
-    tasks.push(tokio::spawn({
-        let (broker, mut rx) = (broker.clone(), shutdown_rx.clone());
-        let mut reloads = broker.policy().subscribe();
-        async move {
-            loop {
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() || *rx.borrow() { return Ok(()) },
-                    r = reloads.changed() => {
-                        if r.is_err() {
-                            return Ok(());
-                        }
-                        match broker.reevaluate_tasks().await {
-                            Ok(revoked) if !revoked.is_empty() => {
-                                tracing::info!(tasks = revoked.len(), "policy reload revoked live tasks");
-                            }
-                            Ok(_) => {}
-                            Err(e) => tracing::error!(error = %e, "re-evaluating tasks after a policy reload failed"),
-                        }
-                    }
-                }
-            }
-        }
-    }));
-
-    // Policy files and the config file's mapping rules are re-read when they change; a broken
-    // edit keeps the previous ones serving.
-    let mut rx = shutdown_rx.clone();
-    let watched = broker.clone();
-    let mut config_stamp = config.source.as_deref().and_then(file_stamp);
-    let config_source = config.source.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(POLICY_POLL);
-        loop {
-            tokio::select! {
-                changed = rx.changed() => if changed.is_err() || *rx.borrow() { return Ok(()) },
-                _ = tick.tick() => {
-                    let p = policy.clone();
-                    let _ = tokio::task::spawn_blocking(move || p.reload_if_changed()).await;
-                    if let Some(path) = &config_source {
-                        let stamp = file_stamp(path);
-                        if stamp != config_stamp {
-                            config_stamp = stamp;
-                            let _ = reload_mappings(&watched, path);
-                        }
-                    }
-                }
-            }
-        }
-    }));
+        .start(shutdown.signal()),
+    );
 
     // gRPC over TCP: TLS with a serving certificate from our own CA, unless explicitly plaintext.
     let tcp_routes = routes()?;
     let tcp_server = Server::builder()
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .add_routes(tcp_routes);
-    let mut rx = shutdown_rx.clone();
-    let stop = async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
+    let mut rx = shutdown.signal();
+    let stop = async move { rx.wait().await };
     let scheme = if config.grpc.insecure_plaintext {
         tracing::warn!(addr = %grpc_addr, "gRPC on TCP is plaintext (grpc.insecure_plaintext)");
         tasks.push(tokio::spawn(async move {
@@ -569,7 +474,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         "http"
     } else {
         let tls = tls_config(&config, &ca, clock.as_ref(), client_cas_subjects)?;
-        let incoming = crate::api::tls::incoming(grpc_tcp, Arc::new(tls), shutdown_rx.clone());
+        let incoming = crate::api::tls::incoming(grpc_tcp, Arc::new(tls), shutdown.signal());
         tasks.push(tokio::spawn(async move {
             tcp_server
                 .serve_with_incoming_shutdown(incoming, stop)
@@ -581,13 +486,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
 
     let socket_listener = bind_socket(&config.grpc.socket).await?;
     let unix_routes = routes()?;
-    let mut rx = shutdown_rx.clone();
+    let mut rx = shutdown.signal();
     tasks.push(tokio::spawn(async move {
         Server::builder()
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_routes(unix_routes)
             .serve_with_incoming_shutdown(UnixListenerStream::new(socket_listener), async move {
-                let _ = rx.wait_for(|stop| *stop).await;
+                rx.wait().await;
             })
             .await
             .map_err(|e| format!("grpc unix server: {e}"))
@@ -599,12 +504,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         let svc =
             SpiffeWorkloadApiServer::new(WorkloadService::new(broker.clone(), config.workload_api))
                 .max_decoding_message_size(max_msg);
-        let mut rx = shutdown_rx.clone();
+        let mut rx = shutdown.signal();
         tasks.push(tokio::spawn(async move {
             Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
+                    rx.wait().await;
                 })
                 .await
                 .map_err(|e| format!("workload api server: {e}"))
@@ -612,11 +517,11 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     }
 
     let app = crate::http::router(broker.clone(), &public_url);
-    let mut rx = shutdown_rx.clone();
+    let mut rx = shutdown.signal();
     tasks.push(tokio::spawn(async move {
         axum::serve(http_tcp, app)
             .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|stop| *stop).await;
+                rx.wait().await;
             })
             .await
             .map_err(|e| format!("http server: {e}"))
@@ -647,8 +552,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     Ok(Running {
         endpoints,
         broker,
-        shutdown: shutdown_tx,
+        shutdown,
         tasks,
+        workers,
         data_dir: config.data_dir,
     })
 }

@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 use crate::attest::jwks::{Alg, JwksSource};
 use crate::httpc::check_url;
+use crate::broker::mint::TtlLimits;
+use crate::broker::{TaskSettings, WorkloadApiSettings};
 use crate::id::{TrustDomain, Ttl};
 use crate::policy::mapping::{ClaimPath, MappingRule, MatchValue};
 use crate::secret::Secret;
@@ -147,33 +149,6 @@ pub struct RawTasks {
     pub grace: Option<String>,
     /// How long ended tasks and expired leases are kept.
     pub retention: Option<String>,
-}
-
-/// Validated task timing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TaskSettings {
-    /// Task lifetime when the caller asks for none.
-    pub default_duration: Duration,
-    /// Longest task lifetime.
-    pub max_duration: Duration,
-    /// Keep-alive interval.
-    pub heartbeat_interval: Duration,
-    /// Grace after a missed keep-alive.
-    pub grace: Duration,
-    /// How long ended tasks and expired leases are kept before pruning.
-    pub retention: Duration,
-}
-
-impl Default for TaskSettings {
-    fn default() -> Self {
-        Self {
-            default_duration: Duration::from_secs(3600),
-            max_duration: Duration::from_secs(24 * 3600),
-            heartbeat_interval: Duration::from_secs(10),
-            grace: Duration::from_secs(30),
-            retention: Duration::from_secs(24 * 3600),
-        }
-    }
 }
 
 /// `[workload_api]` as written.
@@ -379,31 +354,6 @@ pub struct Config {
     pub quotas: crate::quota::QuotaSettings,
 }
 
-/// How the SPIFFE Workload API streams carry the CRL.
-///
-/// Every `FetchX509SVID` and `FetchX509Bundles` response carries the CRL, and a new CRL is sent
-/// to every open stream. Under heavy churn the CRL grows (it lists each revoked serial until its
-/// `notAfter`) and changes many times a second: both are bounded here so the streams stay within
-/// the 4 MiB message limit SPIFFE clients apply by default and do not multiply the CRL by the
-/// number of streams on every rebuild. `/crl` and the revocation watch are not affected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WorkloadApiSettings {
-    /// A CRL larger than this (DER bytes) is left out of responses (0: never carried).
-    pub crl_max_bytes: usize,
-    /// Shortest time from a stream's last response to a CRL-only update; SVID rotation and
-    /// revocation of the stream's own SVIDs are never delayed.
-    pub crl_push_interval: Duration,
-}
-
-impl Default for WorkloadApiSettings {
-    fn default() -> Self {
-        Self {
-            crl_max_bytes: 2 * 1024 * 1024,
-            crl_push_interval: Duration::from_secs(1),
-        }
-    }
-}
-
 /// gRPC listener settings.
 #[derive(Debug, Clone)]
 pub struct GrpcConfig {
@@ -435,15 +385,6 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Base URL relying parties use; `None` derives it from the bound address.
     pub public_url: Option<String>,
-}
-
-/// Default and maximum lifetime of one credential kind.
-#[derive(Debug, Clone, Copy)]
-pub struct TtlLimits {
-    /// Lifetime when the caller asks for none.
-    pub default_ttl: Ttl,
-    /// Longest lifetime granted; longer requests are clamped to it.
-    pub max_ttl: Ttl,
 }
 
 /// Logging settings.
@@ -793,32 +734,33 @@ impl Config {
                 Some(j),
                 Some(f),
             ) if p.0.is_empty() => {
+                let dir = crate::datadir::DataDir::new(&data_dir);
                 let socket = raw
                     .grpc
                     .socket
                     .map(|s| base.join(s))
-                    .unwrap_or_else(|| data_dir.join("broker.sock"));
+                    .unwrap_or_else(|| dir.broker_socket());
                 let policy_dir = raw
                     .policy
                     .dir
                     .map(|d| base.join(d))
-                    .unwrap_or_else(|| data_dir.join("policies"));
+                    .unwrap_or_else(|| dir.policies());
                 let admin_token_file = raw
                     .admin
                     .token_file
                     .map(|f| base.join(f))
-                    .unwrap_or_else(|| data_dir.join(crate::api::admin::TOKEN_FILE));
+                    .unwrap_or_else(|| dir.admin_token());
                 let store = match postgres {
                     Some(pg) => StoreConfig::Postgres(pg),
                     None => StoreConfig::Sqlite {
-                        path: data_dir.join(crate::store::sqlite::FILE),
+                        path: dir.database(),
                     },
                 };
                 let workload_socket = raw.workload_api.enabled.unwrap_or(true).then(|| {
                     raw.workload_api
                         .socket
                         .map(|s| base.join(s))
-                        .unwrap_or_else(|| data_dir.join("workload.sock"))
+                        .unwrap_or_else(|| dir.workload_socket())
                 });
                 Ok(Config {
                     trust_domain,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// File name inside the data directory.
-pub const FILE: &str = "endpoints.json";
+pub use crate::datadir::ENDPOINTS as FILE;
 
 /// Machine-readable addresses of everything a running broker serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,7 +59,7 @@ pub fn router(broker: Arc<Broker>, public_url: &str) -> Router {
 
 /// The current CRL, DER (`application/pkix-crl`).
 async fn crl(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    let der = s.broker.crl();
+    let der = s.broker.crl().current();
     if der.is_empty() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -126,7 +126,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         }
         Err(e) => tracing::warn!(error = %e, "cannot sample task and lease counts"),
     }
-    ::metrics::gauge!(crate::telemetry::CRL_BYTES).set(s.broker.crl().len() as f64);
+    ::metrics::gauge!(crate::telemetry::CRL_BYTES).set(s.broker.crl().current().len() as f64);
     let body = crate::telemetry::handle()
         .map(|h| h.render())
         .unwrap_or_default();

@@ -121,10 +121,11 @@ async fn ending_a_task_reaches_introspection_crl_and_watchers() {
     };
     b.running
         .broker
-        .rebuild_crl(ephemera::broker::CrlSource::Store)
+        .crl()
+        .rebuild(ephemera::lease::crl::CrlSource::Store)
         .await
         .unwrap();
-    assert_eq!(listed(&crl), listed(&b.running.broker.crl()));
+    assert_eq!(listed(&crl), listed(&b.running.broker.crl().current()));
 
     // Garbage, foreign and tampered tokens are simply inactive.
     let mut tampered = jwt.token.clone();

@@ -37,10 +37,17 @@ struct PageTokens {
 }
 
 impl PageTokens {
-    fn new(key: &[u8]) -> Self {
-        Self {
-            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
-        }
+    /// Page tokens keyed from `secret` with HKDF-SHA256 (a key of their own, so the secret
+    /// could serve other purposes under other labels).
+    fn new(secret: &[u8]) -> Self {
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"ephemera admin");
+        let key = salt
+            .extract(secret)
+            .expand(&[b"page tokens v1"], ring::hmac::HMAC_SHA256)
+            .map(ring::hmac::Key::from)
+            // One 32-byte output of SHA-256's HKDF cannot exceed its limit (255 blocks).
+            .unwrap_or_else(|_| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret));
+        Self { key }
     }
 
     fn issue(&self, scope: &str, last_id: &str) -> String {
@@ -164,14 +171,47 @@ fn lease_info(s: LeaseStatus, now: i64) -> LeaseInfo {
     }
 }
 
-/// Admin token file name in the data directory.
-pub const TOKEN_FILE: &str = "admin.token";
 /// Default join token lifetime.
 pub const DEFAULT_JOIN_TOKEN_TTL: u64 = 3600;
 /// Longest join token lifetime.
 pub const MAX_JOIN_TOKEN_TTL: u64 = 7 * 86_400;
 /// Most extra claims on a join token.
 pub const MAX_JOIN_TOKEN_CLAIMS: usize = 32;
+
+/// Reads the 32-byte secret at `path`, creating it (random, mode 0600) if it does not exist.
+/// Replicas that serve one Admin API behind a load balancer share it, like the CA files.
+fn load_or_create_secret(path: &Path) -> Result<crate::secret::Secret<Vec<u8>>, CaError> {
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if !path.exists() {
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| CaError::Generate("random number generator failed".into()))?;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut f) => f.write_all(&bytes).map_err(io)?,
+            // Another broker on this data directory created it first: read theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    crate::ca::keys::check_key_mode(path)?;
+    let secret = std::fs::read(path).map_err(io)?;
+    if secret.len() < 32 {
+        return Err(CaError::Invalid {
+            path: path.to_owned(),
+            reason: format!("{} bytes; the secret must be at least 32", secret.len()),
+        });
+    }
+    Ok(crate::secret::Secret::new(secret))
+}
 
 /// Creates an admin token file (mode 0600) unless one exists.
 pub fn create_token_file(path: &Path) -> Result<bool, CaError> {
@@ -219,11 +259,13 @@ impl AdminAuth {
     /// API; a token file readable by group or others refuses to start.
     pub fn load(
         token_file: &Path,
+        pages_key_file: &Path,
         spiffe_ids: Vec<String>,
         own_roots: &[Vec<u8>],
-        page_key: &[u8],
         clock: Arc<dyn crate::clock::Clock>,
     ) -> Result<Self, CaError> {
+        let page_secret = load_or_create_secret(pages_key_file)?;
+        let page_key = page_secret.expose().as_slice();
         let svids = if spiffe_ids.is_empty() {
             None
         } else {

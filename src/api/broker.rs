@@ -5,9 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use std::pin::Pin;
-use std::time::Duration;
 
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::Streaming;
 
 use super::pb::v1::{
@@ -35,12 +34,7 @@ impl BrokerService {
 }
 
 fn ttl(secs: Option<u64>) -> Result<Option<Ttl>, BrokerError> {
-    secs.map(Ttl::from_secs)
-        .transpose()
-        .map_err(|source| BrokerError::InvalidArgument {
-            field: "ttl_seconds",
-            source,
-        })
+    core::parse_ttl("ttl_seconds", secs)
 }
 
 /// Longest task id accepted (a UUID is 36).
@@ -155,66 +149,18 @@ impl broker_server::Broker for BrokerService {
                 })
             })
             .map_err(|e| to_status(&e))?;
-        let broker = self.broker.clone();
-        let (task, mut written_due) = broker
+        let (task, written_due) = self
+            .broker
             .keep_alive_open(&evidence, &id)
             .await
             .map_err(|e| to_status(&e))?;
-        let mut revocations = broker.bus().subscribe();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let deadline = task.deadline;
-        let _ = tx.send(Ok(KeepAliveResponse { deadline })).await;
-        let silence =
-            Duration::from_secs(u64::try_from(task.heartbeat_secs + task.grace_secs).unwrap_or(60));
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    msg = tokio::time::timeout(silence, inbound.message()) => match msg {
-                        Ok(Ok(Some(m))) => {
-                            if !m.task_id.is_empty() && m.task_id != task.id {
-                                let _ = tx.send(Err(Status::invalid_argument("task_id must not change on a stream"))).await;
-                                break;
-                            }
-                            match broker.ping(&task, &mut written_due).await {
-                                Ok(true) => {
-                                    if tx.send(Ok(KeepAliveResponse { deadline })).await.is_err() {
-                                        break;
-                                    }
-                                }
-                                Ok(false) => {
-                                    let _ = tx.send(Err(Status::failed_precondition("the task has ended"))).await;
-                                    break;
-                                }
-                                Err(e) => {
-                                    let _ = tx.send(Err(to_status(&e))).await;
-                                    break;
-                                }
-                            }
-                        }
-                        // Stream ended, broke, or went silent: the task gets one grace period.
-                        _ => break,
-                    },
-                    () = broker.closed() => {
-                        let _ = tx.send(Err(Status::unavailable("broker shutting down; reconnect the keep-alive within the grace"))).await;
-                        break;
-                    }
-                    r = revocations.recv() => match r {
-                        Ok(ev) if ev.task_id.as_deref() == Some(task.id.as_str()) => {
-                            let _ = tx.send(Err(Status::failed_precondition(format!("the task has ended: {}", ev.reason)))).await;
-                            return;
-                        }
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    },
-                }
-            }
-            if let Err(e) = broker.keep_alive_closed(&task).await {
-                tracing::warn!(task_id = %task.id, error = %e, "cannot record keep-alive loss");
-            }
-        });
+        let pings = inbound.map(|m| m.map(|m| m.task_id));
+        let answers = self.broker.serve_keep_alive(task, written_due, pings);
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(answers).map(|a| {
+                a.map(|deadline| KeepAliveResponse { deadline })
+                    .map_err(|e| to_status(&e))
+            }),
         )))
     }
 

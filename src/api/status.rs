@@ -53,7 +53,12 @@ pub fn to_status(err: &BrokerError) -> Status {
         }
         BrokerError::NotTaskOwner { .. } => Status::permission_denied(err.to_string()),
         BrokerError::LimitExceeded(_) => Status::resource_exhausted(err.to_string()),
-        BrokerError::TaskNotActive { .. } => Status::failed_precondition(err.to_string()),
+        BrokerError::TaskNotActive { .. }
+        | BrokerError::TaskEnding { .. }
+        | BrokerError::TaskEnded { .. } => Status::failed_precondition(err.to_string()),
+        BrokerError::StreamMisuse(_) => Status::invalid_argument(err.to_string()),
+        BrokerError::Withdrawn(_) => Status::permission_denied(err.to_string()),
+        BrokerError::ShuttingDown(_) => Status::unavailable(err.to_string()),
         BrokerError::Store(e) => {
             tracing::error!(error = %e, "store failure");
             Status::unavailable("the broker cannot record credentials now; retry later")

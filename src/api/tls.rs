@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -104,7 +104,7 @@ pub fn server_config(
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: crate::shutdown::ShutdownSignal,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
@@ -112,10 +112,7 @@ pub fn incoming(
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() { return; }
-                    continue;
-                }
+                () = shutdown.wait() => return,
                 a = listener.accept() => a,
             };
             let (tcp, peer) = match accepted {

@@ -19,18 +19,7 @@ use rcgen::{
 use crate::id::TrustDomain;
 use crate::secret::Secret;
 
-/// Root CA certificate (PEM).
-pub const ROOT_CERT: &str = "root-ca.pem";
-/// Root CA private key (PKCS#8 PEM, 0600). May be moved offline after init.
-pub const ROOT_KEY: &str = "root-ca.key";
-/// Intermediate CA certificate (PEM); signs every X.509-SVID.
-pub const INTERMEDIATE_CERT: &str = "intermediate-ca.pem";
-/// Intermediate CA private key (PKCS#8 PEM, 0600).
-pub const INTERMEDIATE_KEY: &str = "intermediate-ca.key";
-/// ES256 JWT-SVID signing key (PKCS#8 PEM, 0600).
-pub const JWT_KEY: &str = "jwt-signing.key";
-/// Public copy of the trust anchors, for clients (`--ca-file`).
-pub const BUNDLE: &str = "bundle.pem";
+pub use crate::datadir::{BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY, JWT_KEY, ROOT_CERT, ROOT_KEY};
 
 /// How long `ca init` makes the root valid by default: 10 years.
 pub const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);

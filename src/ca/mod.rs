@@ -56,9 +56,6 @@ pub struct Ca {
     pub bundle_json: String,
     /// JWKS JSON.
     pub jwks_json: String,
-    /// A key derived from the JWT signing key, the same on every broker sharing the CA: it
-    /// authenticates admin page tokens, so a page from one replica continues on another.
-    pub page_token_key: crate::secret::Secret<[u8; 32]>,
 }
 
 impl Ca {
@@ -92,16 +89,11 @@ impl Ca {
             .map_err(|e| invalid(keys::ROOT_CERT, e))?
             .to_string();
         let jwks_json = bundle::jwks(&jwt).to_string();
-        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, material.jwt_pkcs8.expose());
-        let mut page_token_key = [0u8; 32];
-        page_token_key
-            .copy_from_slice(ring::hmac::sign(&derive, b"ephemera admin page tokens v1").as_ref());
         Ok(Self {
             x509,
             jwt,
             bundle_json,
             jwks_json,
-            page_token_key: crate::secret::Secret::new(page_token_key),
         })
     }
 }

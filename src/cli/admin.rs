@@ -196,7 +196,7 @@ impl AdminArgs {
                     .ok()
                     .and_then(|e| e.admin_token_file)
             })
-            .unwrap_or_else(|| self.conn.data_dir.join(crate::api::admin::TOKEN_FILE));
+            .unwrap_or_else(|| crate::datadir::DataDir::new(&self.conn.data_dir).admin_token());
         let token = std::fs::read_to_string(&path)
             .with_context(|| {
                 format!(

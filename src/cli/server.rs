@@ -169,7 +169,7 @@ pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
         SystemTime::now(),
     )
     .map_err(|e| Failure::new(EXIT_USAGE, e))?;
-    crate::api::admin::create_token_file(&args.data_dir.join(crate::api::admin::TOKEN_FILE))
+    crate::api::admin::create_token_file(&crate::datadir::DataDir::new(&args.data_dir).admin_token())
         .map_err(|e| Failure::new(1, e))?;
     let d = args.data_dir.display();
     writeln!(
@@ -180,7 +180,7 @@ pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
          {d}/{inter} and {d}/{inter_key} (0600)\n  \
          {d}/{jwt} (0600)\n  \
          {d}/{admin} (0600; the Admin API credential)",
-        admin = crate::api::admin::TOKEN_FILE,
+        admin = crate::datadir::ADMIN_TOKEN,
         root = keys::ROOT_CERT,
         bundle = keys::BUNDLE,
         root_key = keys::ROOT_KEY,

@@ -5,12 +5,17 @@
 //! only while unexpired and its task active), and the reaper asks the store only for tasks that
 //! are due now, through an index.
 
+pub mod crl;
+pub mod feed;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
+use crate::shutdown::ShutdownSignal;
 use crate::store::{Lease, Revocation, Store, Task, TaskState};
 
 /// How many revocation events a slow listener may fall behind before it is cut off.
@@ -221,39 +226,51 @@ impl RevocationBus {
     }
 }
 
-/// Ends due tasks every [`REAP_INTERVAL`] until `shutdown`; prunes rows older than
-/// `retention` every `prune_every`.
-pub async fn reaper(
-    store: Arc<dyn Store>,
-    bus: RevocationBus,
-    clock: Arc<dyn Clock>,
-    retention: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(REAP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let prune_every = Duration::from_secs(600);
-    let mut last_prune = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            changed = shutdown.changed() => {
-                if changed.is_err() || *shutdown.borrow() {
-                    return;
-                }
-            }
-            _ = tick.tick() => {
-                reap_once(store.as_ref(), &bus, clock.as_ref()).await;
-                if last_prune.elapsed() >= prune_every {
-                    last_prune = tokio::time::Instant::now();
-                    let before = clock.unix_now() - i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
-                    match store.prune(before).await {
-                        Ok(n) if n > 0 => tracing::info!(rows = n, "pruned expired and ended rows"),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "prune failed"),
+/// The reaper: a worker that ends due tasks every [`REAP_INTERVAL`] (deadline passed,
+/// keep-alive lost) and prunes rows older than `retention` every ten minutes.
+pub struct Reaper {
+    /// The store to reap.
+    pub store: Arc<dyn Store>,
+    /// Where the ends are announced.
+    pub bus: RevocationBus,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// How long ended tasks and expired leases are kept.
+    pub retention: Duration,
+}
+
+impl Reaper {
+    /// Starts the worker; it stops at `shutdown`.
+    pub fn start(self, mut shutdown: ShutdownSignal) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let Self {
+                store,
+                bus,
+                clock,
+                retention,
+            } = self;
+            let mut tick = tokio::time::interval(REAP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let prune_every = Duration::from_secs(600);
+            let mut last_prune = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    _ = tick.tick() => {
+                        reap_once(store.as_ref(), &bus, clock.as_ref()).await;
+                        if last_prune.elapsed() >= prune_every {
+                            last_prune = tokio::time::Instant::now();
+                            let before = clock.unix_now() - i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+                            match store.prune(before).await {
+                                Ok(n) if n > 0 => tracing::info!(rows = n, "pruned expired and ended rows"),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "prune failed"),
+                            }
+                        }
                     }
                 }
             }
-        }
+        })
     }
 }
 

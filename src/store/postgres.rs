@@ -13,7 +13,6 @@
 //!   connections, so service resumes by itself when the database returns.
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
@@ -23,7 +22,6 @@ use super::{
     RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
 };
 use crate::config::PostgresConfig;
-use crate::lease::RevocationBus;
 
 /// The channel revocation events are announced on.
 pub const CHANNEL: &str = "ephemera_revocations";
@@ -33,8 +31,6 @@ const REVOCATION_LOCK: i64 = 0x6570_6865_6d72_0001;
 const MIGRATION_LOCK: i64 = 0x6570_6865_6d72_0002;
 /// Most leases committed in one transaction.
 const BATCH: usize = 512;
-/// How often the revocation feed polls when no notification arrives (a safety net).
-const FEED_POLL: Duration = Duration::from_secs(2);
 
 /// Migrations, applied in order; a migration never changes once released.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -902,74 +898,28 @@ impl Store for PostgresStore {
     }
 }
 
-/// Follows revocations committed by any replica and publishes the ones this process has not
-/// published itself, until `shutdown`. Listens on [`CHANNEL`]; after a lost connection it reads
-/// what it missed from the event log, and it polls every [`FEED_POLL`] as a safety net.
-pub async fn revocation_feed(
-    store: PostgresStore,
-    bus: RevocationBus,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    // Start after the newest committed event: history is the watchers' to replay, not the bus's.
-    let mut last = loop {
-        match newest_seq(&store).await {
-            Ok(seq) => break seq,
-            Err(e) => {
-                tracing::warn!(error = %e, "revocation feed cannot read the event log; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.changed() => return,
-                }
-            }
-        }
-    };
-    let mut listener: Option<PgListener> = None;
-    loop {
-        if listener.is_none() {
-            match PgListener::connect_with(store.pool()).await {
-                Ok(mut l) => match l.listen(CHANNEL).await {
-                    Ok(()) => listener = Some(l),
-                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN for revocations"),
-                },
-                Err(e) => tracing::warn!(error = %e, "cannot connect to LISTEN for revocations"),
-            }
-        }
-        let woke = async {
-            match listener.as_mut() {
-                Some(l) => tokio::time::timeout(FEED_POLL, l.recv())
-                    .await
-                    .map_or(Ok(()), |r| r.map(|_| ())),
-                None => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    Ok(())
-                }
-            }
-        };
-        tokio::select! {
-            r = woke => {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "revocation notifications interrupted; catching up from the log");
-                    listener = None;
-                }
-            }
-            _ = shutdown.changed() => return,
-        }
-        // Whatever woke us, publish everything committed since `last`, in order.
-        loop {
-            match store.revocations_after(last, 256).await {
-                Ok(page) if page.is_empty() => break,
-                Ok(page) => {
-                    for r in page {
-                        last = r.seq;
-                        bus.publish_from_store(r);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "revocation feed cannot read the event log");
-                    break;
-                }
-            }
-        }
+/// Notifications of revocations committed by any replica (`LISTEN` on [`CHANNEL`]), for the
+/// revocation feed in `lease::feed`.
+pub struct RevocationNotices {
+    listener: PgListener,
+}
+
+impl PostgresStore {
+    /// Listens for revocation notifications on a connection of its own.
+    pub async fn revocation_notices(&self) -> Result<RevocationNotices, StoreError> {
+        let mut listener = PgListener::connect_with(self.pool())
+            .await
+            .map_err(unavailable)?;
+        listener.listen(CHANNEL).await.map_err(unavailable)?;
+        Ok(RevocationNotices { listener })
+    }
+}
+
+impl RevocationNotices {
+    /// Waits for the next notification; an error means the connection was lost (and events
+    /// may have been missed).
+    pub async fn recv(&mut self) -> Result<(), StoreError> {
+        self.listener.recv().await.map(|_| ()).map_err(unavailable)
     }
 }
 

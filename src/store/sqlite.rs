@@ -18,7 +18,7 @@ use super::{
 };
 
 /// File name of the database inside the data directory.
-pub const FILE: &str = "ephemera.db";
+pub use crate::datadir::DATABASE as FILE;
 
 /// Migrations, applied in order; a migration never changes once released.
 const MIGRATIONS: &[(i64, &str)] = &[

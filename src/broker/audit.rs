@@ -1,0 +1,148 @@
+//! The audit event of one decision: a guard filled in as the request goes through the flow and
+//! emitted exactly once, when it drops. A request abandoned before its outcome was recorded (the
+//! caller went away mid-flight) still leaves an event, as a denial saying so.
+
+use std::net::SocketAddr;
+
+use uuid::Uuid;
+
+use super::BrokerError;
+use crate::attest::{AttestedIdentity, Evidence};
+use crate::id::SpiffeId;
+
+/// How the request ended, as far as the audit log is concerned.
+enum Outcome {
+    /// Not recorded yet; dropping in this state means the request was abandoned.
+    Pending,
+    /// Allowed.
+    Allowed,
+    /// Refused, with the full reason (never shown to the caller).
+    Denied(String),
+    /// Not a decision of its own (a probe); no event.
+    Discarded,
+}
+
+/// One audit event, filled in as the request goes through the flow.
+pub(super) struct Audit {
+    decision_id: Uuid,
+    action: &'static str,
+    source: Option<SocketAddr>,
+    resource: String,
+    requested_ttl_secs: Option<u64>,
+    attestor: &'static str,
+    subject: Option<String>,
+    spiffe_id: Option<String>,
+    pub(super) granted_ttl_secs: Option<u64>,
+    pub(super) policies: Vec<String>,
+    pub(super) task_id: Option<String>,
+    pub(super) lease_id: Option<String>,
+    outcome: Outcome,
+}
+
+impl Audit {
+    /// A pending event for `action` on `resource`.
+    pub(super) fn new(
+        action: &'static str,
+        evidence: &Evidence,
+        resource: String,
+        requested_ttl_secs: Option<u64>,
+    ) -> Self {
+        Self {
+            decision_id: Uuid::now_v7(),
+            action,
+            source: evidence.source,
+            resource,
+            requested_ttl_secs,
+            attestor: "-",
+            subject: None,
+            spiffe_id: None,
+            granted_ttl_secs: None,
+            policies: Vec::new(),
+            task_id: None,
+            lease_id: None,
+            outcome: Outcome::Pending,
+        }
+    }
+
+    /// The caller was attested as `identity`.
+    pub(super) fn attested(&mut self, identity: &AttestedIdentity) {
+        self.attestor = identity.attestor;
+        self.subject = Some(identity.subject.clone());
+    }
+
+    /// The caller was mapped to `spiffe_id`.
+    pub(super) fn identified(&mut self, spiffe_id: &SpiffeId) {
+        self.spiffe_id = Some(spiffe_id.to_string());
+    }
+
+    /// Records the request's outcome; the event is written when the guard drops.
+    pub(super) fn outcome<T>(&mut self, result: &Result<T, BrokerError>) {
+        self.outcome = match result {
+            Ok(_) => Outcome::Allowed,
+            Err(e) => Outcome::Denied(e.to_string()),
+        };
+    }
+
+    /// Records only a refusal; an `Ok` leaves the event pending (a later step decides).
+    pub(super) fn refused<T>(&mut self, result: &Result<T, BrokerError>) {
+        if let Err(e) = result {
+            self.outcome = Outcome::Denied(e.to_string());
+        }
+    }
+
+    /// This event is not a decision of its own: nothing is written.
+    pub(super) fn discard(&mut self) {
+        self.outcome = Outcome::Discarded;
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        let (decision, reason) = match &self.outcome {
+            Outcome::Discarded => return,
+            Outcome::Allowed => ("allow", None),
+            Outcome::Denied(r) => ("deny", Some(r.as_str())),
+            Outcome::Pending => ("deny", Some("abandoned: the caller went away before a decision")),
+        };
+        ::metrics::counter!(crate::telemetry::DECISIONS, "action" => self.action, "decision" => decision)
+            .increment(1);
+        let attestor = self.attestor;
+        let subject = self.subject.as_deref().unwrap_or("-");
+        let source = self.source.map(|s| s.to_string());
+        let policies = self.policies.join(",");
+        match reason {
+            None => tracing::info!(
+                target: "ephemera::audit",
+                decision_id = %self.decision_id,
+                action = self.action,
+                decision,
+                attestor,
+                subject,
+                spiffe_id = self.spiffe_id.as_deref(),
+                resource = %self.resource,
+                requested_ttl_secs = self.requested_ttl_secs,
+                granted_ttl_secs = self.granted_ttl_secs,
+                policies = %policies,
+                task_id = self.task_id.as_deref(),
+                lease_id = self.lease_id.as_deref(),
+                source = source.as_deref(),
+                "decision"
+            ),
+            Some(reason) => tracing::info!(
+                target: "ephemera::audit",
+                decision_id = %self.decision_id,
+                action = self.action,
+                decision,
+                reason,
+                attestor,
+                subject,
+                spiffe_id = self.spiffe_id.as_deref(),
+                resource = %self.resource,
+                requested_ttl_secs = self.requested_ttl_secs,
+                task_id = self.task_id.as_deref(),
+                source = source.as_deref(),
+                "decision"
+            ),
+        }
+    }
+}

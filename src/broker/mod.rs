@@ -1,0 +1,314 @@
+//! The broker core: the request flow of every mint, tasks, revocation, Workload API sessions
+//! and introspection. `api/` and `http.rs` translate their protocols into calls on [`Broker`];
+//! nothing here knows gRPC or HTTP.
+//!
+//! Each job has its own file:
+//! - [`caller`]: who is calling, proven on this request (attest, map, admit, authorize);
+//! - [`audit`]: the one audit event per decision, emitted when the request's guard drops;
+//! - [`mint`]: X.509-SVID and JWT-SVID requests: grant, issue, record, quotas;
+//! - [`tasks`]: begin, end, keep-alive (and its stream loop), re-evaluation after a reload;
+//! - [`admin`]: admin revocation and join tokens;
+//! - [`workload`]: SPIFFE Workload API sessions and their streams' pacing;
+//! - [`introspect`]: introspection, JWT-SVID validation and the revocation log;
+//! - [`reload`]: the reloader worker (policies, mapping rules, re-evaluation).
+//!
+//! Nothing is carried over between requests: each one is attested and mapped from its own
+//! evidence. Every decision, allow or deny, produces exactly one audit event on the
+//! `ephemera::audit` target; audit events never contain tokens, keys or CSR bytes.
+
+pub mod admin;
+mod audit;
+mod caller;
+pub mod introspect;
+pub mod mint;
+pub mod reload;
+pub mod tasks;
+pub mod workload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::attest::{AttestError, Attestors};
+use crate::ca::{Ca, MintError};
+use crate::clock::{Clock, unix_secs};
+use crate::id::{IdError, TrustDomain, Ttl};
+use crate::lease::RevocationBus;
+use crate::lease::crl::CrlPublisher;
+use crate::policy::cedar::TaskContext;
+use crate::policy::{Mapper, MappingError, PolicyEngine, PolicyError};
+use crate::shutdown::ShutdownSignal;
+use crate::store::{Store, StoreError, Task};
+
+pub use introspect::{Introspection, MAX_INTROSPECT_TOKEN};
+pub use mint::{JwtRequest, MintedJwt, MintedX509, X509Request};
+pub use tasks::{BeginTaskRequest, KeepAliveEnd, TaskSettings};
+pub use workload::{WorkloadApiSettings, WorkloadSession};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A request field is invalid.
+    #[error("invalid {field}: {source}")]
+    InvalidArgument {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        source: IdError,
+    },
+    /// A request field is invalid (fields without an identifier rule).
+    #[error("invalid {field}: {reason}")]
+    BadRequest {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The caller could not be attested.
+    #[error(transparent)]
+    Attest(#[from] AttestError),
+    /// The caller's identity could not be mapped to a SPIFFE ID.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// Policy denied the request.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The credential could not be minted.
+    #[error(transparent)]
+    Mint(#[from] MintError),
+    /// The store could not record or answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No task has this id.
+    #[error("unknown task {0}")]
+    TaskNotFound(String),
+    /// The caller is not the task's owner.
+    #[error("task {task_id} belongs to another identity")]
+    NotTaskOwner {
+        /// The task.
+        task_id: String,
+    },
+    /// The task is no longer active.
+    #[error("task {task_id} has {state}")]
+    TaskNotActive {
+        /// The task.
+        task_id: String,
+        /// Its state ("ended", "expired", "revoked").
+        state: &'static str,
+    },
+    /// A lease id or serial that is not known.
+    #[error("unknown lease {0}")]
+    LeaseNotFound(String),
+    /// A quota was reached.
+    #[error(transparent)]
+    LimitExceeded(#[from] crate::quota::Exceeded),
+    /// The task's deadline is less than a second away: nothing more can be granted in it.
+    #[error("task {task_id} reaches its deadline in less than a second")]
+    TaskEnding {
+        /// The task.
+        task_id: String,
+    },
+    /// A stream's identity was withdrawn (its task ended or was revoked).
+    #[error("{0}")]
+    Withdrawn(String),
+    /// A request on a stream contradicts the stream (a keep-alive naming another task).
+    #[error("{0}")]
+    StreamMisuse(&'static str),
+    /// The task a stream belongs to has ended.
+    #[error("the task has ended: {reason}")]
+    TaskEnded {
+        /// Why (the revocation event's reason).
+        reason: String,
+    },
+    /// The broker is shutting down; long-lived streams end and callers reconnect.
+    #[error("the broker is shutting down; {0}")]
+    ShuttingDown(&'static str),
+}
+
+/// A request for an X.509-SVID.
+
+/// Lifetime limits per credential kind, and task timing.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// X.509-SVID lifetimes.
+    pub x509: mint::TtlLimits,
+    /// JWT-SVID lifetimes.
+    pub jwt: mint::TtlLimits,
+    /// Task timing.
+    pub tasks: TaskSettings,
+}
+
+/// Everything a broker is made of.
+pub struct BrokerParts {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Attestors, tried in order.
+    pub attestors: Attestors,
+    /// Identity mapping.
+    pub mapper: Mapper,
+    /// Cedar policy.
+    pub policy: Arc<PolicyEngine>,
+    /// Keys and minting.
+    pub ca: Arc<Ca>,
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Lifetime limits.
+    pub limits: Limits,
+    /// Where committed revocations are announced.
+    pub bus: RevocationBus,
+    /// Per-identity quotas.
+    pub quotas: crate::quota::QuotaSettings,
+    /// Ends long-lived streams (keep-alive, watch, Workload API) at shutdown.
+    pub shutdown: ShutdownSignal,
+}
+
+/// The broker core: a thin handle over its parts, shared by every listener.
+pub struct Broker {
+    trust_domain: TrustDomain,
+    attestors: Attestors,
+    mapper: std::sync::RwLock<Arc<Mapper>>,
+    policy: Arc<PolicyEngine>,
+    ca: Arc<Ca>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    bus: RevocationBus,
+    quotas: crate::quota::Quotas,
+    crl: Arc<CrlPublisher>,
+    expansions: Arc<crate::lease::Expansions>,
+    shutdown: ShutdownSignal,
+}
+
+impl Broker {
+    /// A broker over its parts.
+    pub fn new(parts: BrokerParts) -> Self {
+        let BrokerParts {
+            trust_domain,
+            attestors,
+            mapper,
+            policy,
+            ca,
+            store,
+            clock,
+            limits,
+            bus,
+            quotas,
+            shutdown,
+        } = parts;
+        let expansions = Arc::new(crate::lease::Expansions::default());
+        let crl = Arc::new(CrlPublisher::new(
+            ca.clone(),
+            store.clone(),
+            clock.clone(),
+            expansions.clone(),
+        ));
+        Self {
+            trust_domain,
+            attestors,
+            mapper: std::sync::RwLock::new(Arc::new(mapper)),
+            policy,
+            ca,
+            store,
+            clock,
+            limits,
+            bus,
+            quotas: crate::quota::Quotas::new(quotas),
+            crl,
+            expansions,
+            shutdown,
+        }
+    }
+
+    /// Resolves when the broker is shutting down: long-lived streams end.
+    pub async fn closed(&self) {
+        self.shutdown.clone().wait().await;
+    }
+
+    /// The CRL publisher: the current CRL, its updates, rebuilds.
+    pub fn crl(&self) -> &Arc<CrlPublisher> {
+        &self.crl
+    }
+
+    /// The revocation bus.
+    pub fn bus(&self) -> &RevocationBus {
+        &self.bus
+    }
+
+    /// Task timing.
+    pub fn task_settings(&self) -> TaskSettings {
+        self.limits.tasks
+    }
+
+    /// The broker's trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// Replaces the identity-mapping rules (validated by the caller); the next request uses them.
+    pub fn set_mapper(&self, mapper: Mapper) {
+        *self
+            .mapper
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(mapper);
+    }
+
+    /// The identity-mapping rules in force now.
+    fn mapper(&self) -> Arc<Mapper> {
+        self.mapper
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The policy engine.
+    pub fn policy(&self) -> &PolicyEngine {
+        &self.policy
+    }
+
+    /// The broker's clock.
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+}
+
+/// Lease ids and serials as stored: lowercase, and serials without the colons tools print
+/// (`77:C2:6A:...` and `77C26A...` both find serial `77c26a...`).
+fn lease_key(key: &str) -> String {
+    key.trim().replace(':', "").to_ascii_lowercase()
+}
+
+/// What policy sees of a task.
+fn task_context(t: &Task, now: i64) -> TaskContext {
+    TaskContext {
+        id: t.id.clone(),
+        labels: t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        age_secs: u64::try_from(now - t.created_at).unwrap_or(0),
+    }
+}
+
+/// Whole seconds from `now` to `not_after`.
+fn granted_secs(now: std::time::SystemTime, not_after: std::time::SystemTime) -> u64 {
+    u64::try_from(unix_secs(not_after) - unix_secs(now)).unwrap_or(0)
+}
+
+/// Whole seconds of a duration as the store keeps them.
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Parses a TTL field of a request.
+pub fn parse_ttl(field: &'static str, secs: Option<u64>) -> Result<Option<Ttl>, BrokerError> {
+    secs.map(Ttl::from_secs)
+        .transpose()
+        .map_err(|source| BrokerError::InvalidArgument { field, source })
+}
