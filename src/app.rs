@@ -29,18 +29,18 @@ use crate::attest::unix::UnixAttestor;
 use crate::attest::x509pop::{ClientCas, X509PopAttestor};
 use crate::broker::reload::{MappingLoader, Reloader};
 use crate::broker::{Broker, BrokerParts, Limits};
-use crate::lease::Reaper;
-use crate::lease::crl::CrlSource;
-use crate::lease::feed::RevocationFeed;
-use crate::shutdown::Shutdown;
 use crate::ca::{Ca, CaError, keys};
 use crate::clock::Clock;
 use crate::config::{Config, ServerName, StoreConfig};
 use crate::endpoints::Endpoints;
 use crate::id::SpiffeId;
+use crate::lease::Reaper;
 use crate::lease::RevocationBus;
+use crate::lease::crl::CrlSource;
+use crate::lease::feed::RevocationFeed;
 use crate::policy::cedar::PolicyProblem;
 use crate::policy::{Mapper, PolicyEngine};
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
@@ -117,6 +117,8 @@ pub struct Running {
     tasks: Vec<JoinHandle<Result<(), String>>>,
     /// The background workers (reaper, CRL publisher, reloader, revocation feed).
     workers: Vec<JoinHandle<()>>,
+    /// The SQLite store, whose checkpointer worker stops last.
+    sqlite: Option<SqliteStore>,
     data_dir: PathBuf,
 }
 
@@ -141,7 +143,14 @@ impl Running {
                 }
             }
         }
-        for mut w in self.workers {
+        let mut workers = self.workers;
+        // The checkpointer stops after everything that writes.
+        workers.extend(
+            self.sqlite
+                .as_ref()
+                .and_then(SqliteStore::stop_checkpointer),
+        );
+        for mut w in workers {
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut w).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -149,7 +158,9 @@ impl Running {
                 }
                 Err(_) => {
                     w.abort();
-                    tracing::warn!("a background worker did not stop within the shutdown grace; aborted");
+                    tracing::warn!(
+                        "a background worker did not stop within the shutdown grace; aborted"
+                    );
                 }
             }
         }
@@ -338,15 +349,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             problems,
         }
     })?);
+    let mut sqlite = None;
     let (store, postgres): (Arc<dyn Store>, Option<PostgresStore>) = match &config.store {
-        StoreConfig::Sqlite { path } => (
-            Arc::new(
-                SqliteStore::open(path)
-                    .await
-                    .map_err(|e| StartError::Setup(format!("opening {}: {e}", path.display())))?,
-            ),
-            None,
-        ),
+        StoreConfig::Sqlite { path } => {
+            let s = SqliteStore::open(path)
+                .await
+                .map_err(|e| StartError::Setup(format!("opening {}: {e}", path.display())))?;
+            sqlite = Some(s.clone());
+            (Arc::new(s), None)
+        }
         StoreConfig::Postgres(pg) => {
             let s = PostgresStore::open(pg)
                 .await
@@ -447,7 +458,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .await
         .map_err(|e| StartError::Setup(format!("building the CRL: {e}")))?;
     workers.push(broker.crl().start(broker.bus(), shutdown.signal()));
-    let load: MappingLoader = Box::new(|b, p| reload_mappings(b, p));
+    let load: MappingLoader = Box::new(reload_mappings);
     workers.push(
         Reloader {
             broker: broker.clone(),
@@ -555,6 +566,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         shutdown,
         tasks,
         workers,
+        sqlite,
         data_dir: config.data_dir,
     })
 }

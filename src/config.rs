@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::attest::claims::{ClaimPath, MatchValue};
 use crate::attest::jwks::{Alg, JwksSource};
-use crate::httpc::check_url;
 use crate::broker::mint::TtlLimits;
 use crate::broker::{TaskSettings, WorkloadApiSettings};
+use crate::httpc::check_url;
 use crate::id::{TrustDomain, Ttl};
-use crate::policy::mapping::{ClaimPath, MappingRule, MatchValue};
+use crate::policy::mapping::MappingRule;
 use crate::secret::Secret;
+use crate::store::postgres::PostgresConfig;
 
 /// Default gRPC TCP listen address.
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:8443";
@@ -106,33 +108,6 @@ pub enum StoreConfig {
     },
     /// PostgreSQL (one or more brokers).
     Postgres(PostgresConfig),
-}
-
-/// PostgreSQL connection settings.
-#[derive(Debug, Clone)]
-pub struct PostgresConfig {
-    /// The URL; may carry a password, so it is never logged. Empty when `url_file` is set.
-    pub url: Secret<String>,
-    /// A file holding the URL, read when the store opens (a mounted secret may appear late).
-    pub url_file: Option<PathBuf>,
-    /// Most connections per broker.
-    pub max_connections: u32,
-    /// Connections kept open when idle.
-    pub min_connections: u32,
-    /// How long a request waits for a connection.
-    pub acquire_timeout: Duration,
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        Self {
-            url: Secret::new(String::new()),
-            url_file: None,
-            max_connections: 16,
-            min_connections: 1,
-            acquire_timeout: Duration::from_secs(5),
-        }
-    }
 }
 
 /// `[tasks]` as written.

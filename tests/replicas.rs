@@ -55,7 +55,10 @@ fn shared_keys() -> tempfile::TempDir {
         SystemTime::now(),
     )
     .unwrap();
-    ephemera::api::admin::create_token_file(&dir.path().join("admin.token")).unwrap();
+    // What `ca init` writes besides the CA: the admin token and the page-token secret.
+    let data = ephemera::datadir::DataDir::new(dir.path());
+    ephemera::api::admin::create_token_file(&data.admin_token()).unwrap();
+    ephemera::api::admin::load_or_create_secret(&data.admin_pages_key()).unwrap();
     dir
 }
 

@@ -180,7 +180,7 @@ pub const MAX_JOIN_TOKEN_CLAIMS: usize = 32;
 
 /// Reads the 32-byte secret at `path`, creating it (random, mode 0600) if it does not exist.
 /// Replicas that serve one Admin API behind a load balancer share it, like the CA files.
-fn load_or_create_secret(path: &Path) -> Result<crate::secret::Secret<Vec<u8>>, CaError> {
+pub fn load_or_create_secret(path: &Path) -> Result<crate::secret::Secret<Vec<u8>>, CaError> {
     let io = |source| CaError::Io {
         path: path.to_owned(),
         source,

@@ -25,9 +25,9 @@ pub fn to_status(err: &BrokerError) -> Status {
         BrokerError::Attest(e @ AttestError::TokenTooLarge { .. }) => {
             Status::resource_exhausted(e.to_string())
         }
-        BrokerError::Attest(
-            e @ (AttestError::TokenInvalid(_) | AttestError::CertificateInvalid(_)),
-        ) => Status::unauthenticated(e.to_string()),
+        BrokerError::Attest(e @ (AttestError::Token(_) | AttestError::CertificateInvalid(_))) => {
+            Status::unauthenticated(e.to_string())
+        }
         BrokerError::Attest(AttestError::KeysUnavailable(detail)) => {
             tracing::warn!(error = %detail, "cannot verify evidence now");
             Status::unavailable("cannot verify the evidence now; retry later")

@@ -144,9 +144,9 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
             .await
             .map_err(|e| to_status(&e))?;
         let updates = self.streams.x509_svids(evidence, session);
-        Ok(stream(ReceiverStream::new(updates).map(|u| {
-            u.map(x509_response).map_err(|e| to_status(&e))
-        })))
+        Ok(stream(
+            ReceiverStream::new(updates).map(|u| u.map(x509_response).map_err(|e| to_status(&e))),
+        ))
     }
 
     async fn fetch_x509_bundles(

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SecureRandom;
 use serde_json::Value;
 
-use super::{AttestError, AttestedIdentity, Attestor, BoxFuture, Evidence};
+use super::{AttestError, AttestedIdentity, Attestor, BoxFuture, Evidence, TokenRejection};
 use crate::clock::Clock;
 use crate::secret::Secret;
 use crate::store::{Store, TokenHash};
@@ -30,7 +30,7 @@ pub const MAX_LEN: usize = 128;
 pub fn generate(rng: &dyn SecureRandom) -> Result<Secret<String>, AttestError> {
     let mut bytes = [0u8; 32];
     rng.fill(&mut bytes)
-        .map_err(|_| AttestError::TokenInvalid("random number generator failed".into()))?;
+        .map_err(|_| AttestError::KeysUnavailable("random number generator failed".into()))?;
     Ok(Secret::new(format!(
         "{PREFIX}{}",
         URL_SAFE_NO_PAD.encode(bytes)
@@ -72,7 +72,7 @@ impl Attestor for JoinTokenAttestor {
             };
             let token = token.expose();
             if token.len() > MAX_LEN || !token.starts_with(PREFIX) {
-                return Err(AttestError::TokenInvalid("unknown join token".into()));
+                return Err(TokenRejection::UnknownJoinToken.into());
             }
             let h = hash(token);
             let stored = self
@@ -80,12 +80,12 @@ impl Attestor for JoinTokenAttestor {
                 .join_token(h)
                 .await
                 .map_err(|e| AttestError::KeysUnavailable(e.to_string()))?
-                .ok_or_else(|| AttestError::TokenInvalid("unknown join token".into()))?;
+                .ok_or(TokenRejection::UnknownJoinToken)?;
             if stored.used_at.is_some() {
-                return Err(AttestError::TokenInvalid("join token already used".into()));
+                return Err(TokenRejection::JoinTokenUsed.into());
             }
             if self.clock.unix_now() >= stored.expires_at {
-                return Err(AttestError::TokenInvalid("join token has expired".into()));
+                return Err(TokenRejection::JoinTokenExpired.into());
             }
             let mut claims = stored.claims;
             claims.insert("name".into(), Value::from(stored.name));

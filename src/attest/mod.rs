@@ -4,6 +4,7 @@
 //! on a request answers `Ok(None)` so the next one can try; one that finds evidence and rejects
 //! it answers an error, and the request is refused. Attestors never log token contents.
 
+pub mod claims;
 pub mod join_token;
 pub mod jwks;
 pub mod oidc;
@@ -82,9 +83,9 @@ pub enum AttestError {
         /// The limit.
         max: usize,
     },
-    /// The bearer token failed verification; the message says which check (never the token).
-    #[error("{0}")]
-    TokenInvalid(String),
+    /// The bearer token failed a check; the variant says which (never the token).
+    #[error(transparent)]
+    Token(#[from] TokenRejection),
     /// The client certificate does not verify against the configured CAs.
     #[error("{0}")]
     CertificateInvalid(String),
@@ -99,6 +100,105 @@ pub enum AttestError {
         /// What failed.
         reason: String,
     },
+}
+
+/// Which check refused a bearer token (an OIDC/JWT token or a join token). Strings the token
+/// chose (issuer, key id, algorithm) are bounded by [`shown`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejection {
+    /// Not a compact JWS with JSON header and payload.
+    #[error("token is malformed: {0}")]
+    Malformed(&'static str),
+    /// A date claim is not an integer NumericDate.
+    #[error("token is malformed: {0} is not a number")]
+    NotANumber(&'static str),
+    /// No `iss` claim.
+    #[error("token has no iss claim")]
+    MissingIssuer,
+    /// The issuer is not configured.
+    #[error("issuer {0:?} is not trusted")]
+    UntrustedIssuer(String),
+    /// The header names no algorithm.
+    #[error("token is malformed: header has no alg")]
+    MissingAlgorithm,
+    /// The algorithm is not accepted for this issuer.
+    #[error("algorithm {0:?} is not accepted for this issuer")]
+    Algorithm(String),
+    /// The key id is not among the issuer's keys.
+    #[error("unknown key id {0:?}")]
+    UnknownKeyId(String),
+    /// No key id, and no key to try.
+    #[error("token has no kid and the issuer has no keys")]
+    NoKeys,
+    /// The signature does not verify with the issuer's keys.
+    #[error("signature does not verify")]
+    Signature,
+    /// No `exp` claim.
+    #[error("token has no exp claim")]
+    MissingExpiry,
+    /// Past `exp` (beyond the allowed skew).
+    #[error("token has expired")]
+    Expired,
+    /// Before `nbf`.
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    /// `iat` in the future.
+    #[error("token is issued in the future (iat)")]
+    IssuedInFuture,
+    /// No `iat` claim where a maximum age is configured.
+    #[error("token has no iat claim")]
+    MissingIssuedAt,
+    /// Older than the issuer's `max_token_age`.
+    #[error("token was issued {age}s ago, more than the maximum age of {max}s")]
+    TooOld {
+        /// Its age, seconds.
+        age: i64,
+        /// The limit, seconds.
+        max: i64,
+    },
+    /// No accepted audience.
+    #[error("token audience is not accepted")]
+    Audience,
+    /// A required claim is missing or has another value.
+    #[error("required claim {0} does not have an accepted value")]
+    RequiredClaim(String),
+    /// Claims nested deeper than the limit.
+    #[error("claims are nested deeper than {0}")]
+    TooDeep(usize),
+    /// More claims than the limit.
+    #[error("token has {count} claims, more than the limit of {max}")]
+    TooManyClaims {
+        /// How many.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A join token that was never issued.
+    #[error("unknown join token")]
+    UnknownJoinToken,
+    /// A join token already used.
+    #[error("join token already used")]
+    JoinTokenUsed,
+    /// A join token past its expiry.
+    #[error("join token has expired")]
+    JoinTokenExpired,
+}
+
+/// Longest caller-chosen string repeated in an error, in bytes.
+pub const MAX_SHOWN: usize = 64;
+
+/// A caller-chosen string as errors and logs repeat it: at most [`MAX_SHOWN`] bytes (cut at a
+/// character boundary and marked), so a 16 KiB `kid` is not echoed whole. Errors show it with
+/// `{:?}`, which escapes control characters and quotes.
+pub fn shown(s: &str) -> String {
+    if s.len() <= MAX_SHOWN {
+        return s.to_owned();
+    }
+    let mut end = MAX_SHOWN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &s[..end], s.len())
 }
 
 /// Verifies one kind of evidence.

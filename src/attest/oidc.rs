@@ -15,10 +15,10 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Map, Value};
 
+use super::claims::{ClaimPath, MatchValue};
 use super::jwks::{Alg, JwksCache};
-use super::{AttestError, AttestedIdentity, Attestor, BoxFuture, Evidence};
+use super::{AttestError, AttestedIdentity, Attestor, BoxFuture, Evidence, TokenRejection, shown};
 use crate::clock::Clock;
-use crate::policy::mapping::{ClaimPath, MatchValue};
 
 /// The attestor's name in mapping rules.
 pub const NAME: &str = "oidc";
@@ -63,25 +63,27 @@ pub struct OidcAttestor {
     verified: Mutex<HashMap<[u8; 32], Verified>>,
 }
 
-fn malformed(what: &str) -> AttestError {
-    AttestError::TokenInvalid(format!("token is malformed: {what}"))
+fn malformed(what: &'static str) -> AttestError {
+    TokenRejection::Malformed(what).into()
 }
 
-fn decode_json(part: &str, what: &str) -> Result<Map<String, Value>, AttestError> {
+fn decode_json(
+    part: &str,
+    not_base64: &'static str,
+    not_object: &'static str,
+) -> Result<Map<String, Value>, AttestError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
-        .map_err(|_| malformed(&format!("{what} is not base64url")))?;
+        .map_err(|_| malformed(not_base64))?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(malformed(&format!("{what} is not a JSON object"))),
+        _ => Err(malformed(not_object)),
     }
 }
 
 fn count_claims(map: &Map<String, Value>, depth: usize) -> Result<usize, AttestError> {
     if depth > MAX_DEPTH {
-        return Err(AttestError::TokenInvalid(format!(
-            "claims are nested deeper than {MAX_DEPTH}"
-        )));
+        return Err(TokenRejection::TooDeep(MAX_DEPTH).into());
     }
     let mut n = 0;
     for v in map.values() {
@@ -93,14 +95,14 @@ fn count_claims(map: &Map<String, Value>, depth: usize) -> Result<usize, AttestE
     Ok(n)
 }
 
-fn numeric(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, AttestError> {
+fn numeric(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, AttestError> {
     match claims.get(name) {
         None => Ok(None),
         Some(v) => v
             .as_i64()
             .or_else(|| v.as_f64().map(|f| f as i64))
             .map(Some)
-            .ok_or_else(|| malformed(&format!("{name} is not a number"))),
+            .ok_or_else(|| TokenRejection::NotANumber(name).into()),
     }
 }
 
@@ -136,30 +138,30 @@ impl OidcAttestor {
         else {
             return Err(malformed("not a compact JWS"));
         };
-        let header = decode_json(h, "header")?;
-        let claims = decode_json(c, "payload")?;
+        let header = decode_json(h, "header is not base64url", "header is not a JSON object")?;
+        let claims = decode_json(
+            c,
+            "payload is not base64url",
+            "payload is not a JSON object",
+        )?;
         let iss = claims
             .get("iss")
             .and_then(Value::as_str)
-            .ok_or(AttestError::TokenInvalid("token has no iss claim".into()))?;
+            .ok_or(TokenRejection::MissingIssuer)?;
         let issuer_index = self
             .issuers
             .iter()
             .position(|i| i.issuer == iss)
-            .ok_or_else(|| AttestError::TokenInvalid(format!("issuer {iss:?} is not trusted")))?;
+            .ok_or_else(|| TokenRejection::UntrustedIssuer(shown(iss)))?;
         let issuer = &self.issuers[issuer_index];
         let alg_name = header
             .get("alg")
             .and_then(Value::as_str)
-            .ok_or_else(|| malformed("header has no alg"))?;
+            .ok_or(TokenRejection::MissingAlgorithm)?;
         let alg = Alg::parse(alg_name)
             .ok()
             .filter(|a| issuer.algorithms.contains(a))
-            .ok_or_else(|| {
-                AttestError::TokenInvalid(format!(
-                    "algorithm {alg_name:?} is not accepted for this issuer"
-                ))
-            })?;
+            .ok_or_else(|| TokenRejection::Algorithm(shown(alg_name)))?;
         let kid = header.get("kid").and_then(Value::as_str);
         let keys = issuer
             .jwks
@@ -167,19 +169,18 @@ impl OidcAttestor {
             .await
             .map_err(AttestError::KeysUnavailable)?;
         if keys.is_empty() {
-            return Err(AttestError::TokenInvalid(match kid {
-                Some(k) => format!("unknown key id {k:?}"),
-                None => "token has no kid and the issuer has no keys".into(),
-            }));
+            return Err(match kid {
+                Some(k) => TokenRejection::UnknownKeyId(shown(k)),
+                None => TokenRejection::NoKeys,
+            }
+            .into());
         }
         let sig = URL_SAFE_NO_PAD
             .decode(s)
             .map_err(|_| malformed("signature is not base64url"))?;
         let signed = &token[..h.len() + 1 + c.len()];
         if !keys.iter().any(|k| k.verify(alg, signed.as_bytes(), &sig)) {
-            return Err(AttestError::TokenInvalid(
-                "signature does not verify".into(),
-            ));
+            return Err(TokenRejection::Signature.into());
         }
         let v = Verified {
             issuer_index,
@@ -198,40 +199,35 @@ impl OidcAttestor {
         let claims = v.claims;
         let count = count_claims(&claims, 0)?;
         if count > MAX_CLAIMS {
-            return Err(AttestError::TokenInvalid(format!(
-                "token has {count} claims, more than the limit of {MAX_CLAIMS}"
-            )));
+            return Err(TokenRejection::TooManyClaims {
+                count,
+                max: MAX_CLAIMS,
+            }
+            .into());
         }
         let now = self.clock.unix_now();
         let skew = i64::try_from(issuer.clock_skew.as_secs()).unwrap_or(0);
-        let exp = numeric(&claims, "exp")?
-            .ok_or(AttestError::TokenInvalid("token has no exp claim".into()))?;
+        let exp = numeric(&claims, "exp")?.ok_or(TokenRejection::MissingExpiry)?;
         if now >= exp.saturating_add(skew) {
-            return Err(AttestError::TokenInvalid("token has expired".into()));
+            return Err(TokenRejection::Expired.into());
         }
         if let Some(nbf) = numeric(&claims, "nbf")?
             && now.saturating_add(skew) < nbf
         {
-            return Err(AttestError::TokenInvalid(
-                "token is not valid yet (nbf)".into(),
-            ));
+            return Err(TokenRejection::NotYetValid.into());
         }
         let iat = numeric(&claims, "iat")?;
         if let Some(iat) = iat
             && now.saturating_add(skew) < iat
         {
-            return Err(AttestError::TokenInvalid(
-                "token is issued in the future (iat)".into(),
-            ));
+            return Err(TokenRejection::IssuedInFuture.into());
         }
         if let Some(max) = issuer.max_token_age {
-            let iat = iat.ok_or(AttestError::TokenInvalid("token has no iat claim".into()))?;
+            let iat = iat.ok_or(TokenRejection::MissingIssuedAt)?;
             let max_secs = i64::try_from(max.as_secs()).unwrap_or(i64::MAX);
             let age = now.saturating_sub(iat);
             if age > max_secs.saturating_add(skew) {
-                return Err(AttestError::TokenInvalid(format!(
-                    "token was issued {age}s ago, more than the maximum age of {max_secs}s"
-                )));
+                return Err(TokenRejection::TooOld { age, max: max_secs }.into());
             }
         }
         let aud_ok = match claims.get("aud") {
@@ -243,15 +239,11 @@ impl OidcAttestor {
             _ => false,
         };
         if !aud_ok {
-            return Err(AttestError::TokenInvalid(
-                "token audience is not accepted".into(),
-            ));
+            return Err(TokenRejection::Audience.into());
         }
         for (path, want) in &issuer.required_claims {
             if !want.matches(path.lookup(&claims)) {
-                return Err(AttestError::TokenInvalid(format!(
-                    "required claim {path} does not have an accepted value"
-                )));
+                return Err(TokenRejection::RequiredClaim(path.to_string()).into());
             }
         }
         let sub = claims
@@ -293,5 +285,242 @@ impl Attestor for OidcAttestor {
             let verified = self.verify_signature(token).await?;
             self.check_claims(verified).map(Some)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attest::MAX_SHOWN;
+    use crate::clock::ManualClock;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    use serde_json::json;
+
+    const ISS: &str = "https://issuer.example";
+    const AUD: &str = "ephemera";
+    const NOW: i64 = 1_800_000_000;
+
+    struct Issuer {
+        key: EcdsaKeyPair,
+        _dir: tempfile::TempDir,
+        attestor: OidcAttestor,
+    }
+
+    fn issuer() -> Issuer {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let point = key.public_key().as_ref();
+        let jwks = json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+        }]});
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW as u64));
+        let attestor = OidcAttestor::new(
+            vec![OidcIssuer {
+                issuer: ISS.into(),
+                audiences: vec![AUD.into()],
+                algorithms: vec![Alg::Es256],
+                max_token_age: Some(Duration::from_secs(600)),
+                clock_skew: Duration::from_secs(30),
+                required_claims: vec![(
+                    ClaimPath::parse("repository_owner").unwrap(),
+                    MatchValue::Equals("acme".into()),
+                )],
+                jwks: JwksCache::new(
+                    super::super::jwks::JwksSource::File(path),
+                    Duration::from_secs(60),
+                ),
+            }],
+            Arc::new(clock),
+        );
+        Issuer {
+            key,
+            _dir: dir,
+            attestor,
+        }
+    }
+
+    impl Issuer {
+        fn sign(&self, header: &Value, claims: &Value) -> String {
+            let signed = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header.to_string()),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let sig = self
+                .key
+                .sign(&ring::rand::SystemRandom::new(), signed.as_bytes())
+                .unwrap();
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+        }
+
+        async fn attest(&self, token: String) -> Result<AttestedIdentity, AttestError> {
+            let evidence = Evidence {
+                bearer: Some(crate::secret::Secret::new(token)),
+                ..Evidence::default()
+            };
+            self.attestor.attest(&evidence).await.map(Option::unwrap)
+        }
+    }
+
+    fn good() -> Value {
+        json!({"iss": ISS, "aud": AUD, "sub": "repo:acme/api", "exp": NOW + 300,
+               "iat": NOW - 10, "repository_owner": "acme"})
+    }
+
+    fn with(f: impl Fn(&mut Value)) -> Value {
+        let mut c = good();
+        f(&mut c);
+        c
+    }
+
+    #[tokio::test]
+    async fn each_rejected_token_names_the_rule_that_refused_it() {
+        let i = issuer();
+        let es = json!({"alg": "ES256", "kid": "k1", "typ": "JWT"});
+        assert!(i.attest(i.sign(&es, &good())).await.is_ok());
+        let long = "k".repeat(8 * 1024);
+        let tampered = {
+            let t = i.sign(&es, &good());
+            let (head, _) = t.rsplit_once('.').unwrap();
+            format!("{head}.{}", URL_SAFE_NO_PAD.encode([7u8; 64]))
+        };
+        let mut many = good();
+        for n in 0..MAX_CLAIMS {
+            many[format!("c{n}")] = json!(n);
+        }
+        let mut deep = json!("leaf");
+        for _ in 0..=MAX_DEPTH + 1 {
+            deep = json!({ "d": deep });
+        }
+        use TokenRejection as R;
+        let rows: Vec<(&str, String, TokenRejection)> = vec![
+            ("not a JWS", "a.b".into(), R::Malformed("not a compact JWS")),
+            (
+                "payload not base64",
+                format!("{}.***.x", URL_SAFE_NO_PAD.encode(es.to_string())),
+                R::Malformed("payload is not base64url"),
+            ),
+            (
+                "no iss",
+                i.sign(
+                    &es,
+                    &with(|c| drop(c.as_object_mut().unwrap().remove("iss"))),
+                ),
+                R::MissingIssuer,
+            ),
+            (
+                "untrusted iss, bounded",
+                i.sign(&es, &with(|c| c["iss"] = json!("x".repeat(1000)))),
+                R::UntrustedIssuer(format!("{}…(1000 bytes)", "x".repeat(MAX_SHOWN))),
+            ),
+            (
+                "no alg",
+                i.sign(&json!({"kid": "k1"}), &good()),
+                R::MissingAlgorithm,
+            ),
+            (
+                "alg none",
+                i.sign(&json!({"alg": "none", "kid": "k1"}), &good()),
+                R::Algorithm("none".into()),
+            ),
+            (
+                "alg HS256",
+                i.sign(&json!({"alg": "HS256", "kid": "k1"}), &good()),
+                R::Algorithm("HS256".into()),
+            ),
+            (
+                "unknown kid, bounded",
+                i.sign(&json!({"alg": "ES256", "kid": long}), &good()),
+                R::UnknownKeyId(format!("{}…(8192 bytes)", "k".repeat(MAX_SHOWN))),
+            ),
+            ("signature", tampered, R::Signature),
+            (
+                "no exp",
+                i.sign(
+                    &es,
+                    &with(|c| drop(c.as_object_mut().unwrap().remove("exp"))),
+                ),
+                R::MissingExpiry,
+            ),
+            (
+                "exp not a number",
+                i.sign(&es, &with(|c| c["exp"] = json!("soon"))),
+                R::NotANumber("exp"),
+            ),
+            (
+                "expired",
+                i.sign(&es, &with(|c| c["exp"] = json!(NOW - 31))),
+                R::Expired,
+            ),
+            (
+                "nbf ahead",
+                i.sign(&es, &with(|c| c["nbf"] = json!(NOW + 31))),
+                R::NotYetValid,
+            ),
+            (
+                "iat ahead",
+                i.sign(&es, &with(|c| c["iat"] = json!(NOW + 31))),
+                R::IssuedInFuture,
+            ),
+            (
+                "no iat",
+                i.sign(
+                    &es,
+                    &with(|c| drop(c.as_object_mut().unwrap().remove("iat"))),
+                ),
+                R::MissingIssuedAt,
+            ),
+            (
+                "too old",
+                i.sign(&es, &with(|c| c["iat"] = json!(NOW - 700))),
+                R::TooOld { age: 700, max: 600 },
+            ),
+            (
+                "audience",
+                i.sign(&es, &with(|c| c["aud"] = json!("other"))),
+                R::Audience,
+            ),
+            (
+                "required claim",
+                i.sign(&es, &with(|c| c["repository_owner"] = json!("evil"))),
+                R::RequiredClaim("repository_owner".into()),
+            ),
+            (
+                "too many claims",
+                i.sign(&es, &many),
+                R::TooManyClaims {
+                    count: MAX_CLAIMS + 6,
+                    max: MAX_CLAIMS,
+                },
+            ),
+            (
+                "too deep",
+                i.sign(&es, &with(|c| c["deep"] = deep.clone())),
+                R::TooDeep(MAX_DEPTH),
+            ),
+        ];
+        for (what, token, want) in rows {
+            match i.attest(token).await {
+                Err(AttestError::Token(got)) => assert_eq!(got, want, "{what}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn shown_bounds_caller_strings_at_a_character_boundary() {
+        assert_eq!(shown("short"), "short");
+        let s = format!("{}é", "a".repeat(MAX_SHOWN - 1));
+        assert_eq!(
+            shown(&s),
+            format!("{}…({} bytes)", "a".repeat(MAX_SHOWN - 1), s.len())
+        );
     }
 }

@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::{Map, Value};
 
+use crate::ca::der::hex;
+
 use super::{AttestError, AttestedIdentity, Attestor, BoxFuture, Evidence, UnixPeer};
 
 /// The attestor's name in mapping rules.
@@ -122,17 +124,6 @@ fn file_key(meta: &std::fs::Metadata) -> FileKey {
         meta.mtime(),
         meta.mtime_nsec(),
     )
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 impl Attestor for UnixAttestor {

@@ -13,8 +13,8 @@ use serde_json::{Map, Value};
 use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::extensions::GeneralName;
 
-use super::unix::hex;
 use super::{AttestError, AttestedIdentity, Attestor, BoxFuture, Evidence};
+use crate::ca::der::hex;
 use crate::clock::Clock;
 
 /// The attestor's name in mapping rules.

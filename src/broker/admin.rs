@@ -109,7 +109,6 @@ impl Broker {
         Ok(revoked)
     }
 
-
     /// Creates a join token (an admin action, audited). Returns the token, its id and expiry.
     pub async fn create_join_token(
         &self,
@@ -146,8 +145,6 @@ impl Broker {
         result?;
         Ok((token, id, expires_at))
     }
-
-    /// Attests and maps the caller; with a task id, also requires the caller to be the task's
 
     /// Whether a lease is honoured now, with its record.
     pub async fn lease_status(&self, key: &str) -> Result<Option<LeaseStatus>, BrokerError> {

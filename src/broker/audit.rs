@@ -102,7 +102,10 @@ impl Drop for Audit {
             Outcome::Discarded => return,
             Outcome::Allowed => ("allow", None),
             Outcome::Denied(r) => ("deny", Some(r.as_str())),
-            Outcome::Pending => ("deny", Some("abandoned: the caller went away before a decision")),
+            Outcome::Pending => (
+                "deny",
+                Some("abandoned: the caller went away before a decision"),
+            ),
         };
         ::metrics::counter!(crate::telemetry::DECISIONS, "action" => self.action, "decision" => decision)
             .increment(1);

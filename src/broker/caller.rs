@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::audit::Audit;
 use super::{Broker, BrokerError, task_context};
-use crate::attest::{AttestError, AttestedIdentity, Evidence};
+use crate::attest::{AttestError, AttestedIdentity, Evidence, TokenRejection};
 use crate::clock::unix_secs;
 use crate::id::{IdError, SpiffeId};
 use crate::policy::PolicyError;
@@ -189,7 +189,7 @@ impl Broker {
                 .consume_join_token(hash, self.clock.unix_now())
                 .await?
         {
-            return Err(AttestError::TokenInvalid("join token already used".into()).into());
+            return Err(AttestError::from(TokenRejection::JoinTokenUsed).into());
         }
         Ok(())
     }

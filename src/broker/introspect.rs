@@ -48,7 +48,6 @@ impl Broker {
         }
     }
 
-
     /// lease is honoured. Returns its SPIFFE ID and claims.
     pub async fn validate_jwt(
         &self,

@@ -230,7 +230,10 @@ impl Call<'_> {
         let key_not_after = Some(broker.ca.x509.ca_not_after());
         let not_after = grant(ttl, broker.limits.x509, now, caller, key_not_after)?;
         let quota = broker.lease_quota(caller).await?;
-        let svid = broker.ca.x509.mint(&caller.spiffe_id, key, now, not_after)?;
+        let svid = broker
+            .ca
+            .x509
+            .mint(&caller.spiffe_id, key, now, not_after)?;
         let lease_id = Uuid::now_v7().to_string();
         broker
             .record(Lease {
@@ -362,7 +365,9 @@ mod tests {
         };
         Caller {
             identity,
-            spiffe_id: "spiffe://example.org/a".parse().unwrap_or_else(|_| unreachable!()),
+            spiffe_id: "spiffe://example.org/a"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
             task: Some(Arc::new(task)),
         }
     }

@@ -123,8 +123,6 @@ pub enum BrokerError {
     ShuttingDown(&'static str),
 }
 
-/// A request for an X.509-SVID.
-
 /// Lifetime limits per credential kind, and task timing.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

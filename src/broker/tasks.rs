@@ -383,5 +383,4 @@ impl Broker {
         }
         Ok(revoked)
     }
-
 }

@@ -76,7 +76,13 @@ impl Broker {
         requested_ttl_secs: u64,
         only: Option<&SpiffeId>,
     ) -> Result<Vec<Caller>, BrokerError> {
-        let mut call = Call::new(self, evidence, action.name(), "workload-api".to_owned(), None);
+        let mut call = Call::new(
+            self,
+            evidence,
+            action.name(),
+            "workload-api".to_owned(),
+            None,
+        );
         let result = async {
             let identity = self.attestors.attest(evidence).await?;
             call.audit.attested(&identity);
@@ -218,7 +224,13 @@ impl Broker {
             .await?;
         let mut out = Vec::with_capacity(callers.len());
         for caller in &callers {
-            let mut call = Call::new(self, evidence, "MintJwtSvid", audience_list(audiences), None);
+            let mut call = Call::new(
+                self,
+                evidence,
+                "MintJwtSvid",
+                audience_list(audiences),
+                None,
+            );
             call.audit.attested(&caller.identity);
             call.audit.identified(&caller.spiffe_id);
             let result = call.issue_jwt(caller, audiences, None).await;
@@ -332,8 +344,8 @@ impl WorkloadStreams {
             if tokio::time::Instant::now() >= renew {
                 match broker.workload_svids(&evidence, &session).await {
                     Ok(fresh) => {
-                        renew = tokio::time::Instant::now()
-                            + renew_after(&fresh, broker.clock().now());
+                        renew =
+                            tokio::time::Instant::now() + renew_after(&fresh, broker.clock().now());
                         svids = Arc::new(fresh);
                         pacer.sent();
                         if tx.send(update(&svids, self.crl())).await.is_err() {

@@ -80,16 +80,7 @@ const REASON_CESSATION_OF_OPERATION: &[u8] = &[
     0x30, 0x0c, 0x30, 0x0a, 0x06, 0x03, 0x55, 0x1d, 0x15, 0x04, 0x03, 0x0a, 0x01, 0x05,
 ];
 
-/// A serial's bytes from its hex form (as stored and as the API reports it).
-pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 64 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+pub use super::der::parse_hex;
 
 /// Splits a signed CRL without entries into what goes before the entries in its to-be-signed
 /// part, what goes after them (the `crlExtensions`), and its signature algorithm.

@@ -146,6 +146,28 @@ pub(super) fn elements(mut content: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
+/// Lowercase hex of `bytes` (serials, fingerprints, digests).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// A serial's bytes from its hex form (as stored and as the API reports it); at most 32 bytes.
+pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 64 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,9 @@ use rcgen::{
 use crate::id::TrustDomain;
 use crate::secret::Secret;
 
-pub use crate::datadir::{BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY, JWT_KEY, ROOT_CERT, ROOT_KEY};
+pub use crate::datadir::{
+    BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY, JWT_KEY, ROOT_CERT, ROOT_KEY,
+};
 
 /// How long `ca init` makes the root valid by default: 10 years.
 pub const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);

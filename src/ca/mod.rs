@@ -4,7 +4,7 @@
 
 pub mod bundle;
 pub mod crl;
-mod der;
+pub mod der;
 pub mod jwt;
 pub mod keys;
 pub mod x509;

@@ -77,7 +77,7 @@ impl Serial {
 
 impl fmt::Display for Serial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::attest::unix::hex(&self.0))
+        f.write_str(&super::der::hex(&self.0))
     }
 }
 

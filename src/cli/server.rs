@@ -169,7 +169,9 @@ pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
         SystemTime::now(),
     )
     .map_err(|e| Failure::new(EXIT_USAGE, e))?;
-    crate::api::admin::create_token_file(&crate::datadir::DataDir::new(&args.data_dir).admin_token())
+    let dir = crate::datadir::DataDir::new(&args.data_dir);
+    crate::api::admin::create_token_file(&dir.admin_token()).map_err(|e| Failure::new(1, e))?;
+    crate::api::admin::load_or_create_secret(&dir.admin_pages_key())
         .map_err(|e| Failure::new(1, e))?;
     let d = args.data_dir.display();
     writeln!(
@@ -179,8 +181,10 @@ pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
          {d}/{root_key} (0600; the broker does not need it: keep it offline)\n  \
          {d}/{inter} and {d}/{inter_key} (0600)\n  \
          {d}/{jwt} (0600)\n  \
-         {d}/{admin} (0600; the Admin API credential)",
+         {d}/{admin} (0600; the Admin API credential)\n  \
+         {d}/{pages} (0600; keys Admin API page tokens: replicas share it with the CA files)",
         admin = crate::datadir::ADMIN_TOKEN,
+        pages = crate::datadir::ADMIN_PAGES_KEY,
         root = keys::ROOT_CERT,
         bundle = keys::BUNDLE,
         root_key = keys::ROOT_KEY,

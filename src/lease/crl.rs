@@ -207,7 +207,11 @@ impl CrlPublisher {
 
     /// Starts the run loop: rebuilds after the revocations `bus` announces, every
     /// [`CRL_REFRESH`], and from the store after missed events, until `shutdown`.
-    pub fn start(self: &Arc<Self>, bus: &RevocationBus, shutdown: ShutdownSignal) -> JoinHandle<()> {
+    pub fn start(
+        self: &Arc<Self>,
+        bus: &RevocationBus,
+        shutdown: ShutdownSignal,
+    ) -> JoinHandle<()> {
         let this = self.clone();
         let events = bus.subscribe();
         tokio::spawn(async move { this.run(events, shutdown).await })

@@ -12,16 +12,23 @@
 //! - Every database error becomes [`StoreError::Unavailable`]; the pool replaces broken
 //!   connections, so service resumes by itself when the database returns.
 
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 
-use super::{
-    BoxFuture, JoinToken, Lease, LeaseKind, LeaseStatus, ListFilter, NewJoinToken, Revocation,
-    RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
+use crate::secret::Secret;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+
+use super::rows::{
+    LEASE_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task, lease_row,
+    revocation_row, task_row,
 };
-use crate::config::PostgresConfig;
+use super::{
+    BoxFuture, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation, RevokedSerial,
+    Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
+};
 
 /// The channel revocation events are announced on.
 pub const CHANNEL: &str = "ephemera_revocations";
@@ -31,6 +38,33 @@ const REVOCATION_LOCK: i64 = 0x6570_6865_6d72_0001;
 const MIGRATION_LOCK: i64 = 0x6570_6865_6d72_0002;
 /// Most leases committed in one transaction.
 const BATCH: usize = 512;
+
+/// PostgreSQL connection settings.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The URL; may carry a password, so it is never logged. Empty when `url_file` is set.
+    pub url: Secret<String>,
+    /// A file holding the URL, read when the store opens (a mounted secret may appear late).
+    pub url_file: Option<PathBuf>,
+    /// Most connections per broker.
+    pub max_connections: u32,
+    /// Connections kept open when idle.
+    pub min_connections: u32,
+    /// How long a request waits for a connection.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new(String::new()),
+            url_file: None,
+            max_connections: 16,
+            min_connections: 1,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
 
 /// Migrations, applied in order; a migration never changes once released.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -275,65 +309,6 @@ async fn fetch_tasks<'q>(
         .collect()
 }
 
-const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
-
-fn task_row(row: &PgRow) -> Result<Task, StoreError> {
-    let labels: String = row.try_get("labels").map_err(unavailable)?;
-    let claims: String = row.try_get("claims").map_err(unavailable)?;
-    let state: String = row.try_get("state").map_err(unavailable)?;
-    Ok(Task {
-        id: row.try_get("id").map_err(unavailable)?,
-        spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
-        attestor: row.try_get("attestor").map_err(unavailable)?,
-        claims: serde_json::from_str(&claims).map_err(corrupt)?,
-        source_ip: row.try_get("source_ip").map_err(unavailable)?,
-        evidence_age_secs: row.try_get("evidence_age_secs").map_err(unavailable)?,
-        labels: serde_json::from_str(&labels).map_err(corrupt)?,
-        created_at: row.try_get("created_at").map_err(unavailable)?,
-        deadline: row.try_get("deadline").map_err(unavailable)?,
-        heartbeat_secs: row.try_get("heartbeat_secs").map_err(unavailable)?,
-        grace_secs: row.try_get("grace_secs").map_err(unavailable)?,
-        due_at: row.try_get("due_at").map_err(unavailable)?,
-        state: TaskState::parse(&state).ok_or_else(|| corrupt(format!("task state {state}")))?,
-        ended_at: row.try_get("ended_at").map_err(unavailable)?,
-        reason: row.try_get("reason").map_err(unavailable)?,
-    })
-}
-
-const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
-
-fn lease_row(row: &PgRow) -> Result<LeaseStatus, StoreError> {
-    let kind: String = row.try_get("kind").map_err(unavailable)?;
-    let audience: String = row.try_get("audience").map_err(unavailable)?;
-    let task_state: Option<String> = row.try_get("task_state").map_err(unavailable)?;
-    Ok(LeaseStatus {
-        lease: Lease {
-            id: row.try_get("id").map_err(unavailable)?,
-            task_id: row.try_get("task_id").map_err(unavailable)?,
-            kind: LeaseKind::parse(&kind).ok_or_else(|| corrupt(format!("lease kind {kind}")))?,
-            serial: row.try_get("serial").map_err(unavailable)?,
-            spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
-            audience: serde_json::from_str(&audience).map_err(corrupt)?,
-            issued_at: row.try_get("issued_at").map_err(unavailable)?,
-            expires_at: row.try_get("expires_at").map_err(unavailable)?,
-            revoked: row.try_get("revoked").map_err(unavailable)?,
-            revoked_at: row.try_get("revoked_at").map_err(unavailable)?,
-            reason: row.try_get("reason").map_err(unavailable)?,
-        },
-        task_state: task_state.as_deref().and_then(TaskState::parse),
-    })
-}
-
-fn revocation_row(row: &PgRow) -> Result<Revocation, StoreError> {
-    Ok(Revocation {
-        seq: row.try_get("seq").map_err(unavailable)?,
-        at: row.try_get("at").map_err(unavailable)?,
-        task_id: row.try_get("task_id").map_err(unavailable)?,
-        lease_id: row.try_get("lease_id").map_err(unavailable)?,
-        reason: row.try_get("reason").map_err(unavailable)?,
-    })
-}
-
 /// Appends a revocation event inside the transaction that made the revocation, in commit order,
 /// and announces it to every replica when the transaction commits.
 async fn record_revocation(
@@ -466,29 +441,16 @@ impl Store for PostgresStore {
 
     fn insert_task(&self, t: Task) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let labels = serde_json::to_string(&t.labels).map_err(corrupt)?;
-            let claims = serde_json::Value::Object(t.claims.clone()).to_string();
-            sqlx::query(
-                "INSERT INTO tasks (id, spiffe_id, attestor, claims, labels, source_ip,
-                    evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            )
-            .bind(&t.id)
-            .bind(&t.spiffe_id)
-            .bind(&t.attestor)
-            .bind(claims)
-            .bind(labels)
-            .bind(&t.source_ip)
-            .bind(t.evidence_age_secs)
-            .bind(t.created_at)
-            .bind(t.deadline)
-            .bind(t.heartbeat_secs)
-            .bind(t.grace_secs)
-            .bind(t.due_at)
-            .bind(t.state.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+            let placeholders: Vec<String> =
+                (1..=TASK_INSERT_VALUES).map(|n| format!("${n}")).collect();
+            let sql = sqlx::AssertSqlSafe(format!(
+                "INSERT INTO tasks ({TASK_INSERT_COLUMNS}) VALUES ({})",
+                placeholders.join(", ")
+            ));
+            bind_task(sqlx::query(sql), &t)?
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
             Ok(())
         })
     }
@@ -931,6 +893,8 @@ async fn newest_seq(store: &PostgresStore) -> Result<i64, StoreError> {
 }
 
 /// Test support: a fresh database per test on the server `EPHEMERA_TEST_POSTGRES_URL` names.
+/// Only with the `testing` feature (the crate's tests and the benchmark).
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use super::*;
 

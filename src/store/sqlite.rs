@@ -12,9 +12,13 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::rows::{
+    LEASE_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task, lease_row,
+    revocation_row, task_row,
+};
 use super::{
-    BoxFuture, JoinToken, Lease, LeaseKind, LeaseStatus, ListFilter, NewJoinToken, Revocation,
-    RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
+    BoxFuture, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation, RevokedSerial,
+    Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
 };
 
 /// File name of the database inside the data directory.
@@ -219,8 +223,9 @@ pub struct SqliteStore {
     leases: tokio::sync::mpsc::Sender<super::QueuedLease>,
     /// Leases committed so far: how busy the log is, for the checkpointer.
     committed: Arc<AtomicU64>,
-    /// Held only so the checkpointer stops when the last clone of the store is dropped.
-    _checkpointer: Option<tokio::sync::mpsc::Sender<()>>,
+    /// The checkpointer worker: dropping its sender stops it (at shutdown through
+    /// [`SqliteStore::stop_checkpointer`], or when the last clone of the store is dropped).
+    checkpointer: Arc<std::sync::Mutex<Option<Checkpointer>>>,
     /// The directory of the database file (none in memory), whose free space `ping` checks.
     dir: Option<std::path::PathBuf>,
 }
@@ -242,7 +247,7 @@ pub struct SqliteStore {
 /// writer would keep winning). It waits at most [`WAL_RESTART_WAIT_MS`] for readers to leave
 /// the log, and is tried again on the next pass if one is still reading. Ends when the store is
 /// dropped.
-async fn checkpointer(
+async fn run_checkpointer(
     pool: SqlitePool,
     writer: SqlitePool,
     wal: std::path::PathBuf,
@@ -277,6 +282,12 @@ async fn checkpointer(
     pool.close().await;
 }
 
+/// The running checkpointer: its stop channel and task.
+struct Checkpointer {
+    stop: tokio::sync::mpsc::Sender<()>,
+    worker: tokio::task::JoinHandle<()>,
+}
+
 /// A `PASSIVE` checkpoint on one connection of `pool`: (whether it was blocked, frames in the
 /// log, frames copied into the database file).
 async fn passive_checkpoint(pool: &SqlitePool) -> Result<(i64, i64, i64), StoreError> {
@@ -286,7 +297,7 @@ async fn passive_checkpoint(pool: &SqlitePool) -> Result<(i64, i64, i64), StoreE
         .map_err(unavailable)
 }
 
-/// Restarts the log on the writer's connection (see [`checkpointer`]), waiting at most
+/// Restarts the log on the writer's connection (see [`run_checkpointer`]), waiting at most
 /// [`WAL_RESTART_WAIT_MS`] for readers.
 async fn restart_wal(writer: &SqlitePool) -> Result<(), StoreError> {
     let mut conn = writer.acquire().await.map_err(unavailable)?;
@@ -382,61 +393,6 @@ async fn fetch_tasks(
         .collect()
 }
 
-const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
-
-fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<Task, StoreError> {
-    let labels: String = row.try_get("labels").map_err(unavailable)?;
-    let claims: String = row.try_get("claims").map_err(unavailable)?;
-    let state: String = row.try_get("state").map_err(unavailable)?;
-    Ok(Task {
-        id: row.try_get("id").map_err(unavailable)?,
-        spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
-        attestor: row.try_get("attestor").map_err(unavailable)?,
-        claims: serde_json::from_str(&claims).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        source_ip: row.try_get("source_ip").map_err(unavailable)?,
-        evidence_age_secs: row.try_get("evidence_age_secs").map_err(unavailable)?,
-        labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        created_at: row.try_get("created_at").map_err(unavailable)?,
-        deadline: row.try_get("deadline").map_err(unavailable)?,
-        heartbeat_secs: row.try_get("heartbeat_secs").map_err(unavailable)?,
-        grace_secs: row.try_get("grace_secs").map_err(unavailable)?,
-        due_at: row.try_get("due_at").map_err(unavailable)?,
-        state: TaskState::parse(&state)
-            .ok_or_else(|| StoreError::Corrupt(format!("task state {state}")))?,
-        ended_at: row.try_get("ended_at").map_err(unavailable)?,
-        reason: row.try_get("reason").map_err(unavailable)?,
-    })
-}
-
-const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
-
-fn lease_row(row: &sqlx::sqlite::SqliteRow) -> Result<LeaseStatus, StoreError> {
-    let kind: String = row.try_get("kind").map_err(unavailable)?;
-    let audience: String = row.try_get("audience").map_err(unavailable)?;
-    let task_state: Option<String> = row.try_get("task_state").map_err(unavailable)?;
-    Ok(LeaseStatus {
-        lease: Lease {
-            id: row.try_get("id").map_err(unavailable)?,
-            task_id: row.try_get("task_id").map_err(unavailable)?,
-            kind: lease_kind(&kind)?,
-            serial: row.try_get("serial").map_err(unavailable)?,
-            spiffe_id: row.try_get("spiffe_id").map_err(unavailable)?,
-            audience: serde_json::from_str(&audience)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            issued_at: row.try_get("issued_at").map_err(unavailable)?,
-            expires_at: row.try_get("expires_at").map_err(unavailable)?,
-            revoked: row.try_get::<i64, _>("revoked").map_err(unavailable)? != 0,
-            revoked_at: row.try_get("revoked_at").map_err(unavailable)?,
-            reason: row.try_get("reason").map_err(unavailable)?,
-        },
-        task_state: task_state.as_deref().and_then(TaskState::parse),
-    })
-}
-
-fn lease_kind(kind: &str) -> Result<LeaseKind, StoreError> {
-    LeaseKind::parse(kind).ok_or_else(|| StoreError::Corrupt(format!("lease kind {kind}")))
-}
-
 /// Appends a revocation event inside the transaction that made the revocation, so the event
 /// log and the state can never disagree.
 async fn record_revocation(
@@ -461,16 +417,6 @@ async fn record_revocation(
     revocation_row(&row)
 }
 
-fn revocation_row(row: &sqlx::sqlite::SqliteRow) -> Result<Revocation, StoreError> {
-    Ok(Revocation {
-        seq: row.try_get("seq").map_err(unavailable)?,
-        at: row.try_get("at").map_err(unavailable)?,
-        task_id: row.try_get("task_id").map_err(unavailable)?,
-        lease_id: row.try_get("lease_id").map_err(unavailable)?,
-        reason: row.try_get("reason").map_err(unavailable)?,
-    })
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -485,7 +431,7 @@ impl SqliteStore {
         // The writer first: it creates the file and switches it to WAL.
         // Its page cache holds the index pages that inserts land on (SQLite's default, 2 MiB,
         // holds fewer than a busy lease table's random-keyed indexes touch).
-        // Checkpoints run on their own connection (see `checkpointer`), not inside the writer's
+        // Checkpoints run on their own connection (see `run_checkpointer`), not inside the writer's
         // commits, which every waiting credential would wait on.
         let writer = Self::pool(
             options
@@ -501,7 +447,7 @@ impl SqliteStore {
         .await?;
         let readers = Self::pool(options.clone(), READERS).await?;
         let (stop, stopped) = tokio::sync::mpsc::channel(1);
-        let mut store = Self::connect(readers, writer, Some(stop)).await?;
+        let mut store = Self::connect(readers, writer).await?;
         store.dir = Some(
             path.parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -511,14 +457,31 @@ impl SqliteStore {
         let checkpoints = Self::pool(options, 1).await?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
-        tokio::spawn(checkpointer(
+        let worker = tokio::spawn(run_checkpointer(
             checkpoints,
             store.writer.clone(),
             wal.into(),
             store.committed.clone(),
             stopped,
         ));
+        *store
+            .checkpointer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Checkpointer { stop, worker });
         Ok(store)
+    }
+
+    /// Stops the checkpointer worker and returns it to be joined (`None` when there is none or
+    /// it was already stopped). The writer's own checkpoint carries on after it.
+    pub fn stop_checkpointer(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let Checkpointer { stop, worker } = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        drop(stop);
+        Some(worker)
     }
 
     /// A private in-memory database (tests).
@@ -526,7 +489,7 @@ impl SqliteStore {
         let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(unavailable)?;
         // An in-memory database exists per connection: exactly one, for reads and writes.
         let pool = Self::pool(options, 1).await?;
-        Self::connect(pool.clone(), pool, None).await
+        Self::connect(pool.clone(), pool).await
     }
 
     async fn pool(
@@ -542,11 +505,7 @@ impl SqliteStore {
             .map_err(unavailable)
     }
 
-    async fn connect(
-        pool: SqlitePool,
-        writer: SqlitePool,
-        checkpointer: Option<tokio::sync::mpsc::Sender<()>>,
-    ) -> Result<Self, StoreError> {
+    async fn connect(pool: SqlitePool, writer: SqlitePool) -> Result<Self, StoreError> {
         let (tx, rx) = tokio::sync::mpsc::channel(4 * BATCH);
         let lease_writer = writer.clone();
         let committed = Arc::new(AtomicU64::new(0));
@@ -570,7 +529,7 @@ impl SqliteStore {
             writer,
             leases: tx,
             committed,
-            _checkpointer: checkpointer,
+            checkpointer: Arc::default(),
             dir: None,
         };
         store.migrate().await?;
@@ -680,30 +639,14 @@ impl Store for SqliteStore {
 
     fn insert_task(&self, t: Task) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let labels =
-                serde_json::to_string(&t.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let claims = serde_json::Value::Object(t.claims.clone()).to_string();
-            sqlx::query(
-                "INSERT INTO tasks (id, spiffe_id, attestor, claims, labels, source_ip,
-                    evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&t.id)
-            .bind(&t.spiffe_id)
-            .bind(&t.attestor)
-            .bind(claims)
-            .bind(labels)
-            .bind(&t.source_ip)
-            .bind(t.evidence_age_secs)
-            .bind(t.created_at)
-            .bind(t.deadline)
-            .bind(t.heartbeat_secs)
-            .bind(t.grace_secs)
-            .bind(t.due_at)
-            .bind(t.state.as_str())
-            .execute(&self.writer)
-            .await
-            .map_err(unavailable)?;
+            let sql = sqlx::AssertSqlSafe(format!(
+                "INSERT INTO tasks ({TASK_INSERT_COLUMNS}) VALUES ({})",
+                vec!["?"; TASK_INSERT_VALUES].join(", ")
+            ));
+            bind_task(sqlx::query(sql), &t)?
+                .execute(&self.writer)
+                .await
+                .map_err(unavailable)?;
             Ok(())
         })
     }

@@ -1,0 +1,409 @@
+//! The one conformance suite every backend must pass.
+
+use super::*;
+
+fn token(hash: u8, expires_at: i64) -> NewJoinToken {
+    let mut claims = serde_json::Map::new();
+    claims.insert("rack".into(), serde_json::Value::from("r7"));
+    NewJoinToken {
+        hash: [hash; 32],
+        id: format!("jt-{hash}"),
+        name: "build-box".into(),
+        claims,
+        created_at: 1_000,
+        expires_at,
+    }
+}
+
+/// A task row for tests.
+pub fn task(id: &str, spiffe_id: &str, deadline: i64, due_at: i64) -> Task {
+    Task {
+        id: id.into(),
+        spiffe_id: spiffe_id.into(),
+        attestor: "unix".into(),
+        claims: serde_json::Map::new(),
+        labels: [("env".to_owned(), "test".to_owned())].into(),
+        source_ip: Some("10.1.2.3".into()),
+        evidence_age_secs: 5,
+        created_at: 100,
+        deadline,
+        heartbeat_secs: 10,
+        grace_secs: 30,
+        due_at,
+        state: TaskState::Active,
+        ended_at: None,
+        reason: None,
+    }
+}
+
+pub fn lease(id: &str, task: Option<&str>, serial: Option<&str>, expires_at: i64) -> Lease {
+    Lease {
+        id: id.into(),
+        task_id: task.map(Into::into),
+        kind: if serial.is_some() {
+            LeaseKind::X509
+        } else {
+            LeaseKind::Jwt
+        },
+        serial: serial.map(Into::into),
+        spiffe_id: "spiffe://e.org/a".into(),
+        audience: if serial.is_some() {
+            vec![]
+        } else {
+            vec!["aud".into()]
+        },
+        issued_at: 100,
+        expires_at,
+        revoked: false,
+        revoked_at: None,
+        reason: None,
+    }
+}
+
+/// Leases racing their task's end: every lease written is in the task's revocation event as
+/// read right when the end commits.
+pub async fn ended_task_covers_racing_leases(store: std::sync::Arc<dyn Store>) {
+    for round in 0..10 {
+        let id = format!("race{round}");
+        store
+            .insert_task(task(&id, "spiffe://e.org/r", 1_000, 900))
+            .await
+            .unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let (st, id) = (store.clone(), id.clone());
+                tokio::spawn(async move {
+                    let l = lease(&format!("{id}-{i}"), Some(&id), None, 150);
+                    st.insert_lease(l).await.map(|()| format!("{id}-{i}"))
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let ev = store
+            .end_task(&id, TaskState::Ended, "done", 140)
+            .await
+            .unwrap()
+            .unwrap();
+        // What relying parties learn of the event: read now, while writers may still be
+        // committing. A lease written after this read would have escaped the revocation.
+        let mut revoked: Vec<String> = store
+            .revoked_leases(&ev)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        let mut written = Vec::new();
+        for w in writers {
+            match w.await.unwrap() {
+                Ok(lease_id) => written.push(lease_id),
+                Err(StoreError::TaskNotActive(t)) => assert_eq!(t, id),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        written.sort();
+        revoked.sort();
+        assert_eq!(written, revoked, "round {round}");
+    }
+}
+
+/// Tasks, leases and revocations: lifecycle, one-write task revocation, the CRL query,
+/// the event log, listings with filters and paging, restart refresh, pruning.
+pub async fn tasks_and_leases(store: std::sync::Arc<dyn Store>) {
+    let s = store.as_ref();
+    assert_eq!(s.newest_revocation().await.unwrap(), 0, "no events yet");
+    s.insert_task(task("t1", "spiffe://e.org/a", 1_000, 140))
+        .await
+        .unwrap();
+    s.insert_task(task("t2", "spiffe://e.org/a", 1_000, 500))
+        .await
+        .unwrap();
+    s.insert_task(task("t3", "spiffe://e.org/b", 120, 120))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.insert_task(task("t1", "x", 1, 1)).await,
+        Err(StoreError::Conflict)
+    ));
+    let t1 = s.task("t1").await.unwrap().unwrap();
+    assert_eq!(
+        t1,
+        task("t1", "spiffe://e.org/a", 1_000, 140),
+        "stored as given"
+    );
+    assert!(s.task("nope").await.unwrap().is_none());
+
+    // Leases, concurrently through group commit.
+    let mut writers = Vec::new();
+    for i in 0..50 {
+        let st = store.clone();
+        writers.push(tokio::spawn(async move {
+            st.insert_lease(lease(&format!("l{i:02}"), Some("t1"), None, 900))
+                .await
+        }));
+    }
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    s.insert_lease(lease("x1", Some("t1"), Some("aa01"), 900))
+        .await
+        .unwrap();
+    s.insert_lease(lease("x2", None, Some("aa02"), 900))
+        .await
+        .unwrap();
+    s.insert_lease(lease("x3", None, Some("aa03"), 900))
+        .await
+        .unwrap();
+    s.insert_lease(lease("x5", None, Some("aa05"), 150))
+        .await
+        .unwrap();
+    assert!(
+        s.revoke_lease("x5", "compromised", 120)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.insert_lease(lease("x4", None, Some("aa01"), 900))
+            .await
+            .is_err(),
+        "serials are unique"
+    );
+    let by_serial = s.lease("aa01").await.unwrap().unwrap();
+    assert_eq!(by_serial.lease.id, "x1");
+    assert!(by_serial.active(200));
+
+    // Due tasks and keep-alive.
+    let due: Vec<String> = s
+        .due_tasks(140, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(due, ["t3", "t1"]);
+    assert!(s.keep_alive("t1", 2_000).await.unwrap());
+    assert_eq!(
+        s.task("t1").await.unwrap().unwrap().due_at,
+        1_000,
+        "capped at the deadline"
+    );
+
+    // Ending a task: one event, its leases inactive, idempotent.
+    let ev = s
+        .end_task("t1", TaskState::Ended, "done", 200)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (ev.task_id.as_deref(), ev.reason.as_str()),
+        (Some("t1"), "done")
+    );
+    assert!(
+        s.end_task("t1", TaskState::Revoked, "again", 201)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(!s.keep_alive("t1", 300).await.unwrap());
+    assert!(!s.lease("l07").await.unwrap().unwrap().active(200));
+    assert_eq!(s.revoked_leases(&ev).await.unwrap().len(), 51);
+
+    // A lease of an ended task is refused, also when it shares a group commit with leases
+    // that are written.
+    let (late, fine) = tokio::join!(
+        store.insert_lease(lease("late", Some("t1"), None, 900)),
+        store.insert_lease(lease("fine", Some("t2"), None, 150)),
+    );
+    assert!(
+        matches!(&late, Err(StoreError::TaskNotActive(t)) if t == "t1"),
+        "{late:?}"
+    );
+    fine.unwrap();
+    assert!(s.lease("late").await.unwrap().is_none(), "nothing written");
+    assert_eq!(s.revoked_leases(&ev).await.unwrap().len(), 51);
+
+    // Revoking a single lease.
+    let ev2 = s.revoke_lease("x2", "admin", 210).await.unwrap().unwrap();
+    let x5_seq = s.revocations_after(0, 10).await.unwrap()[0].seq;
+    assert!(ev2.seq > ev.seq);
+    assert!(s.revoke_lease("x2", "admin", 211).await.unwrap().is_none());
+    // Expansions carry each lease whole (audience, serial, revocation), in id order.
+    assert_eq!(
+        *s.revoked_leases(&ev2).await.unwrap(),
+        [s.lease("x2").await.unwrap().unwrap().lease]
+    );
+    let expanded = s.revoked_leases(&ev).await.unwrap();
+    assert!(expanded.windows(2).all(|w| w[0].id < w[1].id));
+    for l in &expanded {
+        assert_eq!(*l, s.lease(&l.id).await.unwrap().unwrap().lease);
+    }
+
+    // The CRL query: task-ended and revoked X.509 leases until their expiry (x5 expired).
+    let serials: Vec<String> = s
+        .revoked_serials(210)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    assert_eq!(serials, ["aa01", "aa02"]);
+    assert!(s.revoked_serials(901).await.unwrap().is_empty());
+
+    // The event log, in order, after a cursor.
+    let all = s.revocations_after(0, 10).await.unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [x5_seq, ev.seq, ev2.seq]
+    );
+    assert_eq!(s.revocations_after(ev.seq, 10).await.unwrap().len(), 1);
+    assert!(x5_seq < ev.seq);
+    assert_eq!(s.newest_revocation().await.unwrap(), ev2.seq);
+
+    // Listings.
+    let f = |spiffe: Option<&str>, active: Option<bool>, after: Option<&str>, limit| ListFilter {
+        task_id: None,
+        spiffe_id: spiffe.map(Into::into),
+        active,
+        after: after.map(Into::into),
+        limit,
+    };
+    let ids = |v: Vec<Task>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_tasks(f(None, None, None, 10), 200).await.unwrap()),
+        ["t1", "t2", "t3"]
+    );
+    assert_eq!(
+        ids(s
+            .list_tasks(f(Some("spiffe://e.org/a"), Some(true), None, 10), 200)
+            .await
+            .unwrap()),
+        ["t2"]
+    );
+    assert_eq!(
+        ids(s
+            .list_tasks(f(None, None, Some("t1"), 1), 200)
+            .await
+            .unwrap()),
+        ["t2"]
+    );
+    let leases = s
+        .list_leases(
+            ListFilter {
+                task_id: Some("t1".into()),
+                limit: 100,
+                ..ListFilter::default()
+            },
+            200,
+        )
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 51);
+    let active = s
+        .list_leases(f(None, Some(true), None, 100), 200)
+        .await
+        .unwrap();
+    assert_eq!(
+        active
+            .iter()
+            .map(|l| l.lease.id.as_str())
+            .collect::<Vec<_>>(),
+        ["x3"]
+    );
+    assert_eq!(ids(s.active_tasks(None, 10).await.unwrap()), ["t2", "t3"]);
+    assert_eq!(
+        ids(s.active_tasks(Some("t2".into()), 10).await.unwrap()),
+        ["t3"]
+    );
+
+    // Counts for metrics: t2 and t3 active; x3 the only honoured lease.
+    assert_eq!(s.counts(200).await.unwrap(), (2, 1));
+    // Quota counts: a/t2 is active (t1 ended); b/t3 active.
+    assert_eq!(s.count_active_tasks("spiffe://e.org/a").await.unwrap(), 1);
+    assert_eq!(
+        s.count_active_tasks("spiffe://e.org/nobody").await.unwrap(),
+        0
+    );
+    assert_eq!(s.count_task_leases("t-none").await.unwrap(), 0);
+    let in_t1 = s
+        .list_leases(
+            ListFilter {
+                task_id: Some("t1".into()),
+                limit: 1000,
+                ..ListFilter::default()
+            },
+            200,
+        )
+        .await
+        .unwrap()
+        .len() as u64;
+    assert!(in_t1 > 0);
+    assert_eq!(s.count_task_leases("t1").await.unwrap(), in_t1);
+
+    // Restart: live tasks get a fresh grace, capped at their deadline.
+    assert_eq!(s.refresh_active_tasks(300).await.unwrap(), 2);
+    assert_eq!(s.task("t2").await.unwrap().unwrap().due_at, 340);
+    assert_eq!(s.task("t3").await.unwrap().unwrap().due_at, 120);
+
+    // Pruning: expired leases, ended tasks without leases, old events.
+    assert!(s.prune(950).await.unwrap() > 0);
+    assert!(s.lease("x1").await.unwrap().is_none());
+    assert!(s.task("t1").await.unwrap().is_none());
+    assert!(
+        s.task("t2").await.unwrap().is_some(),
+        "active tasks are never pruned"
+    );
+    assert!(s.revocations_after(0, 10).await.unwrap().is_empty());
+
+    // Expansions survive text that needs escaping on its way through the database's JSON.
+    let mut odd = lease("q\"1", Some("t2"), None, 900);
+    odd.audience = vec!["a\"b\\c".into(), "ünï\u{1}\n".into()];
+    store.insert_lease(odd).await.unwrap();
+    let ev3 = s
+        .revoke_lease("q\"1", "said \"stop\"\t", 960)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        *s.revoked_leases(&ev3).await.unwrap(),
+        [s.lease("q\"1").await.unwrap().unwrap().lease]
+    );
+}
+
+/// Join tokens: stored by hash, single use, expiry honoured, concurrent use has one winner.
+pub async fn join_tokens(store: std::sync::Arc<dyn Store>) {
+    store.ping().await.unwrap();
+    store.create_join_token(token(1, 2_000)).await.unwrap();
+    assert!(matches!(
+        store.create_join_token(token(1, 2_000)).await,
+        Err(StoreError::Conflict)
+    ));
+    let got = store.join_token([1; 32]).await.unwrap().unwrap();
+    assert_eq!(got.name, "build-box");
+    assert_eq!(got.claims["rack"], "r7");
+    assert_eq!(got.used_at, None);
+    assert!(store.join_token([9; 32]).await.unwrap().is_none());
+
+    // Expired tokens cannot be consumed.
+    assert!(!store.consume_join_token([1; 32], 2_000).await.unwrap());
+    // Concurrent use: exactly one winner.
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let s = store.clone();
+        handles.push(tokio::spawn(async move {
+            s.consume_join_token([1; 32], 1_500).await.unwrap()
+        }));
+    }
+    let mut wins = 0;
+    for h in handles {
+        if h.await.unwrap() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(
+        store.join_token([1; 32]).await.unwrap().unwrap().used_at,
+        Some(1_500)
+    );
+    assert!(!store.consume_join_token([9; 32], 1_500).await.unwrap());
+}

@@ -1,0 +1,204 @@
+//! What both backends share of their rows: the column lists, the decoders from a row to a
+//! [`Task`], [`LeaseStatus`] or [`Revocation`], and the values a task is inserted with. Each
+//! backend only supplies its placeholders and how it reads a column ([`Columns`]).
+
+use sqlx::{Database, Encode, Row, Type};
+
+use super::{Lease, LeaseKind, LeaseStatus, Revocation, StoreError, Task, TaskState};
+
+/// The columns [`task_row`] reads.
+pub(super) const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
+
+/// The columns [`lease_row`] reads: `l` the lease, `t` its task (left-joined).
+pub(super) const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
+
+/// The columns a new task is inserted with, in [`bind_task`]'s order.
+pub(super) const TASK_INSERT_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state";
+
+/// How many values [`bind_task`] binds.
+pub(super) const TASK_INSERT_VALUES: usize = 13;
+
+/// Reads a column of a backend's row.
+pub(super) trait Columns {
+    /// A text column.
+    fn text(&self, column: &str) -> Result<String, StoreError>;
+    /// A nullable text column.
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+    /// An integer column.
+    fn int(&self, column: &str) -> Result<i64, StoreError>;
+    /// A nullable integer column.
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+    /// A boolean column (an integer 0/1 in SQLite).
+    fn flag(&self, column: &str) -> Result<bool, StoreError>;
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl Columns for sqlx::sqlite::SqliteRow {
+    fn text(&self, c: &str) -> Result<String, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+    fn opt_text(&self, c: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+    fn int(&self, c: &str) -> Result<i64, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+    fn opt_int(&self, c: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+    fn flag(&self, c: &str) -> Result<bool, StoreError> {
+        Ok(self.try_get::<i64, _>(c).map_err(unavailable)? != 0)
+    }
+}
+
+impl Columns for sqlx::postgres::PgRow {
+    fn text(&self, c: &str) -> Result<String, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+    fn opt_text(&self, c: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+    fn int(&self, c: &str) -> Result<i64, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+    fn opt_int(&self, c: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+    fn flag(&self, c: &str) -> Result<bool, StoreError> {
+        self.try_get(c).map_err(unavailable)
+    }
+}
+
+/// A task from a row of [`TASK_COLUMNS`].
+pub(super) fn task_row(row: &impl Columns) -> Result<Task, StoreError> {
+    let state = row.text("state")?;
+    Ok(Task {
+        id: row.text("id")?,
+        spiffe_id: row.text("spiffe_id")?,
+        attestor: row.text("attestor")?,
+        claims: serde_json::from_str(&row.text("claims")?).map_err(corrupt)?,
+        source_ip: row.opt_text("source_ip")?,
+        evidence_age_secs: row.int("evidence_age_secs")?,
+        labels: serde_json::from_str(&row.text("labels")?).map_err(corrupt)?,
+        created_at: row.int("created_at")?,
+        deadline: row.int("deadline")?,
+        heartbeat_secs: row.int("heartbeat_secs")?,
+        grace_secs: row.int("grace_secs")?,
+        due_at: row.int("due_at")?,
+        state: TaskState::parse(&state).ok_or_else(|| corrupt(format!("task state {state}")))?,
+        ended_at: row.opt_int("ended_at")?,
+        reason: row.opt_text("reason")?,
+    })
+}
+
+/// A lease with its task's state from a row of [`LEASE_COLUMNS`].
+pub(super) fn lease_row(row: &impl Columns) -> Result<LeaseStatus, StoreError> {
+    let kind = row.text("kind")?;
+    Ok(LeaseStatus {
+        lease: Lease {
+            id: row.text("id")?,
+            task_id: row.opt_text("task_id")?,
+            kind: LeaseKind::parse(&kind).ok_or_else(|| corrupt(format!("lease kind {kind}")))?,
+            serial: row.opt_text("serial")?,
+            spiffe_id: row.text("spiffe_id")?,
+            audience: serde_json::from_str(&row.text("audience")?).map_err(corrupt)?,
+            issued_at: row.int("issued_at")?,
+            expires_at: row.int("expires_at")?,
+            revoked: row.flag("revoked")?,
+            revoked_at: row.opt_int("revoked_at")?,
+            reason: row.opt_text("reason")?,
+        },
+        task_state: row
+            .opt_text("task_state")?
+            .as_deref()
+            .and_then(TaskState::parse),
+    })
+}
+
+/// A revocation event from a row of `seq, at, task_id, lease_id, reason`.
+pub(super) fn revocation_row(row: &impl Columns) -> Result<Revocation, StoreError> {
+    Ok(Revocation {
+        seq: row.int("seq")?,
+        at: row.int("at")?,
+        task_id: row.opt_text("task_id")?,
+        lease_id: row.opt_text("lease_id")?,
+        reason: row.text("reason")?,
+    })
+}
+
+/// Binds a new task's values, in [`TASK_INSERT_COLUMNS`] order.
+pub(super) fn bind_task<'q, DB: Database>(
+    query: sqlx::query::Query<'q, DB, DB::Arguments>,
+    t: &Task,
+) -> Result<sqlx::query::Query<'q, DB, DB::Arguments>, StoreError>
+where
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+{
+    let labels = serde_json::to_string(&t.labels).map_err(corrupt)?;
+    let claims = serde_json::Value::Object(t.claims.clone()).to_string();
+    Ok(query
+        .bind(t.id.clone())
+        .bind(t.spiffe_id.clone())
+        .bind(t.attestor.clone())
+        .bind(claims)
+        .bind(labels)
+        .bind(t.source_ip.clone())
+        .bind(t.evidence_age_secs)
+        .bind(t.created_at)
+        .bind(t.deadline)
+        .bind(t.heartbeat_secs)
+        .bind(t.grace_secs)
+        .bind(t.due_at)
+        .bind(t.state.as_str().to_owned()))
+}
+
+/// A lease as the stores' revocation expansion reads it: one JSON array of the lease's columns
+/// in table order (`revoked` as 0 or 1, `audience` as its JSON array).
+type LeaseJson = (
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+    Vec<String>,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+);
+
+/// The leases of a JSON array of [`LeaseJson`] rows, built by the database in one query: a task
+/// may hold thousands of leases, and handing each back as a row of values costs several times
+/// the read itself (per value copies, per row messages, decoding by column name).
+pub(crate) fn leases_from_json(json: &str) -> Result<Vec<Lease>, StoreError> {
+    let rows: Vec<LeaseJson> = serde_json::from_str(json)
+        .map_err(|e| StoreError::Corrupt(format!("revoked leases: {e}")))?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(Lease {
+                kind: LeaseKind::parse(&row.2)
+                    .ok_or_else(|| StoreError::Corrupt(format!("lease kind {}", row.2)))?,
+                id: row.0,
+                task_id: row.1,
+                serial: row.3,
+                spiffe_id: row.4,
+                audience: row.5,
+                issued_at: row.6,
+                expires_at: row.7,
+                revoked: row.8 != 0,
+                revoked_at: row.9,
+                reason: row.10,
+            })
+        })
+        .collect()
+}
