@@ -149,3 +149,61 @@ impl Drop for Audit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_event_is_written_once_when_dropped_and_an_abandoned_request_is_a_denial() {
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let evidence = Evidence::default();
+            // Dropped before any outcome: the caller went away mid-request.
+            drop(Audit::new("MintJwtSvid", &evidence, "db".into(), Some(60)));
+            let mut allowed = Audit::new("MintJwtSvid", &evidence, "db".into(), None);
+            allowed.outcome(&Ok::<(), BrokerError>(()));
+            drop(allowed);
+            let mut denied = Audit::new("BeginTask", &evidence, "task".into(), None);
+            denied.outcome(&Err::<(), _>(BrokerError::TaskNotFound("t1".into())));
+            drop(denied);
+            // A probe is not a decision of its own.
+            let mut probe = Audit::new("MintX509Svid", &evidence, "x509-svid".into(), None);
+            probe.refused(&Ok::<(), BrokerError>(()));
+            probe.discard();
+            drop(probe);
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(events.len(), 3, "{text}");
+        let field = |i: usize, f: &str| events[i]["fields"][f].as_str().unwrap_or("").to_owned();
+        assert_eq!(field(0, "decision"), "deny");
+        assert!(field(0, "reason").starts_with("abandoned"), "{text}");
+        assert_eq!(field(1, "decision"), "allow");
+        assert_eq!(field(2, "decision"), "deny");
+        assert_eq!(field(2, "reason"), "unknown task t1");
+        assert!(events.iter().all(|e| e["target"] == "ephemera::audit"));
+    }
+}
