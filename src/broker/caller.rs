@@ -96,6 +96,22 @@ impl<'a> Call<'a> {
         })
     }
 
+    /// The start of every request that adds load: who is calling ([`Self::caller`]), one
+    /// request from its rate limit, and policy on `action` over every resource.
+    pub(super) async fn authorized(
+        &mut self,
+        requested: Option<&SpiffeId>,
+        task_id: Option<&str>,
+        action: Action,
+        resources: &[Resource],
+        requested_ttl_secs: u64,
+    ) -> Result<Caller, BrokerError> {
+        let caller = self.caller(requested, task_id).await?;
+        self.broker.admit(&caller)?;
+        self.authorize(&caller, action, resources, requested_ttl_secs)?;
+        Ok(caller)
+    }
+
     /// Asks policy about `action` on each resource; all must be allowed. The policies that
     /// decided go into the audit event.
     pub(super) fn authorize(

@@ -127,15 +127,14 @@ impl Broker {
         );
         let result = async {
             let caller = call
-                .caller(req.spiffe_id.as_ref(), req.task_id.as_deref())
+                .authorized(
+                    req.spiffe_id.as_ref(),
+                    req.task_id.as_deref(),
+                    Action::MintX509Svid,
+                    &[Resource::Target("x509-svid".to_owned())],
+                    req.ttl.unwrap_or(self.limits.x509.default_ttl).as_secs(),
+                )
                 .await?;
-            self.admit(&caller)?;
-            call.authorize(
-                &caller,
-                Action::MintX509Svid,
-                &[Resource::Target("x509-svid".to_owned())],
-                req.ttl.unwrap_or(self.limits.x509.default_ttl).as_secs(),
-            )?;
             // The CSR is parsed (and its signature verified) only for callers already
             // identified.
             let key = match &req.csr {
@@ -169,15 +168,14 @@ impl Broker {
         );
         let result = async {
             let caller = call
-                .caller(req.spiffe_id.as_ref(), req.task_id.as_deref())
+                .authorized(
+                    req.spiffe_id.as_ref(),
+                    req.task_id.as_deref(),
+                    Action::MintJwtSvid,
+                    &audience_resources(&req.audiences),
+                    req.ttl.unwrap_or(self.limits.jwt.default_ttl).as_secs(),
+                )
                 .await?;
-            self.admit(&caller)?;
-            call.authorize(
-                &caller,
-                Action::MintJwtSvid,
-                &audience_resources(&req.audiences),
-                req.ttl.unwrap_or(self.limits.jwt.default_ttl).as_secs(),
-            )?;
             let minted = call.issue_jwt(&caller, &req.audiences, req.ttl).await?;
             self.consume_single_use(&caller.identity).await?;
             Ok(minted)

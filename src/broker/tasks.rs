@@ -86,14 +86,15 @@ impl Broker {
             Some(duration.as_secs()),
         );
         let result = async {
-            let caller = call.caller(req.spiffe_id.as_ref(), None).await?;
-            self.admit(&caller)?;
-            call.authorize(
-                &caller,
-                Action::BeginTask,
-                &[Resource::Target("task".to_owned())],
-                duration.as_secs(),
-            )?;
+            let caller = call
+                .authorized(
+                    req.spiffe_id.as_ref(),
+                    None,
+                    Action::BeginTask,
+                    &[Resource::Target("task".to_owned())],
+                    duration.as_secs(),
+                )
+                .await?;
             let task = self
                 .start_task(evidence, &caller, duration, req.labels)
                 .await?;

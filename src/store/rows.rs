@@ -40,41 +40,37 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
-impl Columns for sqlx::sqlite::SqliteRow {
-    fn text(&self, c: &str) -> Result<String, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-    fn opt_text(&self, c: &str) -> Result<Option<String>, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-    fn int(&self, c: &str) -> Result<i64, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-    fn opt_int(&self, c: &str) -> Result<Option<i64>, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-    fn flag(&self, c: &str) -> Result<bool, StoreError> {
-        Ok(self.try_get::<i64, _>(c).map_err(unavailable)? != 0)
-    }
+/// Both backends read text and integers alike; they differ in how a boolean is stored.
+macro_rules! columns {
+    ($row:ty, |$r:ident, $c:ident| $flag:expr) => {
+        impl Columns for $row {
+            fn text(&self, c: &str) -> Result<String, StoreError> {
+                self.try_get(c).map_err(unavailable)
+            }
+            fn opt_text(&self, c: &str) -> Result<Option<String>, StoreError> {
+                self.try_get(c).map_err(unavailable)
+            }
+            fn int(&self, c: &str) -> Result<i64, StoreError> {
+                self.try_get(c).map_err(unavailable)
+            }
+            fn opt_int(&self, c: &str) -> Result<Option<i64>, StoreError> {
+                self.try_get(c).map_err(unavailable)
+            }
+            fn flag(&self, $c: &str) -> Result<bool, StoreError> {
+                let $r = self;
+                $flag
+            }
+        }
+    };
 }
 
-impl Columns for sqlx::postgres::PgRow {
-    fn text(&self, c: &str) -> Result<String, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-    fn opt_text(&self, c: &str) -> Result<Option<String>, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-    fn int(&self, c: &str) -> Result<i64, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-    fn opt_int(&self, c: &str) -> Result<Option<i64>, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-    fn flag(&self, c: &str) -> Result<bool, StoreError> {
-        self.try_get(c).map_err(unavailable)
-    }
-}
+columns!(sqlx::sqlite::SqliteRow, |r, c| Ok(r
+    .try_get::<i64, _>(c)
+    .map_err(unavailable)?
+    != 0));
+columns!(sqlx::postgres::PgRow, |r, c| r
+    .try_get(c)
+    .map_err(unavailable));
 
 /// A task from a row of [`TASK_COLUMNS`].
 pub(super) fn task_row(row: &impl Columns) -> Result<Task, StoreError> {
