@@ -15,6 +15,7 @@ use tonic::transport::Server;
 
 use crate::api::admin::{AdminAuth, AdminService};
 use crate::api::broker::BrokerService;
+use crate::api::health::{BROKER_SERVICES, HealthWorker, WORKLOAD_SERVICES, reflection};
 use crate::api::pb::v1::admin_server::AdminServer;
 use crate::api::pb::v1::broker_server::BrokerServer;
 use crate::api::pb::v1::revocations_server::RevocationsServer;
@@ -206,6 +207,17 @@ pub fn reload_mappings(broker: &Broker, path: &Path) -> Result<usize, String> {
             Err(e.to_string())
         }
     }
+}
+
+/// The connections of a Unix listener, each with its request `:authority` normalized so every
+/// gRPC stack can call (see [`crate::api::authority`]).
+fn unix_incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<
+    Item = io::Result<crate::api::authority::Normalized<tokio::net::UnixStream>>,
+> {
+    use tokio_stream::StreamExt;
+    UnixListenerStream::new(listener).map(|c| c.map(crate::api::authority::Normalized::new))
 }
 
 /// Binds the Unix socket, replacing a stale socket file but never a live broker's.
@@ -405,29 +417,51 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     }));
 
     let max_msg = config.grpc.max_message_bytes;
-    let routes = || -> Result<tonic::service::Routes, StartError> {
-        let (health_reporter, health) = tonic_health::server::health_reporter();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Setup(e.to_string()))?;
+    let setup = |e: tonic_reflection::server::Error| StartError::Setup(e.to_string());
+    // Each listener has its own health reporter, listing the services it serves.
+    let mut reporters: Vec<(
+        tonic_health::server::HealthReporter,
+        &'static [&'static str],
+    )> = Vec::new();
+    let mut broker_routes = || -> Result<tonic::service::Routes, StartError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporters.push((reporter, BROKER_SERVICES));
+        let (reflection_v1, reflection_v1alpha) = reflection(BROKER_SERVICES).map_err(setup)?;
         let svc = BrokerServer::new(BrokerService::new(broker.clone()))
             .max_decoding_message_size(max_msg);
         let admin = AdminServer::new(AdminService::new(broker.clone(), admin_auth.clone()))
             .max_decoding_message_size(max_msg);
         let revocations = RevocationsServer::new(RevocationsService::new(broker.clone()))
             .max_decoding_message_size(max_msg);
-        tokio::spawn(async move {
-            health_reporter
-                .set_serving::<BrokerServer<BrokerService>>()
-                .await;
-        });
         Ok(tonic::service::Routes::new(health)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(svc)
             .add_service(admin)
             .add_service(revocations))
+    };
+    let tcp_routes = broker_routes()?;
+    let unix_routes = broker_routes()?;
+    // The SPIFFE Workload API on its own socket: only SpiffeWorkloadAPI is served there.
+    let workload_routes = match &config.workload_socket {
+        None => None,
+        Some(_) => {
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporters.push((reporter, WORKLOAD_SERVICES));
+            let (reflection_v1, reflection_v1alpha) =
+                reflection(WORKLOAD_SERVICES).map_err(setup)?;
+            let svc = SpiffeWorkloadApiServer::new(WorkloadService::new(
+                broker.clone(),
+                config.workload_api,
+            ))
+            .max_decoding_message_size(max_msg);
+            Some(
+                tonic::service::Routes::new(health)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
+                    .add_service(svc),
+            )
+        }
     };
 
     let mut tasks = Vec::new();
@@ -467,8 +501,17 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .start(shutdown.signal()),
     );
 
+    // Health is reported before any listener serves.
+    workers.push(
+        HealthWorker {
+            store: store.clone(),
+            reporters,
+        }
+        .start(shutdown.signal())
+        .await,
+    );
+
     // gRPC over TCP: TLS with a serving certificate from our own CA, unless explicitly plaintext.
-    let tcp_routes = routes()?;
     let tcp_server = Server::builder()
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .add_routes(tcp_routes);
@@ -496,30 +539,26 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     };
 
     let socket_listener = bind_socket(&config.grpc.socket).await?;
-    let unix_routes = routes()?;
     let mut rx = shutdown.signal();
     tasks.push(tokio::spawn(async move {
         Server::builder()
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_routes(unix_routes)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(socket_listener), async move {
+            .serve_with_incoming_shutdown(unix_incoming(socket_listener), async move {
                 rx.wait().await;
             })
             .await
             .map_err(|e| format!("grpc unix server: {e}"))
     }));
 
-    // The SPIFFE Workload API on its own socket: only SpiffeWorkloadAPI is served there.
-    if let Some(path) = &config.workload_socket {
+    if let (Some(path), Some(routes)) = (&config.workload_socket, workload_routes) {
         let listener = bind_socket(path).await?;
-        let svc =
-            SpiffeWorkloadApiServer::new(WorkloadService::new(broker.clone(), config.workload_api))
-                .max_decoding_message_size(max_msg);
         let mut rx = shutdown.signal();
         tasks.push(tokio::spawn(async move {
             Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(unix_incoming(listener), async move {
                     rx.wait().await;
                 })
                 .await

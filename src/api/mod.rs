@@ -4,7 +4,9 @@
 //! typed broker requests and call `broker.rs`; they hold no logic of their own.
 
 pub mod admin;
+pub mod authority;
 pub mod broker;
+pub mod health;
 pub mod revocations;
 pub mod status;
 pub mod tls;

@@ -1,0 +1,357 @@
+//! Unix-socket connections that every gRPC stack can use, whatever `:authority` it sends.
+//!
+//! gRPC clients name a Unix socket target in `:authority` in different ways: grpc-go and grpc-js
+//! send `localhost`, gRPC C-core (Python `grpcio`, py-spiffe, C++, Ruby, PHP) the percent-encoded
+//! socket path (`tmp%2Fdir%2Fworkload.sock`), grpc-java/Netty the raw path
+//! (`/run/ephemera/workload.sock`). h2 parses `:authority` as a URI authority and resets the
+//! stream with `PROTOCOL_ERROR` when it is not one (hyperium/h2#487), so C-core and Java clients
+//! could not call the broker at all; h2 has no option to accept them.
+//!
+//! [`Normalized`] sits between the Unix socket and the HTTP/2 server and rewrites the request
+//! header blocks the client sends: each HEADERS (+ CONTINUATION) block is decoded with the
+//! connection's HPACK decoder and encoded again with an encoder of our own, replacing an
+//! `:authority` that is not a valid URI authority with `localhost`. Every block is re-encoded,
+//! not only the rewritten ones: HPACK's dynamic table is connection state shared by the client's
+//! encoder and the server's decoder, so the server must see one consistent encoding (ours) for
+//! the whole connection. Everything else (the preface, SETTINGS, DATA, PING, WINDOW_UPDATE,
+//! RST_STREAM, GOAWAY, PRIORITY) passes through unchanged, and the server-to-client direction is
+//! untouched. Only Unix listeners are wrapped: on TCP the authority is a host name.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+
+/// The client connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Frame header length.
+const FRAME_HEADER: usize = 9;
+/// HEADERS frame type.
+const HEADERS: u8 = 0x1;
+/// CONTINUATION frame type.
+const CONTINUATION: u8 = 0x9;
+/// END_STREAM flag.
+const END_STREAM: u8 = 0x1;
+/// END_HEADERS flag.
+const END_HEADERS: u8 = 0x4;
+/// PADDED flag.
+const PADDED: u8 = 0x8;
+/// PRIORITY flag.
+const PRIORITY: u8 = 0x20;
+/// Largest frame the server accepts (its SETTINGS_MAX_FRAME_SIZE, h2's default): the largest
+/// we forward, and the most we buffer of one frame from the client.
+const MAX_FRAME: usize = 16_384;
+/// Largest header block accepted, HPACK-encoded (the server's header list limit bounds the
+/// decoded size too).
+const MAX_BLOCK: usize = 64 * 1024;
+/// What replaces an `:authority` that is not a URI authority.
+const LOCALHOST: &[u8] = b"localhost";
+
+/// A Unix-socket connection whose request header blocks carry an `:authority` h2 accepts.
+pub struct Normalized<S> {
+    inner: S,
+    /// Bytes read from the client, not yet forwarded.
+    raw: BytesMut,
+    /// Bytes ready for the server.
+    ready: BytesMut,
+    preface_seen: bool,
+    /// A header block being assembled from HEADERS and CONTINUATION frames.
+    pending: Option<PendingBlock>,
+    decoder: loona_hpack::Decoder<'static>,
+    encoder: loona_hpack::Encoder<'static>,
+    /// The client closed its side; what is buffered is still delivered.
+    eof: bool,
+}
+
+/// A HEADERS frame waiting for the CONTINUATION frames that finish its block.
+struct PendingBlock {
+    stream: u32,
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    block: Vec<u8>,
+}
+
+fn malformed(why: &str) -> io::Error {
+    tracing::debug!(
+        reason = why,
+        "unix connection closed: malformed HTTP/2 from the client"
+    );
+    io::Error::new(io::ErrorKind::InvalidData, why.to_owned())
+}
+
+impl<S> Normalized<S> {
+    /// Wraps a freshly accepted connection.
+    pub fn new(inner: S) -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        // The client's encoder may use at most the table the server announced (h2's default).
+        decoder.set_max_allowed_table_size(4096);
+        Self {
+            inner,
+            raw: BytesMut::with_capacity(8 * 1024),
+            ready: BytesMut::new(),
+            preface_seen: false,
+            pending: None,
+            decoder,
+            encoder: loona_hpack::Encoder::new(),
+            eof: false,
+        }
+    }
+
+    /// Moves every complete unit in `raw` to `ready`, rewriting header blocks.
+    fn process(&mut self) -> io::Result<()> {
+        if !self.preface_seen {
+            let n = self.raw.len().min(PREFACE.len());
+            if self.raw[..n] != PREFACE[..n] {
+                // Not HTTP/2 with prior knowledge: let the server answer it as it would.
+                self.preface_seen = true;
+                self.pending = None;
+                let all = self.raw.split();
+                self.ready.extend_from_slice(&all);
+                self.passthrough_only();
+                return Ok(());
+            }
+            if n < PREFACE.len() {
+                return Ok(());
+            }
+            let preface = self.raw.split_to(PREFACE.len());
+            self.ready.extend_from_slice(&preface);
+            self.preface_seen = true;
+        }
+        while self.raw.len() >= FRAME_HEADER {
+            let len = usize::from(self.raw[0]) << 16
+                | usize::from(self.raw[1]) << 8
+                | usize::from(self.raw[2]);
+            if len > MAX_FRAME {
+                // The server would refuse it too (FRAME_SIZE_ERROR); forward as is.
+                if self.raw.len() < FRAME_HEADER + len {
+                    return Ok(());
+                }
+            }
+            if self.raw.len() < FRAME_HEADER + len {
+                return Ok(());
+            }
+            let kind = self.raw[3];
+            let flags = self.raw[4];
+            let stream = u32::from_be_bytes([self.raw[5], self.raw[6], self.raw[7], self.raw[8]])
+                & 0x7fff_ffff;
+            let frame = self.raw.split_to(FRAME_HEADER + len);
+            match (kind, &mut self.pending) {
+                (HEADERS, None) => {
+                    let mut payload = &frame[FRAME_HEADER..];
+                    let mut pad = 0;
+                    if flags & PADDED != 0 {
+                        pad = usize::from(*payload.first().ok_or_else(|| malformed("padding"))?);
+                        payload = &payload[1..];
+                    }
+                    let priority = if flags & PRIORITY != 0 {
+                        let p: [u8; 5] = payload
+                            .get(..5)
+                            .and_then(|p| p.try_into().ok())
+                            .ok_or_else(|| malformed("priority"))?;
+                        payload = &payload[5..];
+                        Some(p)
+                    } else {
+                        None
+                    };
+                    if pad > payload.len() {
+                        return Err(malformed("padding longer than the frame"));
+                    }
+                    let block = payload[..payload.len() - pad].to_vec();
+                    self.pending = Some(PendingBlock {
+                        stream,
+                        end_stream: flags & END_STREAM != 0,
+                        priority,
+                        block,
+                    });
+                    if flags & END_HEADERS != 0 {
+                        self.finish_block()?;
+                    }
+                }
+                (CONTINUATION, Some(p)) if p.stream == stream => {
+                    if p.block.len() + len > MAX_BLOCK {
+                        return Err(malformed("header block too large"));
+                    }
+                    p.block.extend_from_slice(&frame[FRAME_HEADER..]);
+                    if flags & END_HEADERS != 0 {
+                        self.finish_block()?;
+                    }
+                }
+                (_, Some(_)) => {
+                    return Err(malformed("a header block was interrupted by another frame"));
+                }
+                (_, None) => self.ready.extend_from_slice(&frame),
+            }
+        }
+        Ok(())
+    }
+
+    /// After a non-HTTP/2 start, nothing is parsed any more.
+    fn passthrough_only(&mut self) {
+        self.preface_seen = true;
+    }
+
+    /// Decodes the finished block, normalizes `:authority`, and queues it re-encoded.
+    fn finish_block(&mut self) -> io::Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut size = 0usize;
+        self.decoder
+            .decode_with_cb(&p.block, |name, value| {
+                size += name.len() + value.len() + 32;
+                headers.push((name.into_owned(), value.into_owned()));
+            })
+            .map_err(|e| malformed(&format!("HPACK: {e:?}")))?;
+        if size > MAX_BLOCK {
+            return Err(malformed("header list too large"));
+        }
+        for (name, value) in &mut headers {
+            if name.as_slice() == b":authority" && !is_authority(value) {
+                tracing::debug!(
+                    stream = p.stream,
+                    "rewrote a non-URI :authority (a Unix socket path) to localhost"
+                );
+                *value = LOCALHOST.to_vec();
+            }
+        }
+        let block = self
+            .encoder
+            .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        self.write_block(&p, &block);
+        Ok(())
+    }
+
+    /// Queues `block` as one HEADERS frame and as many CONTINUATION frames as it needs.
+    fn write_block(&mut self, p: &PendingBlock, block: &[u8]) {
+        let prefix = if p.priority.is_some() { 5 } else { 0 };
+        let first = block.len().min(MAX_FRAME - prefix);
+        let mut flags = if p.end_stream { END_STREAM } else { 0 };
+        if p.priority.is_some() {
+            flags |= PRIORITY;
+        }
+        if first == block.len() {
+            flags |= END_HEADERS;
+        }
+        self.frame_header(prefix + first, HEADERS, flags, p.stream);
+        if let Some(priority) = p.priority {
+            self.ready.extend_from_slice(&priority);
+        }
+        self.ready.extend_from_slice(&block[..first]);
+        let mut rest = &block[first..];
+        while !rest.is_empty() {
+            let n = rest.len().min(MAX_FRAME);
+            let flags = if n == rest.len() { END_HEADERS } else { 0 };
+            self.frame_header(n, CONTINUATION, flags, p.stream);
+            self.ready.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+
+    fn frame_header(&mut self, len: usize, kind: u8, flags: u8, stream: u32) {
+        // `len` is at most MAX_FRAME, well within 24 bits.
+        let len = u32::try_from(len).unwrap_or(0);
+        self.ready.put_uint(u64::from(len), 3);
+        self.ready.put_u8(kind);
+        self.ready.put_u8(flags);
+        self.ready.put_u32(stream);
+    }
+}
+
+/// Whether h2 accepts `value` as `:authority` (the same parser it uses).
+fn is_authority(value: &[u8]) -> bool {
+    http::uri::Authority::try_from(value).is_ok()
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Normalized<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let got = read.filled();
+                    if got.is_empty() {
+                        this.eof = true;
+                        // An unfinished frame at EOF is forwarded for the server to judge.
+                        let rest = this.raw.split();
+                        this.ready.extend_from_slice(&rest);
+                        continue;
+                    }
+                    this.raw.extend_from_slice(got);
+                    this.process()?;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Normalized<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<S: Connected> Connected for Normalized<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_h2_refuses_are_the_ones_rewritten() {
+        assert!(is_authority(b"localhost"));
+        assert!(is_authority(b"127.0.0.1:8443"));
+        assert!(!is_authority(b"/run/ephemera/workload.sock"));
+        assert!(!is_authority(b"tmp%2Fdir%2Fworkload.sock"));
+    }
+}
