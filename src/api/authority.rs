@@ -58,6 +58,8 @@ pub struct Normalized<S> {
     /// Bytes ready for the server.
     ready: BytesMut,
     preface_seen: bool,
+    /// Not HTTP/2 with prior knowledge: everything passes through for the server to refuse.
+    passthrough: bool,
     /// A header block being assembled from HEADERS and CONTINUATION frames.
     pending: Option<PendingBlock>,
     decoder: loona_hpack::Decoder<'static>,
@@ -93,6 +95,7 @@ impl<S> Normalized<S> {
             raw: BytesMut::with_capacity(8 * 1024),
             ready: BytesMut::new(),
             preface_seen: false,
+            passthrough: false,
             pending: None,
             decoder,
             encoder: loona_hpack::Encoder::new(),
@@ -102,15 +105,18 @@ impl<S> Normalized<S> {
 
     /// Moves every complete unit in `raw` to `ready`, rewriting header blocks.
     fn process(&mut self) -> io::Result<()> {
+        if self.passthrough {
+            let all = self.raw.split();
+            self.ready.extend_from_slice(&all);
+            return Ok(());
+        }
         if !self.preface_seen {
             let n = self.raw.len().min(PREFACE.len());
             if self.raw[..n] != PREFACE[..n] {
                 // Not HTTP/2 with prior knowledge: let the server answer it as it would.
-                self.preface_seen = true;
-                self.pending = None;
+                self.passthrough = true;
                 let all = self.raw.split();
                 self.ready.extend_from_slice(&all);
-                self.passthrough_only();
                 return Ok(());
             }
             if n < PREFACE.len() {
@@ -125,10 +131,12 @@ impl<S> Normalized<S> {
                 | usize::from(self.raw[1]) << 8
                 | usize::from(self.raw[2]);
             if len > MAX_FRAME {
-                // The server would refuse it too (FRAME_SIZE_ERROR); forward as is.
-                if self.raw.len() < FRAME_HEADER + len {
-                    return Ok(());
-                }
+                // The server refuses it (FRAME_SIZE_ERROR): forward the rest for it to do so,
+                // rather than buffer a frame of up to 16 MiB.
+                self.passthrough = true;
+                let all = self.raw.split();
+                self.ready.extend_from_slice(&all);
+                return Ok(());
             }
             if self.raw.len() < FRAME_HEADER + len {
                 return Ok(());
@@ -188,11 +196,6 @@ impl<S> Normalized<S> {
         Ok(())
     }
 
-    /// After a non-HTTP/2 start, nothing is parsed any more.
-    fn passthrough_only(&mut self) {
-        self.preface_seen = true;
-    }
-
     /// Decodes the finished block, normalizes `:authority`, and queues it re-encoded.
     fn finish_block(&mut self) -> io::Result<()> {
         let Some(p) = self.pending.take() else {
@@ -202,8 +205,12 @@ impl<S> Normalized<S> {
         let mut size = 0usize;
         self.decoder
             .decode_with_cb(&p.block, |name, value| {
+                // Bounded as it decodes: a small block of references to large table entries
+                // must not expand into a large list (an HPACK bomb).
                 size += name.len() + value.len() + 32;
-                headers.push((name.into_owned(), value.into_owned()));
+                if size <= MAX_BLOCK {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
             })
             .map_err(|e| malformed(&format!("HPACK: {e:?}")))?;
         if size > MAX_BLOCK {
@@ -259,6 +266,17 @@ impl<S> Normalized<S> {
         self.ready.put_u8(flags);
         self.ready.put_u32(stream);
     }
+}
+
+/// Runs client bytes, arriving in pieces of `chunk` bytes, through the rewriting and returns
+/// what the server would read (for tests and the `unix_h2` fuzz target).
+pub fn rewrite(input: &[u8], chunk: usize) -> io::Result<Vec<u8>> {
+    let mut n = Normalized::new(());
+    for piece in input.chunks(chunk.max(1)) {
+        n.raw.extend_from_slice(piece);
+        n.process()?;
+    }
+    Ok(n.ready.to_vec())
 }
 
 /// Whether h2 accepts `value` as `:authority` (the same parser it uses).
@@ -346,6 +364,117 @@ impl<S: Connected> Connected for Normalized<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn headers_of(server_bytes: &[u8]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut rest = &server_bytes[PREFACE.len()..];
+        let mut decoder = loona_hpack::Decoder::new();
+        let (mut blocks, mut block) = (Vec::new(), Vec::new());
+        while rest.len() >= FRAME_HEADER {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let (kind, flags) = (rest[3], rest[4]);
+            let mut payload = &rest[FRAME_HEADER..FRAME_HEADER + len];
+            if kind == HEADERS || kind == CONTINUATION {
+                assert_eq!(flags & PADDED, 0, "padding is dropped");
+                if kind == HEADERS && flags & PRIORITY != 0 {
+                    payload = &payload[5..];
+                }
+                block.extend_from_slice(payload);
+                if flags & END_HEADERS != 0 {
+                    let mut list = Vec::new();
+                    decoder
+                        .decode_with_cb(&block, |k, v| list.push((k.into_owned(), v.into_owned())))
+                        .unwrap();
+                    blocks.push(list);
+                    block.clear();
+                }
+            }
+            rest = &rest[FRAME_HEADER + len..];
+        }
+        blocks
+    }
+
+    #[test]
+    fn header_blocks_are_reencoded_with_a_usable_authority_whatever_their_framing() {
+        let mut client = loona_hpack::Encoder::new();
+        let socket_path: &[u8] = b"/run/ephemera/workload.sock";
+        let first = client.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":path", b"/SpiffeWorkloadAPI/FetchJWTSVID"),
+            (b":authority", socket_path),
+            (b"workload.spiffe.io", b"true"),
+        ]);
+        // The second block reuses the client's dynamic table (the authority by index).
+        let second = client.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":path", b"/grpc.health.v1.Health/Check"),
+            (b":authority", socket_path),
+        ]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[]));
+        // HEADERS, padded and with priority, split by a CONTINUATION.
+        let (a, b) = first.split_at(first.len() / 2);
+        let mut padded = vec![3u8];
+        padded.extend_from_slice(&[0, 0, 0, 0, 16]);
+        padded.extend_from_slice(a);
+        padded.extend_from_slice(&[0, 0, 0]);
+        input.extend(frame(HEADERS, PADDED | PRIORITY, 1, &padded));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+        input.extend(frame(0x0, END_STREAM, 1, &[0, 0, 0, 0, 0]));
+        input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 3, &second));
+        for chunk in [1, 7, 4096] {
+            let out = rewrite(&input, chunk).unwrap();
+            let blocks = headers_of(&out);
+            assert_eq!(blocks.len(), 2, "chunk {chunk}");
+            for block in &blocks {
+                let authority = block.iter().find(|(k, _)| k == b":authority").unwrap();
+                assert_eq!(authority.1, b"localhost");
+            }
+            assert!(blocks[0].contains(&(b"workload.spiffe.io".to_vec(), b"true".to_vec())));
+            // Everything but the header frames passes through byte for byte.
+            assert!(
+                out.windows(14)
+                    .any(|w| w == frame(0x0, END_STREAM, 1, &[0, 0, 0, 0, 0]))
+            );
+        }
+        // A block interrupted by another frame is refused, never passed on half-rewritten.
+        let mut broken = PREFACE.to_vec();
+        broken.extend(frame(HEADERS, 0, 1, a));
+        broken.extend(frame(0x0, 0, 1, &[0; 5]));
+        assert!(rewrite(&broken, 4096).is_err());
+    }
+
+    #[test]
+    fn mangled_input_is_refused_or_passed_on_but_never_panics() {
+        let mut client = loona_hpack::Encoder::new();
+        let block = client.encode([(&b":authority"[..], &b"/x.sock"[..]), (b":path", b"/a")]);
+        let mut valid = PREFACE.to_vec();
+        valid.extend(frame(
+            HEADERS,
+            END_HEADERS | PADDED,
+            1,
+            &[[2u8].as_slice(), &block, &[0, 0]].concat(),
+        ));
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..5000 {
+            let mut input = valid.clone();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = PREFACE.len() + (seed as usize) % (input.len() - PREFACE.len());
+                input[at] = (seed >> 32) as u8;
+            }
+            let _ = rewrite(&input, 1 + (seed as usize % 13));
+        }
+    }
 
     #[test]
     fn authorities_h2_refuses_are_the_ones_rewritten() {
