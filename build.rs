@@ -10,6 +10,8 @@ const PROTOS: &[&str] = &[
     "proto/ephemera/v1/broker.proto",
     "proto/ephemera/v1/revocations.proto",
     "proto/spiffe/workload.proto",
+    "proto/envoy/service/secret/v3/sds.proto",
+    "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -10,17 +10,22 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 
 use crate::api::admin::{AdminAuth, AdminService};
+use crate::api::authority::Normalized;
 use crate::api::broker::BrokerService;
+use crate::api::conn::{ConnectionBounds, Guarded};
 use crate::api::health::{BROKER_SERVICES, HealthWorker, WORKLOAD_SERVICES, reflection};
+use crate::api::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use crate::api::pb::v1::admin_server::AdminServer;
 use crate::api::pb::v1::broker_server::BrokerServer;
 use crate::api::pb::v1::revocations_server::RevocationsServer;
 use crate::api::pb::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::api::revocations::RevocationsService;
+use crate::api::sds::SdsService;
 use crate::api::workload::WorkloadService;
 use crate::attest::Attestors;
 use crate::attest::join_token::JoinTokenAttestor;
@@ -29,6 +34,7 @@ use crate::attest::oidc::{OidcAttestor, OidcIssuer};
 use crate::attest::unix::UnixAttestor;
 use crate::attest::x509pop::{ClientCas, X509PopAttestor};
 use crate::broker::reload::{MappingLoader, Reloader};
+use crate::broker::workload::WorkloadStreams;
 use crate::broker::{Broker, BrokerParts, Limits};
 use crate::ca::{Ca, CaError, keys};
 use crate::clock::Clock;
@@ -213,11 +219,10 @@ pub fn reload_mappings(broker: &Broker, path: &Path) -> Result<usize, String> {
 /// gRPC stack can call (see [`crate::api::authority`]).
 fn unix_incoming(
     listener: UnixListener,
-) -> impl tokio_stream::Stream<
-    Item = io::Result<crate::api::authority::Normalized<tokio::net::UnixStream>>,
-> {
-    use tokio_stream::StreamExt;
-    UnixListenerStream::new(listener).map(|c| c.map(crate::api::authority::Normalized::new))
+    bounds: ConnectionBounds,
+) -> impl tokio_stream::Stream<Item = io::Result<Guarded<Normalized<tokio::net::UnixStream>>>> {
+    UnixListenerStream::new(listener)
+        .map(move |c| c.map(|c| Guarded::new(Normalized::new(c), bounds)))
 }
 
 /// Binds the Unix socket, replacing a stale socket file but never a live broker's.
@@ -442,7 +447,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     };
     let tcp_routes = broker_routes()?;
     let unix_routes = broker_routes()?;
-    // The SPIFFE Workload API on its own socket: only SpiffeWorkloadAPI is served there.
+    // The SPIFFE Workload API and Envoy SDS on their own socket, and nothing else.
     let workload_routes = match &config.workload_socket {
         None => None,
         Some(_) => {
@@ -450,16 +455,19 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             reporters.push((reporter, WORKLOAD_SERVICES));
             let (reflection_v1, reflection_v1alpha) =
                 reflection(WORKLOAD_SERVICES).map_err(setup)?;
-            let svc = SpiffeWorkloadApiServer::new(WorkloadService::new(
-                broker.clone(),
-                config.workload_api,
-            ))
-            .max_decoding_message_size(max_msg);
+            // The Workload API and Envoy's SDS share the streams (and so the CRL they carry).
+            let streams = Arc::new(WorkloadStreams::new(broker.clone(), config.workload_api));
+            let svc =
+                SpiffeWorkloadApiServer::new(WorkloadService::new(broker.clone(), streams.clone()))
+                    .max_decoding_message_size(max_msg);
+            let sds = SecretDiscoveryServiceServer::new(SdsService::new(broker.clone(), streams))
+                .max_decoding_message_size(max_msg);
             Some(
                 tonic::service::Routes::new(health)
                     .add_service(reflection_v1)
                     .add_service(reflection_v1alpha)
-                    .add_service(svc),
+                    .add_service(svc)
+                    .add_service(sds),
             )
         }
     };
@@ -512,23 +520,38 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     );
 
     // gRPC over TCP: TLS with a serving certificate from our own CA, unless explicitly plaintext.
-    let tcp_server = Server::builder()
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .add_routes(tcp_routes);
+    let timeouts = config.grpc.timeouts;
+    let bounds = ConnectionBounds {
+        preface_timeout: timeouts.preface,
+        idle_timeout: timeouts.idle,
+    };
+    // Every gRPC server pings its peers (dead ones are dropped) and bounds header lists.
+    let grpc_server = move || {
+        Server::builder()
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .http2_keepalive_interval(Some(timeouts.keepalive_interval))
+            .http2_keepalive_timeout(Some(timeouts.keepalive_timeout))
+    };
+    let tcp_server = grpc_server().add_routes(tcp_routes);
     let mut rx = shutdown.signal();
     let stop = async move { rx.wait().await };
     let scheme = if config.grpc.insecure_plaintext {
         tracing::warn!(addr = %grpc_addr, "gRPC on TCP is plaintext (grpc.insecure_plaintext)");
         tasks.push(tokio::spawn(async move {
             tcp_server
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_tcp), stop)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(grpc_tcp)
+                        .map(move |c| c.map(|c| Guarded::new(c, bounds))),
+                    stop,
+                )
                 .await
                 .map_err(|e| format!("grpc tcp server: {e}"))
         }));
         "http"
     } else {
         let tls = tls_config(&config, &ca, clock.as_ref(), client_cas_subjects)?;
-        let incoming = crate::api::tls::incoming(grpc_tcp, Arc::new(tls), shutdown.signal());
+        let incoming = crate::api::tls::incoming(grpc_tcp, Arc::new(tls), shutdown.signal())
+            .map(move |c| c.map(|c| Guarded::new(c, bounds)));
         tasks.push(tokio::spawn(async move {
             tcp_server
                 .serve_with_incoming_shutdown(incoming, stop)
@@ -541,10 +564,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     let socket_listener = bind_socket(&config.grpc.socket).await?;
     let mut rx = shutdown.signal();
     tasks.push(tokio::spawn(async move {
-        Server::builder()
-            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        grpc_server()
             .add_routes(unix_routes)
-            .serve_with_incoming_shutdown(unix_incoming(socket_listener), async move {
+            .serve_with_incoming_shutdown(unix_incoming(socket_listener, bounds), async move {
                 rx.wait().await;
             })
             .await
@@ -555,10 +577,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         let listener = bind_socket(path).await?;
         let mut rx = shutdown.signal();
         tasks.push(tokio::spawn(async move {
-            Server::builder()
-                .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            grpc_server()
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(unix_incoming(listener), async move {
+                .serve_with_incoming_shutdown(unix_incoming(listener, bounds), async move {
                     rx.wait().await;
                 })
                 .await
@@ -567,14 +588,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     }
 
     let app = crate::http::router(broker.clone(), &public_url);
-    let mut rx = shutdown.signal();
+    let (rx, http_timeouts) = (shutdown.signal(), config.http.timeouts);
     tasks.push(tokio::spawn(async move {
-        axum::serve(http_tcp, app)
-            .with_graceful_shutdown(async move {
-                rx.wait().await;
-            })
-            .await
-            .map_err(|e| format!("http server: {e}"))
+        crate::http::serve(http_tcp, app, http_timeouts, rx).await
     }));
 
     let endpoints = Endpoints {

@@ -227,6 +227,14 @@ pub struct RawGrpc {
     pub server_names: Option<Vec<String>>,
     /// Largest message accepted.
     pub max_message_bytes: Option<usize>,
+    /// Time for a new connection (after its TLS handshake) to send the HTTP/2 preface.
+    pub preface_timeout: Option<String>,
+    /// A connection with no open stream for this long is closed.
+    pub idle_timeout: Option<String>,
+    /// Interval of HTTP/2 keep-alive pings, which find dead peers under long streams.
+    pub keepalive_interval: Option<String>,
+    /// How long a keep-alive ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Option<String>,
 }
 
 /// `[http]` as written.
@@ -237,6 +245,10 @@ pub struct RawHttp {
     pub listen: Option<String>,
     /// Public base URL.
     pub public_url: Option<String>,
+    /// Time for a client to send a request's whole header.
+    pub header_read_timeout: Option<String>,
+    /// A connection with no request for this long is closed.
+    pub idle_timeout: Option<String>,
 }
 
 /// `[x509_svid]` as written.
@@ -342,6 +354,79 @@ pub struct GrpcConfig {
     pub server_names: Vec<ServerName>,
     /// Largest message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Connection bounds.
+    pub timeouts: GrpcTimeouts,
+}
+
+/// How long gRPC connections may take to start, stay idle, and leave a ping unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcTimeouts {
+    /// From accept (after the TLS handshake) to the whole HTTP/2 preface.
+    pub preface: Duration,
+    /// With no open stream for this long, a connection is closed.
+    pub idle: Duration,
+    /// HTTP/2 keep-alive ping interval.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for GrpcTimeouts {
+    fn default() -> Self {
+        Self {
+            preface: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// How long HTTP connections may take to send a request header and stay idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// Time for a request's whole header, from the connection's start or the last response.
+    pub header_read: Duration,
+    /// A connection with no request for this long is closed.
+    pub idle: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A duration setting between `min` and `max`, or `default` when absent.
+fn bounded_duration(
+    p: &mut Problems,
+    key: &str,
+    raw: Option<&str>,
+    default: Duration,
+    (min, max): (Duration, Duration),
+) -> Duration {
+    match raw.map(parse_duration) {
+        None => default,
+        Some(Ok(d)) if d >= min && d <= max => d,
+        Some(Ok(_)) => {
+            p.push(
+                key,
+                format!(
+                    "must be between {}s and {}s",
+                    min.as_secs_f64(),
+                    max.as_secs()
+                ),
+            );
+            default
+        }
+        Some(Err(e)) => {
+            p.push(key, e);
+            default
+        }
+    }
 }
 
 /// A name the serving certificate is valid for.
@@ -360,6 +445,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Base URL relying parties use; `None` derives it from the bound address.
     pub public_url: Option<String>,
+    /// Connection bounds.
+    pub timeouts: HttpTimeouts,
 }
 
 /// Logging settings.
@@ -438,21 +525,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("duration is empty".into());
     }
+    // Milliseconds, so that every unit is a whole number of them.
     let mut total: u64 = 0;
     let mut digits = String::new();
-    for c in s.chars() {
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
         if c.is_ascii_digit() {
             digits.push(c);
             continue;
         }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
+        let unit: u64 = match c {
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
             _ => {
                 return Err(format!(
-                    "invalid duration {s:?}: unknown unit {c:?} (use s, m, h or d, e.g. \"90s\", \"1h30m\")"
+                    "invalid duration {s:?}: unknown unit {c:?} (use ms, s, m, h or d, e.g. \"90s\", \"1h30m\")"
                 ));
             }
         };
@@ -475,7 +568,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "invalid duration {s:?}: missing unit after {digits} (use s, m, h or d, e.g. \"{digits}s\")"
         ));
     }
-    Ok(Duration::from_secs(total))
+    Ok(Duration::from_millis(total))
 }
 
 /// Collects problems while validating.
@@ -589,6 +682,56 @@ impl Config {
             );
         }
 
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        let gd = GrpcTimeouts::default();
+        let grpc_timeouts = GrpcTimeouts {
+            preface: bounded_duration(
+                &mut p,
+                "grpc.preface_timeout",
+                raw.grpc.preface_timeout.as_deref(),
+                gd.preface,
+                (ms(100), Duration::from_secs(300)),
+            ),
+            idle: bounded_duration(
+                &mut p,
+                "grpc.idle_timeout",
+                raw.grpc.idle_timeout.as_deref(),
+                gd.idle,
+                (ms(100), 24 * hour),
+            ),
+            keepalive_interval: bounded_duration(
+                &mut p,
+                "grpc.keepalive_interval",
+                raw.grpc.keepalive_interval.as_deref(),
+                gd.keepalive_interval,
+                (Duration::from_secs(1), hour),
+            ),
+            keepalive_timeout: bounded_duration(
+                &mut p,
+                "grpc.keepalive_timeout",
+                raw.grpc.keepalive_timeout.as_deref(),
+                gd.keepalive_timeout,
+                (Duration::from_secs(1), hour),
+            ),
+        };
+        let hd = HttpTimeouts::default();
+        let http_timeouts = HttpTimeouts {
+            header_read: bounded_duration(
+                &mut p,
+                "http.header_read_timeout",
+                raw.http.header_read_timeout.as_deref(),
+                hd.header_read,
+                (ms(100), Duration::from_secs(300)),
+            ),
+            idle: bounded_duration(
+                &mut p,
+                "http.idle_timeout",
+                raw.http.idle_timeout.as_deref(),
+                hd.idle,
+                (ms(100), hour),
+            ),
+        };
         let http_listen = p.check(
             "http.listen",
             parse_addr(raw.http.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN)),
@@ -746,10 +889,12 @@ impl Config {
                         insecure_plaintext,
                         server_names: names,
                         max_message_bytes,
+                        timeouts: grpc_timeouts,
                     },
                     http: HttpConfig {
                         listen: http,
                         public_url,
+                        timeouts: http_timeouts,
                     },
                     x509_svid: x,
                     jwt_svid: j,
@@ -1219,7 +1364,18 @@ mod tests {
         for (s, secs) in ok {
             assert_eq!(parse_duration(s), Ok(Duration::from_secs(secs)), "{s}");
         }
-        for s in ["", "5", "m", "5x", "1.5h", "-5s", "99999999999999999999s"] {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m500ms"), Ok(Duration::from_millis(60_500)));
+        for s in [
+            "",
+            "5",
+            "m",
+            "ms",
+            "5x",
+            "1.5h",
+            "-5s",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
     }

@@ -160,3 +160,134 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
 fn json(body: String) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], body)
 }
+
+/// Serves `app` on `listener` until `shutdown`, with bounds on every connection: a request's
+/// header must arrive within `header_read` (hyper's header read timeout), and a connection
+/// with no bytes moving for `idle` is closed, so slow or idle clients cannot hold descriptors.
+/// In-flight requests finish before the server returns (bounded by the caller's shutdown
+/// grace).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    timeouts: crate::config::HttpTimeouts,
+    mut shutdown: crate::shutdown::ShutdownSignal,
+) -> Result<(), String> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        // Finished connections are reaped as new ones arrive.
+        while connections.try_join_next().is_some() {}
+        let (stream, _) = tokio::select! {
+            () = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let mut stop = shutdown.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+            let io = TokioIo::new(IdleBound::new(stream, timeouts.idle));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeouts.header_read)
+                .serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "http connection ended");
+                    }
+                }
+                () = stop.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// A connection closed (as if the client had) once no bytes have moved either way for `idle`.
+struct IdleBound<S> {
+    inner: S,
+    idle: std::time::Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleBound<S> {
+    fn new(inner: S, idle: std::time::Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    fn touch(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.timer.as_mut().reset(next);
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleBound<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        match polled {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => this.touch(),
+            std::task::Poll::Pending if this.timer.as_mut().poll(cx).is_ready() => {
+                tracing::debug!("http connection closed: idle");
+                return std::task::Poll::Ready(Ok(()));
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleBound<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            this.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

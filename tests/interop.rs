@@ -127,6 +127,10 @@ async fn py_spiffe_and_grpcio_work_unmodified_on_both_sockets() {
     assert_eq!(r["health"]["broker"].as_object().unwrap().len(), 4);
     assert_eq!(r["health"]["workload"][""], "SERVING");
     assert_eq!(r["health"]["workload"]["SpiffeWorkloadAPI"], "SERVING");
+    assert_eq!(
+        r["health"]["workload"]["envoy.service.secret.v3.SecretDiscoveryService"],
+        "SERVING"
+    );
 
     // Reflection v1alpha lists exactly what each listener serves.
     let common = [
@@ -147,7 +151,10 @@ async fn py_spiffe_and_grpcio_work_unmodified_on_both_sockets() {
     assert_eq!(services(&r["reflection"]["broker"]), want);
     let mut want: Vec<String> = common
         .iter()
-        .chain(&["SpiffeWorkloadAPI"])
+        .chain(&[
+            "SpiffeWorkloadAPI",
+            "envoy.service.secret.v3.SecretDiscoveryService",
+        ])
         .map(|s| s.to_string())
         .collect();
     want.sort();

@@ -30,8 +30,11 @@ pub const BROKER_SERVICES: &[&str] = &[
     "ephemera.v1.Revocations",
 ];
 
-/// The service of the Workload API socket.
-pub const WORKLOAD_SERVICES: &[&str] = &["SpiffeWorkloadAPI"];
+/// The services of the Workload API socket.
+pub const WORKLOAD_SERVICES: &[&str] = &[
+    "SpiffeWorkloadAPI",
+    "envoy.service.secret.v3.SecretDiscoveryService",
+];
 
 /// The reflection services of a listener serving `services`: v1 and v1alpha, listing exactly
 /// `services` and the health and reflection services themselves.

@@ -25,7 +25,7 @@ use super::pb::workload::{
 };
 use super::status::to_status;
 use crate::broker::workload::{WorkloadStreams, X509Update};
-use crate::broker::{Broker, BrokerError, WorkloadApiSettings};
+use crate::broker::{Broker, BrokerError};
 use crate::id::{Audience, SpiffeId};
 
 /// The security header every Workload API call must carry.
@@ -39,11 +39,8 @@ pub struct WorkloadService {
 
 impl WorkloadService {
     /// A service over `broker`.
-    pub fn new(broker: Arc<Broker>, settings: WorkloadApiSettings) -> Self {
-        Self {
-            streams: Arc::new(WorkloadStreams::new(broker.clone(), settings)),
-            broker,
-        }
+    pub fn new(broker: Arc<Broker>, streams: Arc<WorkloadStreams>) -> Self {
+        Self { broker, streams }
     }
 
     /// Admits a call that needs no particular identity but some identity: the security header,

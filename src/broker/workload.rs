@@ -267,7 +267,7 @@ impl WorkloadStreams {
 
     /// The CRL as responses carry it: the broker's current one, shared, unless it is larger
     /// than `crl_max_bytes`.
-    fn crl(&self) -> Vec<Bytes> {
+    pub fn crl(&self) -> Vec<Bytes> {
         let crl = self.broker.crl().current();
         if crl.is_empty() {
             return Vec::new();

@@ -39,6 +39,17 @@ pub struct TestBroker {
 
 /// Config text for a test broker in `dir`, mapping this process's uid, plus `extra`.
 pub fn config_text(dir: &Path, extra: &str) -> String {
+    config_text_with(dir, "", extra)
+}
+
+/// Config text with `grpc_http` (keys of the `[grpc]` table, then optionally an `[http]` table
+/// header and its keys) and `extra` (further tables).
+pub fn config_text_with(dir: &Path, grpc_http: &str, extra: &str) -> String {
+    let http = if grpc_http.contains("[http]") {
+        ""
+    } else {
+        "[http]\n"
+    };
     format!(
         r#"
 trust_domain = "{TD}"
@@ -46,8 +57,8 @@ data_dir = "{dir}"
 [grpc]
 listen = "127.0.0.1:0"
 socket = "{dir}/broker.sock"
-[http]
-listen = "127.0.0.1:0"
+{grpc_http}
+{http}listen = "127.0.0.1:0"
 {extra}
 "#,
         dir = dir.display()
@@ -99,7 +110,14 @@ pub async fn start_in(
     let td = TD.parse().unwrap();
     keys::init(dir.path(), &td, ca, SystemTime::now()).unwrap();
     ephemera::api::admin::create_token_file(&dir.path().join("admin.token")).unwrap();
-    let config = Config::from_toml(&config_text(dir.path(), extra), Path::new("/")).unwrap();
+    let (grpc_http, extra) = extra
+        .split_once("\n#end-grpc-http\n")
+        .unwrap_or(("", extra));
+    let config = Config::from_toml(
+        &config_text_with(dir.path(), grpc_http, extra),
+        Path::new("/"),
+    )
+    .unwrap();
     let running = app::start(config, Arc::new(clock.clone())).await.unwrap();
     TestBroker {
         running,

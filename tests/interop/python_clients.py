@@ -77,7 +77,10 @@ def main():
             broker_socket,
             ["", "ephemera.v1.Broker", "ephemera.v1.Admin", "ephemera.v1.Revocations"],
         ),
-        "workload": health(workload_socket, ["", "SpiffeWorkloadAPI"]),
+        "workload": health(
+            workload_socket,
+            ["", "SpiffeWorkloadAPI", "envoy.service.secret.v3.SecretDiscoveryService"],
+        ),
     }
     result["reflection"] = {
         "broker": reflected_services(broker_socket),
