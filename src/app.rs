@@ -308,6 +308,7 @@ fn attestors(
                 audiences: o.audiences.clone(),
                 algorithms: o.algorithms.clone(),
                 max_token_age: o.max_token_age,
+                max_token_lifetime: o.max_token_lifetime,
                 clock_skew: o.clock_skew,
                 required_claims: o.required_claims.clone(),
                 jwks: JwksCache::new(o.jwks.clone(), o.jwks_refetch_interval),

@@ -176,6 +176,8 @@ pub struct RawOidc {
     pub algorithms: Option<Vec<String>>,
     /// Oldest `iat` accepted.
     pub max_token_age: Option<String>,
+    /// Longest a token may still be valid for (`exp` − now); a later `exp` is refused.
+    pub max_token_lifetime: Option<String>,
     /// Tolerance for time claims.
     pub clock_skew: Option<String>,
     /// Least time between JWKS refetches for unknown key ids.
@@ -197,6 +199,8 @@ pub struct OidcConfig {
     pub algorithms: Vec<Alg>,
     /// Oldest `iat` accepted.
     pub max_token_age: Option<Duration>,
+    /// Longest remaining validity (`exp` − now) accepted.
+    pub max_token_lifetime: Duration,
     /// Tolerance for `exp`, `nbf`, `iat`.
     pub clock_skew: Duration,
     /// Least time between refetches for unknown key ids.
@@ -981,6 +985,21 @@ fn oidc_issuer(p: &mut Problems, key: &str, raw: &RawOidc, base: &Path) -> Optio
     };
     let max_token_age = duration(p, "max_token_age", &raw.max_token_age, None);
     let clock_skew = duration(p, "clock_skew", &raw.clock_skew, Some("30s")).unwrap_or_default();
+    let max_token_lifetime = duration(
+        p,
+        "max_token_lifetime",
+        &raw.max_token_lifetime,
+        Some("24h"),
+    )
+    .unwrap_or(Duration::from_secs(86_400));
+    if max_token_lifetime < Duration::from_secs(60)
+        || max_token_lifetime > Duration::from_secs(30 * 86_400)
+    {
+        p.push(
+            format!("{key}.max_token_lifetime"),
+            "must be between 1m and 30d",
+        );
+    }
     if clock_skew > Duration::from_secs(300) {
         p.push(format!("{key}.clock_skew"), "must be at most 5m");
     }
@@ -1009,6 +1028,7 @@ fn oidc_issuer(p: &mut Problems, key: &str, raw: &RawOidc, base: &Path) -> Optio
         audiences: raw.audiences.clone(),
         algorithms,
         max_token_age,
+        max_token_lifetime,
         clock_skew,
         jwks_refetch_interval,
         required_claims,

@@ -15,6 +15,7 @@ use super::pb::v1::{
     MintX509SvidResponse, broker_server,
 };
 use super::status::to_status;
+use crate::attest::{Evidence, shown};
 use crate::broker::{self as core, Broker, BrokerError, JwtRequest, X509Request};
 use crate::ca::x509::MAX_CSR_BYTES;
 use crate::clock::unix_secs;
@@ -31,6 +32,81 @@ impl BrokerService {
     pub fn new(broker: Arc<Broker>) -> Self {
         Self { broker }
     }
+
+    /// A request refused before the core (a malformed field): audited like every decision.
+    fn refuse(&self, evidence: &Evidence, action: &'static str, e: &BrokerError) -> Status {
+        self.broker.refused(evidence, action, e);
+        to_status(e)
+    }
+}
+
+/// The typed `BeginTask` request, or why the fields are refused.
+fn begin_task_request(req: BeginTaskRequest) -> Result<core::BeginTaskRequest, BrokerError> {
+    if req.labels.len() > MAX_LABELS {
+        return Err(BrokerError::BadRequest {
+            field: "labels",
+            reason: format!("at most {MAX_LABELS} labels"),
+        });
+    }
+    for (k, v) in &req.labels {
+        let ok_key = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'));
+        if !ok_key || v.len() > 255 || v.chars().any(char::is_control) {
+            return Err(BrokerError::BadRequest {
+                field: "labels",
+                reason: format!("invalid label {:?}", shown(k)),
+            });
+        }
+    }
+    let max_duration = match req.max_duration_seconds {
+        None => None,
+        Some(secs) => {
+            Some(
+                Ttl::from_secs(secs).map_err(|source| BrokerError::InvalidArgument {
+                    field: "max_duration_seconds",
+                    source,
+                })?,
+            )
+        }
+    };
+    Ok(core::BeginTaskRequest {
+        max_duration: max_duration.map(Ttl::duration),
+        labels: req.labels.into_iter().collect(),
+        spiffe_id: spiffe_id(&req.spiffe_id)?,
+    })
+}
+
+/// The typed `MintX509Svid` request, or why the fields are refused.
+fn x509_request(req: MintX509SvidRequest) -> Result<X509Request, BrokerError> {
+    if req.csr.len() > MAX_CSR_BYTES {
+        return Err(BrokerError::Mint(crate::ca::MintError::CsrTooLarge {
+            size: req.csr.len(),
+            max: MAX_CSR_BYTES,
+        }));
+    }
+    Ok(X509Request {
+        ttl: ttl(req.ttl_seconds)?,
+        spiffe_id: spiffe_id(&req.spiffe_id)?,
+        task_id: task_id(&req.task_id)?,
+        csr: (!req.csr.is_empty()).then_some(req.csr),
+    })
+}
+
+/// The typed `MintJwtSvid` request, or why the fields are refused.
+fn jwt_request(req: MintJwtSvidRequest) -> Result<JwtRequest, BrokerError> {
+    Ok(JwtRequest {
+        audiences: Audience::parse_list(&req.audience).map_err(|source| {
+            BrokerError::InvalidArgument {
+                field: "audience",
+                source,
+            }
+        })?,
+        ttl: ttl(req.ttl_seconds)?,
+        spiffe_id: spiffe_id(&req.spiffe_id)?,
+        task_id: task_id(&req.task_id)?,
+    })
 }
 
 fn ttl(secs: Option<u64>) -> Result<Option<Ttl>, BrokerError> {
@@ -79,48 +155,8 @@ impl broker_server::Broker for BrokerService {
     ) -> Result<Response<BeginTaskResponse>, Status> {
         let evidence = super::evidence(&request);
         let req = request.into_inner();
-        let result = async {
-            if req.labels.len() > MAX_LABELS {
-                return Err(BrokerError::BadRequest {
-                    field: "labels",
-                    reason: format!("at most {MAX_LABELS} labels"),
-                });
-            }
-            for (k, v) in &req.labels {
-                let ok_key = !k.is_empty()
-                    && k.len() <= 63
-                    && k.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/')
-                    });
-                if !ok_key || v.len() > 255 || v.chars().any(char::is_control) {
-                    return Err(BrokerError::BadRequest {
-                        field: "labels",
-                        reason: format!("invalid label {k:?}"),
-                    });
-                }
-            }
-            let max_duration =
-                match req.max_duration_seconds {
-                    None => None,
-                    Some(secs) => Some(Ttl::from_secs(secs).map_err(|source| {
-                        BrokerError::InvalidArgument {
-                            field: "max_duration_seconds",
-                            source,
-                        }
-                    })?),
-                };
-            self.broker
-                .begin_task(
-                    &evidence,
-                    core::BeginTaskRequest {
-                        max_duration: max_duration.map(Ttl::duration),
-                        labels: req.labels.into_iter().collect(),
-                        spiffe_id: spiffe_id(&req.spiffe_id)?,
-                    },
-                )
-                .await
-        }
-        .await;
+        let typed = begin_task_request(req).map_err(|e| self.refuse(&evidence, "BeginTask", &e))?;
+        let result = self.broker.begin_task(&evidence, typed).await;
         let task = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(BeginTaskResponse {
             task_id: task.id,
@@ -137,10 +173,7 @@ impl broker_server::Broker for BrokerService {
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let evidence = super::evidence(&request);
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the first message must name the task"))?;
+        let first = inbound.message().await?.unwrap_or_default();
         let id = task_id(&first.task_id)
             .and_then(|t| {
                 t.ok_or(BrokerError::BadRequest {
@@ -148,7 +181,7 @@ impl broker_server::Broker for BrokerService {
                     reason: "required in the first message".into(),
                 })
             })
-            .map_err(|e| to_status(&e))?;
+            .map_err(|e| self.refuse(&evidence, "KeepAlive", &e))?;
         let (task, written_due) = self
             .broker
             .keep_alive_open(&evidence, &id)
@@ -170,14 +203,15 @@ impl broker_server::Broker for BrokerService {
     ) -> Result<Response<EndTaskResponse>, Status> {
         let evidence = super::evidence(&request);
         let req = request.into_inner();
-        let result = async {
-            let id = task_id(&req.task_id)?.ok_or(BrokerError::BadRequest {
-                field: "task_id",
-                reason: "required".into(),
-            })?;
-            self.broker.end_task(&evidence, &id).await
-        }
-        .await;
+        let id = task_id(&req.task_id)
+            .and_then(|t| {
+                t.ok_or(BrokerError::BadRequest {
+                    field: "task_id",
+                    reason: "required".into(),
+                })
+            })
+            .map_err(|e| self.refuse(&evidence, "EndTask", &e))?;
+        let result = self.broker.end_task(&evidence, &id).await;
         let (state, already_ended) = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(EndTaskResponse {
             state: state.as_str().to_owned(),
@@ -191,22 +225,8 @@ impl broker_server::Broker for BrokerService {
     ) -> Result<Response<MintX509SvidResponse>, Status> {
         let evidence = super::evidence(&request);
         let req = request.into_inner();
-        let result = async {
-            if req.csr.len() > MAX_CSR_BYTES {
-                return Err(BrokerError::Mint(crate::ca::MintError::CsrTooLarge {
-                    size: req.csr.len(),
-                    max: MAX_CSR_BYTES,
-                }));
-            }
-            let typed = X509Request {
-                ttl: ttl(req.ttl_seconds)?,
-                spiffe_id: spiffe_id(&req.spiffe_id)?,
-                task_id: task_id(&req.task_id)?,
-                csr: (!req.csr.is_empty()).then_some(req.csr),
-            };
-            self.broker.mint_x509(&evidence, typed).await
-        }
-        .await;
+        let typed = x509_request(req).map_err(|e| self.refuse(&evidence, "MintX509Svid", &e))?;
+        let result = self.broker.mint_x509(&evidence, typed).await;
         let minted = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(MintX509SvidResponse {
             spiffe_id: minted.spiffe_id.to_string(),
@@ -229,21 +249,8 @@ impl broker_server::Broker for BrokerService {
     ) -> Result<Response<MintJwtSvidResponse>, Status> {
         let evidence = super::evidence(&request);
         let req = request.into_inner();
-        let result = async {
-            let typed = JwtRequest {
-                audiences: Audience::parse_list(&req.audience).map_err(|source| {
-                    BrokerError::InvalidArgument {
-                        field: "audience",
-                        source,
-                    }
-                })?,
-                ttl: ttl(req.ttl_seconds)?,
-                spiffe_id: spiffe_id(&req.spiffe_id)?,
-                task_id: task_id(&req.task_id)?,
-            };
-            self.broker.mint_jwt(&evidence, typed).await
-        }
-        .await;
+        let typed = jwt_request(req).map_err(|e| self.refuse(&evidence, "MintJwtSvid", &e))?;
+        let result = self.broker.mint_jwt(&evidence, typed).await;
         let minted = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(MintJwtSvidResponse {
             spiffe_id: minted.spiffe_id.to_string(),

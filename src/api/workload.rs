@@ -45,8 +45,8 @@ impl WorkloadService {
 
     /// Admits a call that needs no particular identity but some identity: the security header,
     /// then attestation and mapping.
-    async fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        check_header(request)?;
+    async fn admit<T>(&self, request: &Request<T>, action: &'static str) -> Result<(), Status> {
+        self.check_header(request, action)?;
         self.broker
             .workload_identified(&super::evidence(request))
             .await
@@ -54,12 +54,33 @@ impl WorkloadService {
     }
 }
 
-fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
-    match request.metadata().get(HEADER).and_then(|v| v.to_str().ok()) {
-        Some("true") => Ok(()),
-        _ => Err(Status::invalid_argument(format!(
-            "security header missing: requests must carry the metadata {HEADER}: true"
-        ))),
+impl WorkloadService {
+    /// The security header every call must carry; a call without it is refused, and audited.
+    fn check_header<T>(&self, request: &Request<T>, action: &'static str) -> Result<(), Status> {
+        match request.metadata().get(HEADER).and_then(|v| v.to_str().ok()) {
+            Some("true") => Ok(()),
+            _ => Err(self.refuse(
+                &super::evidence(request),
+                action,
+                &BrokerError::BadRequest {
+                    field: HEADER,
+                    reason: format!(
+                        "security header missing: requests must carry the metadata {HEADER}: true"
+                    ),
+                },
+            )),
+        }
+    }
+
+    /// A request refused before the core: audited like every decision.
+    fn refuse(
+        &self,
+        evidence: &crate::attest::Evidence,
+        action: &'static str,
+        e: &BrokerError,
+    ) -> Status {
+        self.broker.refused(evidence, action, e);
+        to_status(e)
     }
 }
 
@@ -133,7 +154,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        check_header(&request)?;
+        self.check_header(&request, "FetchX509SVID")?;
         let evidence = super::evidence(&request);
         let session = self
             .broker
@@ -150,7 +171,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.admit(&request).await?;
+        self.admit(&request, "FetchX509Bundles").await?;
         let td = self.broker.trust_domain().id_uri();
         let roots = concat(self.broker.ca().x509.roots());
         let crls = self.streams.x509_bundles();
@@ -166,10 +187,10 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        check_header(&request)?;
+        self.check_header(&request, "FetchJWTSVID")?;
         let evidence = super::evidence(&request);
         let req = request.into_inner();
-        let result = async {
+        let parsed = (|| {
             let audiences = Audience::parse_list(&req.audience).map_err(|source| {
                 BrokerError::InvalidArgument {
                     field: "audience",
@@ -186,11 +207,13 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
                     }
                 })?)
             };
-            self.broker
-                .workload_jwts(&evidence, &audiences, only.as_ref())
-                .await
-        }
-        .await;
+            Ok((audiences, only))
+        })();
+        let (audiences, only) = parsed.map_err(|e| self.refuse(&evidence, "FetchJWTSVID", &e))?;
+        let result = self
+            .broker
+            .workload_jwts(&evidence, &audiences, only.as_ref())
+            .await;
         let minted = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(JwtsvidResponse {
             svids: minted
@@ -208,7 +231,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.admit(&request).await?;
+        self.admit(&request, "FetchJWTBundles").await?;
         let (tx, rx) = mpsc::channel::<Result<JwtBundlesResponse, Status>>(2);
         let broker = self.broker.clone();
         tokio::spawn(async move {
@@ -236,7 +259,7 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        self.admit(&request).await?;
+        self.admit(&request, "ValidateJWTSVID").await?;
         let req = request.into_inner();
         if req.audience.is_empty() || req.svid.is_empty() {
             return Err(Status::invalid_argument("audience and svid are required"));

@@ -136,6 +136,18 @@ pub enum TokenRejection {
     /// No `exp` claim.
     #[error("token has no exp claim")]
     MissingExpiry,
+    /// A date claim is a number, but not an integer NumericDate in range.
+    #[error("token {0} is not a NumericDate in range (an integer from 0 to year 9999)")]
+    DateOutOfRange(&'static str),
+    /// `exp` further ahead than the issuer's `max_token_lifetime`.
+    #[error("token expires more than {max_secs}s from now (the issuer's max_token_lifetime)")]
+    ExpiryTooFar {
+        /// The limit, seconds.
+        max_secs: i64,
+    },
+    /// Two claims become the same name in policy (`a.b` and `a` → `b`).
+    #[error("token has two claims named {0:?} once nested names are joined with dots")]
+    ClaimCollision(String),
     /// Past `exp` (beyond the allowed skew).
     #[error("token has expired")]
     Expired,
@@ -182,6 +194,35 @@ pub enum TokenRejection {
     /// A join token past its expiry.
     #[error("join token has expired")]
     JoinTokenExpired,
+}
+
+impl TokenRejection {
+    /// A stable code for the audit log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) | Self::NotANumber(_) | Self::MissingAlgorithm => "token.malformed",
+            Self::MissingIssuer => "token.no_issuer",
+            Self::UntrustedIssuer(_) => "token.issuer",
+            Self::Algorithm(_) => "token.algorithm",
+            Self::UnknownKeyId(_) | Self::NoKeys => "token.unknown_key",
+            Self::Signature => "token.signature",
+            Self::MissingExpiry => "token.no_expiry",
+            Self::DateOutOfRange(_) => "token.date_range",
+            Self::ExpiryTooFar { .. } => "token.expiry_too_far",
+            Self::ClaimCollision(_) => "token.claim_collision",
+            Self::Expired => "token.expired",
+            Self::NotYetValid => "token.not_yet_valid",
+            Self::IssuedInFuture => "token.issued_in_future",
+            Self::MissingIssuedAt => "token.no_issued_at",
+            Self::TooOld { .. } => "token.too_old",
+            Self::Audience => "token.audience",
+            Self::RequiredClaim(_) => "token.required_claim",
+            Self::TooDeep(_) | Self::TooManyClaims { .. } => "token.too_many_claims",
+            Self::UnknownJoinToken => "join_token.unknown",
+            Self::JoinTokenUsed => "join_token.used",
+            Self::JoinTokenExpired => "join_token.expired",
+        }
+    }
 }
 
 /// Longest caller-chosen string repeated in an error, in bytes.

@@ -41,6 +41,8 @@ pub struct OidcIssuer {
     pub algorithms: Vec<Alg>,
     /// Oldest `iat` accepted, if limited.
     pub max_token_age: Option<Duration>,
+    /// Longest remaining validity (`exp` − now) accepted: a far-future `exp` is refused.
+    pub max_token_lifetime: Duration,
     /// Tolerance for `exp`, `nbf` and `iat`.
     pub clock_skew: Duration,
     /// Claims that must have given values.
@@ -95,15 +97,51 @@ fn count_claims(map: &Map<String, Value>, depth: usize) -> Result<usize, AttestE
     Ok(n)
 }
 
+/// Latest NumericDate accepted: the end of year 9999.
+pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
+
+/// A date claim (`exp`, `nbf`, `iat`): an integer NumericDate (RFC 7519) from 0 to
+/// [`MAX_NUMERIC_DATE`]. A fraction, a string, or a number out of that range (2^64 + 7 read as
+/// "never") is refused.
 fn numeric(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, AttestError> {
     match claims.get(name) {
         None => Ok(None),
-        Some(v) => v
-            .as_i64()
-            .or_else(|| v.as_f64().map(|f| f as i64))
-            .map(Some)
-            .ok_or_else(|| TokenRejection::NotANumber(name).into()),
+        Some(v) => match v.as_i64() {
+            Some(n) if (0..=MAX_NUMERIC_DATE).contains(&n) => Ok(Some(n)),
+            Some(_) => Err(TokenRejection::DateOutOfRange(name).into()),
+            None if v.is_number() => Err(TokenRejection::DateOutOfRange(name).into()),
+            None => Err(TokenRejection::NotANumber(name).into()),
+        },
     }
+}
+
+/// The tag names claims become in policy (`a.b` for `{"a": {"b": ..}}`), refusing two claims
+/// with the same name (`{"a.b": 1, "a": {"b": 2}}`): policy and identity mapping then always
+/// read the same value for a claim.
+pub fn claim_names_are_unique(claims: &Map<String, Value>) -> Result<(), TokenRejection> {
+    fn walk<'a>(
+        prefix: &str,
+        map: &'a Map<String, Value>,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> Result<(), TokenRejection> {
+        for (k, v) in map {
+            let name = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                Value::Object(inner) => walk(&name, inner, seen)?,
+                _ => {
+                    if !seen.insert(name.clone()) {
+                        return Err(TokenRejection::ClaimCollision(shown(&name)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    walk("", claims, &mut std::collections::HashSet::new())
 }
 
 fn unix(secs: i64) -> SystemTime {
@@ -205,11 +243,16 @@ impl OidcAttestor {
             }
             .into());
         }
+        claim_names_are_unique(&claims)?;
         let now = self.clock.unix_now();
         let skew = i64::try_from(issuer.clock_skew.as_secs()).unwrap_or(0);
         let exp = numeric(&claims, "exp")?.ok_or(TokenRejection::MissingExpiry)?;
         if now >= exp.saturating_add(skew) {
             return Err(TokenRejection::Expired.into());
+        }
+        let lifetime = i64::try_from(issuer.max_token_lifetime.as_secs()).unwrap_or(i64::MAX);
+        if exp.saturating_sub(now) > lifetime.saturating_add(skew) {
+            return Err(TokenRejection::ExpiryTooFar { max_secs: lifetime }.into());
         }
         if let Some(nbf) = numeric(&claims, "nbf")?
             && now.saturating_add(skew) < nbf
@@ -327,6 +370,7 @@ mod tests {
                 audiences: vec![AUD.into()],
                 algorithms: vec![Alg::Es256],
                 max_token_age: Some(Duration::from_secs(600)),
+                max_token_lifetime: Duration::from_secs(3600),
                 clock_skew: Duration::from_secs(30),
                 required_claims: vec![(
                     ClaimPath::parse("repository_owner").unwrap(),
@@ -504,6 +548,45 @@ mod tests {
                 "too deep",
                 i.sign(&es, &with(|c| c["deep"] = deep.clone())),
                 R::TooDeep(MAX_DEPTH),
+            ),
+            (
+                "exp 2^64+7",
+                i.sign(
+                    &es,
+                    &with(|c| c["exp"] = serde_json::from_str("18446744073709551623").unwrap()),
+                ),
+                R::DateOutOfRange("exp"),
+            ),
+            (
+                "exp a fraction",
+                i.sign(&es, &with(|c| c["exp"] = json!(NOW as f64 + 60.5))),
+                R::DateOutOfRange("exp"),
+            ),
+            (
+                "iat negative",
+                i.sign(&es, &with(|c| c["iat"] = json!(-1))),
+                R::DateOutOfRange("iat"),
+            ),
+            (
+                "nbf past year 9999",
+                i.sign(&es, &with(|c| c["nbf"] = json!(MAX_NUMERIC_DATE + 1))),
+                R::DateOutOfRange("nbf"),
+            ),
+            (
+                "exp beyond the issuer's max_token_lifetime",
+                i.sign(&es, &with(|c| c["exp"] = json!(NOW + 3600 + 31))),
+                R::ExpiryTooFar { max_secs: 3600 },
+            ),
+            (
+                "a claim colliding with a nested one",
+                i.sign(
+                    &es,
+                    &with(|c| {
+                        c["kubernetes.io"] = json!({"namespace": "prod"});
+                        c["kubernetes.io.namespace"] = json!("dev");
+                    }),
+                ),
+                R::ClaimCollision("kubernetes.io.namespace".into()),
             ),
         ];
         for (what, token, want) in rows {

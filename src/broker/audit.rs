@@ -16,10 +16,16 @@ enum Outcome {
     Pending,
     /// Allowed.
     Allowed,
-    /// Refused, with the full reason (never shown to the caller).
-    Denied(String),
+    /// Refused, with the full reason (never shown to the caller) and its code.
+    Denied(String, &'static str),
     /// Not a decision of its own (a probe); no event.
     Discarded,
+}
+
+impl Outcome {
+    fn denied(e: &BrokerError) -> Self {
+        Self::Denied(e.to_string(), e.code())
+    }
 }
 
 /// One audit event, filled in as the request goes through the flow.
@@ -76,17 +82,20 @@ impl Audit {
     }
 
     /// Records the request's outcome; the event is written when the guard drops.
-    pub(super) fn outcome<T>(&mut self, result: &Result<T, BrokerError>) {
+    pub(super) fn outcome<T, E: std::borrow::Borrow<BrokerError>>(
+        &mut self,
+        result: &Result<T, E>,
+    ) {
         self.outcome = match result {
             Ok(_) => Outcome::Allowed,
-            Err(e) => Outcome::Denied(e.to_string()),
+            Err(e) => Outcome::denied(e.borrow()),
         };
     }
 
     /// Records only a refusal; an `Ok` leaves the event pending (a later step decides).
     pub(super) fn refused<T>(&mut self, result: &Result<T, BrokerError>) {
         if let Err(e) = result {
-            self.outcome = Outcome::Denied(e.to_string());
+            self.outcome = Outcome::denied(e);
         }
     }
 
@@ -98,13 +107,14 @@ impl Audit {
 
 impl Drop for Audit {
     fn drop(&mut self) {
-        let (decision, reason) = match &self.outcome {
+        let (decision, reason, reason_code) = match &self.outcome {
             Outcome::Discarded => return,
-            Outcome::Allowed => ("allow", None),
-            Outcome::Denied(r) => ("deny", Some(r.as_str())),
+            Outcome::Allowed => ("allow", None, None),
+            Outcome::Denied(r, code) => ("deny", Some(r.as_str()), Some(*code)),
             Outcome::Pending => (
                 "deny",
                 Some("abandoned: the caller went away before a decision"),
+                Some("abandoned"),
             ),
         };
         ::metrics::counter!(crate::telemetry::DECISIONS, "action" => self.action, "decision" => decision)
@@ -137,6 +147,7 @@ impl Drop for Audit {
                 action = self.action,
                 decision,
                 reason,
+                reason_code,
                 attestor,
                 subject,
                 spiffe_id = self.spiffe_id.as_deref(),
@@ -204,6 +215,8 @@ mod tests {
         assert_eq!(field(1, "decision"), "allow");
         assert_eq!(field(2, "decision"), "deny");
         assert_eq!(field(2, "reason"), "unknown task t1");
+        assert_eq!(field(2, "reason_code"), "task.not_found");
+        assert_eq!(field(0, "reason_code"), "abandoned");
         assert!(events.iter().all(|e| e["target"] == "ephemera::audit"));
     }
 }

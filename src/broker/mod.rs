@@ -28,7 +28,7 @@ pub mod workload;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::attest::{AttestError, Attestors};
+use crate::attest::{AttestError, Attestors, Evidence};
 use crate::ca::{Ca, MintError};
 use crate::clock::{Clock, unix_secs};
 use crate::id::{IdError, TrustDomain, Ttl};
@@ -121,6 +121,52 @@ pub enum BrokerError {
     /// The broker is shutting down; long-lived streams end and callers reconnect.
     #[error("the broker is shutting down; {0}")]
     ShuttingDown(&'static str),
+}
+
+impl BrokerError {
+    /// A stable code for the audit log and metrics: which rule refused the request.
+    pub fn code(&self) -> &'static str {
+        use crate::ca::MintError as M;
+        match self {
+            Self::InvalidArgument { .. } | Self::BadRequest { .. } => "invalid_argument",
+            Self::Attest(AttestError::NoEvidence) => "attest.no_evidence",
+            Self::Attest(AttestError::TokenTooLarge { .. }) => "token.too_large",
+            Self::Attest(AttestError::Token(t)) => t.code(),
+            Self::Attest(AttestError::CertificateInvalid(_)) => "attest.certificate",
+            Self::Attest(AttestError::KeysUnavailable(_)) => "attest.keys_unavailable",
+            Self::Attest(AttestError::PeerUnreadable { .. }) => "attest.peer_unreadable",
+            Self::Mapping(MappingError::NoMapping) => "mapping.none",
+            Self::Mapping(MappingError::NotMapped { .. }) => "mapping.not_mapped",
+            Self::Mapping(MappingError::UnsafeClaimValue { .. }) => "mapping.unsafe_claim",
+            Self::Policy(PolicyError::Denied { .. }) => "policy.denied",
+            Self::Policy(PolicyError::Request(_)) => "policy.request",
+            Self::Mint(M::CsrTooLarge { .. }) => "csr.too_large",
+            Self::Mint(
+                M::CsrMalformed(_) | M::CsrSignature | M::CsrRequestsCa | M::CsrUnsupportedKey(_),
+            ) => "csr.invalid",
+            Self::Mint(M::CaExpired) => "ca.expired",
+            Self::Mint(M::Signing(_)) => "ca.signing",
+            Self::Store(_) => "store.unavailable",
+            Self::TaskNotFound(_) => "task.not_found",
+            Self::NotTaskOwner { .. } => "task.not_owner",
+            Self::TaskNotActive { .. } | Self::TaskEnded { .. } => "task.not_active",
+            Self::TaskEnding { .. } => "task.ending",
+            Self::LeaseNotFound(_) => "lease.not_found",
+            Self::LimitExceeded(_) => "limit.exceeded",
+            Self::StreamMisuse(_) => "stream.misuse",
+            Self::Withdrawn(_) => "withdrawn",
+            Self::ShuttingDown(_) => "shutting_down",
+        }
+    }
+}
+
+impl Broker {
+    /// Audits a request refused before it reached the core (a malformed field, a missing
+    /// header): one denial event with its reason code, like any other decision.
+    pub fn refused(&self, evidence: &Evidence, action: &'static str, err: &BrokerError) {
+        let mut audit = audit::Audit::new(action, evidence, "-".to_owned(), None);
+        audit.outcome(&Err::<(), _>(err));
+    }
 }
 
 /// Lifetime limits per credential kind, and task timing.

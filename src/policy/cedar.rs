@@ -185,6 +185,15 @@ fn claim_tags(
     }
     let mut out = Vec::new();
     walk("", claims, &mut out);
+    // Attestors refuse such claims; a principal whose claims collide anyway is never decided
+    // on whichever of the two values came last.
+    let mut names: Vec<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        return Err(PolicyError::Request(
+            "two claims have the same name once nested names are joined with dots".into(),
+        ));
+    }
     if out.len() > MAX_CLAIM_TAGS {
         return Err(PolicyError::Request(format!(
             "{} claims, more than the {MAX_CLAIM_TAGS} allowed",
