@@ -119,9 +119,9 @@ fn numeric(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64
 /// with the same name (`{"a.b": 1, "a": {"b": 2}}`): policy and identity mapping then always
 /// read the same value for a claim.
 pub fn claim_names_are_unique(claims: &Map<String, Value>) -> Result<(), TokenRejection> {
-    fn walk<'a>(
+    fn walk(
         prefix: &str,
-        map: &'a Map<String, Value>,
+        map: &Map<String, Value>,
         seen: &mut std::collections::HashSet<String>,
     ) -> Result<(), TokenRejection> {
         for (k, v) in map {
