@@ -301,18 +301,28 @@ async fn survivors_reap_a_killed_replicas_tasks_exactly_once() {
         }
     });
 
+    // A is killed right after its keep-alive writes (heartbeat 1s, grace 2s).
     a.sigkill();
+    let killed = tokio::time::Instant::now();
     drop(streams);
 
-    // B's reaper ends each of A's tasks once the grace has passed.
+    // B's reaper ends each of A's tasks within the documented bound: no earlier than
+    // heartbeat + grace after the last ping, no later than heartbeat + 1.5 × grace (plus the
+    // reaper's one-second pass and the watch's delivery).
     let mut seen = std::collections::HashMap::<String, u32>::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = killed + Duration::from_secs(15);
     while seen.len() < ids.len() {
         let ev = tokio::time::timeout_at(deadline, watch_b.message())
             .await
             .expect("B reaps A's tasks within 15s")
             .unwrap()
             .unwrap();
+        let after = killed.elapsed();
+        assert!(
+            // Store times are whole seconds and the last ping came a moment before the kill.
+            after >= Duration::from_millis(2500) && after <= Duration::from_millis(7500),
+            "a silent task ended {after:?} after its last ping; the bound is 3s to 4s (+ the reaper's pass)"
+        );
         assert_eq!(ev.reason, "keep-alive lost");
         *seen.entry(ev.task_id).or_default() += 1;
     }

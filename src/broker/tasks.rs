@@ -272,7 +272,14 @@ impl Broker {
                 }
             };
             tracing::debug!(task_id = %task.id, end = ?end, "keep-alive stream ended");
-            if let Err(e) = broker.keep_alive_closed(&task).await {
+            let ended = match end {
+                // Already silent for heartbeat + grace: what is left of the bound.
+                KeepAliveEnd::Silent => broker.keep_alive_silent(&task).await,
+                KeepAliveEnd::Closed | KeepAliveEnd::Refused => {
+                    broker.keep_alive_closed(&task).await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::warn!(task_id = %task.id, error = %e, "cannot record keep-alive loss");
             }
         });
@@ -296,6 +303,14 @@ impl Broker {
         let alive = self.store.keep_alive(&task.id, due).await?;
         *written_due = due.min(task.deadline);
         Ok(alive)
+    }
+
+    /// A task's keep-alive stream went silent for heartbeat + grace: the task is ended within
+    /// grace/2 more, the most the keep-alive bound allows after its last ping.
+    pub async fn keep_alive_silent(&self, task: &Task) -> Result<(), BrokerError> {
+        let due = self.clock.unix_now() + task.grace_secs / 2;
+        self.store.keep_alive(&task.id, due).await?;
+        Ok(())
     }
 
     /// A task's keep-alive stream ended: it has one grace period to reconnect, after which the
