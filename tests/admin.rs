@@ -473,3 +473,109 @@ async fn admins_may_use_an_svid_of_this_broker_over_mtls() {
     assert_eq!(err.code(), Code::PermissionDenied, "a workload SVID is not");
     b.running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn revoking_an_identity_revokes_everything_it_holds_in_one_event() {
+    use ephemera::api::pb::v1::WatchRequest;
+    use ephemera::api::pb::v1::revocations_client::RevocationsClient;
+    let b = start(&uid_rule()).await;
+    let mut client = b.unix_client().await;
+    let mut api = AdminClient::new(b.tls_channel().await);
+    let mut watch = RevocationsClient::new(b.unix_client_channel().await)
+        .watch(WatchRequest { cursor: None })
+        .await
+        .unwrap()
+        .into_inner();
+    let task = client
+        .begin_task(BeginTaskRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let in_task = client
+        .mint_jwt_svid(MintJwtSvidRequest {
+            audience: vec!["db".into()],
+            task_id: task.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Standalone credentials: no task holds them.
+    let jwt = client
+        .mint_jwt_svid(MintJwtSvidRequest {
+            audience: vec!["db".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let x509 = client
+        .mint_x509_svid(MintX509SvidRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let me = format!("spiffe://{TD}/uid/{}", my_uid());
+    let r = api
+        .revoke_identity(admin(
+            &b,
+            RevokeIdentityRequest {
+                spiffe_id: me.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.already_revoked);
+    assert_eq!(r.task_ids, std::slice::from_ref(&task));
+    assert_eq!(
+        r.credentials_revoked, 3,
+        "the task's token and both standalone ones"
+    );
+
+    // One event, listing every credential, with the identity.
+    let ev = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.cursor, r.cursor);
+    assert_eq!(ev.spiffe_id, me);
+    let mut jtis: Vec<&str> = ev.credentials.iter().map(|c| c.jti.as_str()).collect();
+    jtis.retain(|j| !j.is_empty());
+    jtis.sort_unstable();
+    let mut want = [in_task.jti.as_str(), jwt.jti.as_str()];
+    want.sort_unstable();
+    assert_eq!(jtis, want);
+    assert!(ev.credentials.iter().any(|c| c.serial == x509.serial));
+
+    // Zero live credentials: introspection, the CRL and the task all say so.
+    for token in [&jwt.token, &in_task.token] {
+        assert_eq!(introspect_http(&b, token).await["active"], false);
+    }
+    crl_listing(&b, &x509.serial).await;
+    let tasks = api
+        .list_tasks(admin(
+            &b,
+            ListTasksRequest {
+                state: "active".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert!(tasks.is_empty());
+
+    // Again: nothing is left, and it says so.
+    let again = api
+        .revoke_identity(admin(&b, RevokeIdentityRequest { spiffe_id: me }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.already_revoked);
+    assert_eq!(again.credentials_revoked, 0);
+    b.running.shutdown().await.unwrap();
+}

@@ -1,5 +1,5 @@
-//! The clients people already run, unmodified, against a real broker: py-spiffe and grpcio
-//! (gRPC C-core) from PyPI, @grpc/grpc-js and jose from npm, installed from the lockfiles in
+//! The clients people already run, unmodified, against a real broker: py-spiffe, grpcio
+//! (gRPC C-core) and authlib from PyPI, @grpc/grpc-js and jose from npm, openssl, installed from the lockfiles in
 //! `tests/interop/` by `tests/interop/setup.sh` (which `.ci/run` also runs). What they report is
 //! checked here with our own independent verifiers (rustls-webpki for chains, ring for JWT
 //! signatures). A missing Python or Node fails these tests; it never skips them.
@@ -27,8 +27,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const AUDIENCE: &str = "interop";
 
-/// Installs the pinned clients (idempotent) and returns the virtualenv's python.
+/// Installs the pinned clients (idempotent, once per test binary) and returns the virtualenv's
+/// python.
 fn interop_python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(install).clone()
+}
+
+fn install() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
         .arg(root.join("tests/interop/setup.sh"))
@@ -83,6 +89,7 @@ async fn py_spiffe_and_grpcio_work_unmodified_on_both_sockets() {
     let workload = workload_socket(&b);
     let broker = b.socket();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/python_clients.py");
+    let jwks_url = format!("{}/keys", b.running.endpoints.http_addr);
     let r = tokio::task::spawn_blocking(move || {
         run_json(
             Command::new(python)
@@ -90,6 +97,7 @@ async fn py_spiffe_and_grpcio_work_unmodified_on_both_sockets() {
                 .arg(&broker)
                 .arg(&workload)
                 .arg(AUDIENCE)
+                .arg(jwks_url)
                 .env(
                     "SPIFFE_ENDPOINT_SOCKET",
                     format!("unix://{}", workload.display()),
@@ -115,6 +123,31 @@ async fn py_spiffe_and_grpcio_work_unmodified_on_both_sockets() {
     let (_, claims) = verify_jwt(r["jwt"]["token"].as_str().unwrap(), &jwks);
     assert_eq!(claims["sub"], me.as_str());
     assert!(claims["aud"].to_string().contains(AUDIENCE), "{claims}");
+
+    // openssl agrees: the leaf chains to the bundle, for TLS client use.
+    let dir = tempfile::tempdir().unwrap();
+    let pem = |der: &[Vec<u8>]| {
+        der.iter()
+            .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
+            .collect::<String>()
+    };
+    std::fs::write(dir.path().join("leaf.pem"), pem(&chain[..1])).unwrap();
+    std::fs::write(dir.path().join("chain.pem"), pem(&chain[1..])).unwrap();
+    std::fs::write(dir.path().join("roots.pem"), pem(&roots)).unwrap();
+    let verified = Command::new("openssl")
+        .current_dir(dir.path())
+        .args(["verify", "-CAfile", "roots.pem", "-untrusted", "chain.pem"])
+        .args(["-purpose", "sslclient", "leaf.pem"])
+        .output()
+        .expect("openssl runs");
+    assert!(
+        verified.status.success(),
+        "openssl verify: {}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    // And authlib verified the JWT-SVID against the broker's JWKS.
+    assert_eq!(r["authlib"]["sub"], me.as_str());
 
     assert_eq!(r["x509_bundle_domains"], serde_json::json!([TD]));
     assert_eq!(r["jwt_bundle_domains"], serde_json::json!([TD]));

@@ -498,7 +498,8 @@ impl admin_server::Admin for AdminService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(RevokeResponse {
             already_revoked: !done,
-            task_ids: Vec::new(),
+            credentials_revoked: u64::from(done),
+            ..RevokeResponse::default()
         }))
     }
 
@@ -518,6 +519,7 @@ impl admin_server::Admin for AdminService {
         Ok(Response::new(RevokeResponse {
             already_revoked: !done,
             task_ids: if done { vec![key] } else { Vec::new() },
+            ..RevokeResponse::default()
         }))
     }
 
@@ -535,9 +537,17 @@ impl admin_server::Admin for AdminService {
             .revoke_identity(&admin, &id)
             .await
             .map_err(|e| to_status(&e))?;
-        Ok(Response::new(RevokeResponse {
-            already_revoked: revoked.is_empty(),
-            task_ids: revoked,
+        Ok(Response::new(match revoked {
+            Some(r) => RevokeResponse {
+                already_revoked: false,
+                task_ids: r.task_ids,
+                credentials_revoked: r.leases,
+                cursor: u64::try_from(r.event.seq).unwrap_or(0),
+            },
+            None => RevokeResponse {
+                already_revoked: true,
+                ..RevokeResponse::default()
+            },
         }))
     }
 

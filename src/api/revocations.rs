@@ -45,6 +45,7 @@ async fn expand(broker: &Broker, r: &Revocation) -> Result<RevocationEvent, Brok
         reason: r.reason.clone(),
         task_id: r.task_id.clone().unwrap_or_default(),
         lease_id: r.lease_id.clone().unwrap_or_default(),
+        spiffe_id: r.spiffe_id.clone().unwrap_or_default(),
         credentials: leases
             .iter()
             .map(|l| RevokedCredential {

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::{Broker, BrokerError, lease_key};
 use crate::id::{SpiffeId, Ttl};
 use crate::secret::Secret;
-use crate::store::{LeaseStatus, ListFilter, NewJoinToken, TaskState};
+use crate::store::{IdentityRevocation, LeaseStatus, NewJoinToken, TaskState};
 
 impl Broker {
     fn admin_audit(&self, admin: &str, action: &str, target: &str, outcome: &str) {
@@ -64,48 +64,35 @@ impl Broker {
         Ok(done)
     }
 
-    /// Admin: revokes every active task of a SPIFFE ID. Returns the tasks revoked.
+    /// Admin: revokes everything a SPIFFE ID holds — its active tasks and every unexpired
+    /// credential, in a task or not — in one store write and one revocation event. `None`
+    /// when it held nothing.
     pub async fn revoke_identity(
         &self,
         admin: &str,
         spiffe_id: &SpiffeId,
-    ) -> Result<Vec<String>, BrokerError> {
-        let mut revoked = Vec::new();
-        loop {
-            let page = self
-                .store
-                .list_tasks(
-                    ListFilter {
-                        spiffe_id: Some(spiffe_id.to_string()),
-                        active: Some(true),
-                        limit: 500,
-                        ..ListFilter::default()
-                    },
-                    self.clock.unix_now(),
+    ) -> Result<Option<IdentityRevocation>, BrokerError> {
+        let revoked = self
+            .store
+            .revoke_identity(
+                spiffe_id.as_str(),
+                &format!("identity revoked by admin ({admin})"),
+                self.clock.unix_now(),
+            )
+            .await?;
+        let outcome = match &revoked {
+            Some(r) => {
+                crate::telemetry::revoked(&r.event.reason);
+                self.bus.publish(r.event.clone());
+                format!(
+                    "{} task(s) and {} credential(s) revoked",
+                    r.task_ids.len(),
+                    r.leases
                 )
-                .await?;
-            if page.is_empty() {
-                break;
             }
-            for t in page {
-                if self
-                    .end(
-                        &t.id,
-                        TaskState::Revoked,
-                        &format!("identity revoked by admin ({admin})"),
-                    )
-                    .await?
-                {
-                    revoked.push(t.id);
-                }
-            }
-        }
-        self.admin_audit(
-            admin,
-            "RevokeIdentity",
-            spiffe_id.as_str(),
-            &format!("{} task(s) revoked", revoked.len()),
-        );
+            None => "nothing held".to_owned(),
+        };
+        self.admin_audit(admin, "RevokeIdentity", spiffe_id.as_str(), &outcome);
         Ok(revoked)
     }
 

@@ -262,7 +262,7 @@ impl Broker {
                         break KeepAliveEnd::Closed;
                     }
                     r = revocations.recv() => match r {
-                        Ok(ev) if ev.task_id.as_deref() == Some(task.id.as_str()) => {
+                        Ok(ev) if ev.ends_task(&task) => {
                             let _ = tx.send(Err(BrokerError::TaskEnded { reason: ev.reason.clone() })).await;
                             return;
                         }

@@ -383,14 +383,15 @@ impl WorkloadStreams {
                     }
                 }
                 ev = revocations.recv() => match ev {
-                    Ok(r) if r.task_id.as_deref() == Some(session.task.id.as_str()) => {
+                    Ok(r) if r.ends_task(&session.task) => {
                         // The task was revoked or ended: every SVID of the stream is withdrawn.
                         let _ = tx
                             .send(Err(BrokerError::Withdrawn(format!("identity withdrawn: {}", r.reason))))
                             .await;
                         return;
                     }
-                    Ok(r) if r.lease_id.as_ref().is_some_and(|l| svids.iter().any(|s| &s.lease_id == l)) => {
+                    Ok(r) if r.lease_id.as_ref().is_some_and(|l| svids.iter().any(|s| &s.lease_id == l))
+                        || r.spiffe_id.as_ref().is_some_and(|id| svids.iter().any(|s| s.spiffe_id.as_str() == id)) => {
                         // One SVID was revoked: replace it (and its siblings) at once.
                         renew = tokio::time::Instant::now();
                     }

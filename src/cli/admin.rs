@@ -448,13 +448,21 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
                 ),
             };
             let r = resp.into_inner();
-            if r.already_revoked {
-                writeln!(out, "{what}: nothing to revoke (already revoked or ended)")
-            } else if r.task_ids.len() > 1 || what.starts_with("identity") {
+            if r.already_revoked && what.starts_with("identity") {
                 writeln!(
                     out,
-                    "{what}: revoked {} task(s): {}",
+                    "{what}: held no live task or credential; nothing to revoke"
+                )
+            } else if r.already_revoked {
+                writeln!(out, "{what}: nothing to revoke (already revoked or ended)")
+            } else if what.starts_with("identity") {
+                writeln!(
+                    out,
+                    "{what}: revoked {} task(s) and {} credential(s) in one event (cursor {}){}{}",
                     r.task_ids.len(),
+                    r.credentials_revoked,
+                    r.cursor,
+                    if r.task_ids.is_empty() { "" } else { ": " },
                     r.task_ids.join(", ")
                 )
             } else {

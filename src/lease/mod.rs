@@ -190,6 +190,10 @@ impl RevocationBus {
             let mut active = self.active();
             active.generation += 1;
             active.tasks.remove(id);
+        } else if let Some(owner) = &r.spiffe_id {
+            let mut active = self.active();
+            active.generation += 1;
+            active.tasks.retain(|_, t| t.spiffe_id != *owner);
         }
     }
 
@@ -304,6 +308,7 @@ mod tests {
             at: 100,
             task_id: Some(format!("t{seq}")),
             lease_id: None,
+            spiffe_id: None,
             reason: "ended".into(),
         }
     }

@@ -407,3 +407,77 @@ pub async fn join_tokens(store: std::sync::Arc<dyn Store>) {
     );
     assert!(!store.consume_join_token([9; 32], 1_500).await.unwrap());
 }
+
+/// Revoking an identity: its active tasks end and its unexpired credentials are revoked, in a
+/// task or not, in one event whose expansion lists exactly them; another identity's lease and an
+/// expired one are left alone; a second revocation finds nothing.
+pub async fn identity_revocation(store: std::sync::Arc<dyn Store>) {
+    let a = "spiffe://e.org/a";
+    store
+        .insert_task(task("ta", a, 10_000, 5_000))
+        .await
+        .unwrap();
+    store
+        .insert_task(task("tb", "spiffe://e.org/b", 10_000, 5_000))
+        .await
+        .unwrap();
+    store
+        .insert_lease(lease("l1", Some("ta"), Some("0a01"), 9_000))
+        .await
+        .unwrap();
+    store
+        .insert_lease(lease("l2", None, None, 9_000))
+        .await
+        .unwrap();
+    store
+        .insert_lease(lease("l3", None, None, 500))
+        .await
+        .unwrap();
+    let mut other = lease("l4", Some("tb"), None, 9_000);
+    other.spiffe_id = "spiffe://e.org/b".into();
+    store.insert_lease(other).await.unwrap();
+
+    let r = store
+        .revoke_identity(a, "identity revoked", 1_000)
+        .await
+        .unwrap()
+        .expect("a held something");
+    assert_eq!(r.task_ids, ["ta"]);
+    assert_eq!(
+        r.leases, 2,
+        "the unexpired ones, in the task and standalone"
+    );
+    assert_eq!(r.event.spiffe_id.as_deref(), Some(a));
+    assert_eq!(
+        (r.event.task_id.clone(), r.event.lease_id.clone()),
+        (None, None)
+    );
+    let mut expanded: Vec<String> = store
+        .revoked_leases(&r.event)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    expanded.sort();
+    assert_eq!(expanded, ["l1", "l2"]);
+    assert_eq!(
+        store.revocations_after(r.event.seq - 1, 10).await.unwrap(),
+        std::slice::from_ref(&r.event)
+    );
+    for id in ["l1", "l2"] {
+        assert!(
+            !store.lease(id).await.unwrap().unwrap().active(1_000),
+            "{id}"
+        );
+    }
+    assert!(store.lease("l4").await.unwrap().unwrap().active(1_000));
+    assert_eq!(
+        store.task("tb").await.unwrap().unwrap().state,
+        TaskState::Active
+    );
+    assert_eq!(
+        store.revoke_identity(a, "again", 1_001).await.unwrap(),
+        None
+    );
+}

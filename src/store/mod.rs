@@ -240,8 +240,30 @@ pub struct Revocation {
     pub task_id: Option<String>,
     /// The lease revoked, if a single lease was.
     pub lease_id: Option<String>,
+    /// The identity, when everything it held was revoked at once (its tasks and every one of
+    /// its unexpired credentials).
+    pub spiffe_id: Option<String>,
     /// Why.
     pub reason: String,
+}
+
+impl Revocation {
+    /// Whether this event ends `task` (the task itself, or its owner's identity).
+    pub fn ends_task(&self, task: &Task) -> bool {
+        self.task_id.as_deref() == Some(task.id.as_str())
+            || self.spiffe_id.as_deref() == Some(task.spiffe_id.as_str())
+    }
+}
+
+/// What revoking an identity revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRevocation {
+    /// The one event listing it all.
+    pub event: Revocation,
+    /// The active tasks it ended.
+    pub task_ids: Vec<String>,
+    /// Unexpired credentials revoked (in those tasks or standalone).
+    pub leases: u64,
 }
 
 /// A revoked, unexpired X.509 serial (for the CRL).
@@ -368,7 +390,18 @@ pub trait Store: Send + Sync {
     /// The newest revocation event's number; 0 when there is none.
     fn newest_revocation(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
 
-    /// Leases affected by a revocation event (the lease, or every lease of the task).
+    /// Revokes everything `spiffe_id` holds, in one transaction and one event: every active
+    /// task ends (`revoked`) and every unexpired credential is revoked, in a task or not.
+    /// `None` when it held nothing.
+    fn revoke_identity(
+        &self,
+        spiffe_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<IdentityRevocation>, StoreError>>;
+
+    /// Leases affected by a revocation event (the lease, every lease of the task, or every
+    /// credential an identity revocation revoked).
     fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>>;
 
     /// Serials of X.509 leases no longer honoured but not yet expired at `now`.

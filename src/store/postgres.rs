@@ -22,12 +22,12 @@ use crate::secret::Secret;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 
 use super::rows::{
-    LEASE_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task, lease_row,
-    revocation_row, task_row,
+    LEASE_COLUMNS, REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES,
+    bind_task, lease_row, revocation_row, task_row,
 };
 use super::{
-    BoxFuture, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation, RevokedSerial,
-    Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
+    BoxFuture, IdentityRevocation, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken,
+    Revocation, RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
 };
 
 /// The channel revocation events are announced on.
@@ -130,6 +130,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), at BIGINT NOT NULL);",
     ),
+    (4, "ALTER TABLE revocations ADD COLUMN spiffe_id TEXT;"),
 ];
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -318,18 +319,29 @@ async fn record_revocation(
     reason: &str,
     now: i64,
 ) -> Result<Revocation, StoreError> {
+    record_event(tx, (task_id, lease_id, None), reason, now).await
+}
+
+/// [`record_revocation`] for any subject: a task, a lease, or an identity.
+async fn record_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    (task_id, lease_id, spiffe_id): (Option<&str>, Option<&str>, Option<&str>),
+    reason: &str,
+    now: i64,
+) -> Result<Revocation, StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(REVOCATION_LOCK)
         .execute(&mut **tx)
         .await
         .map_err(unavailable)?;
-    let row = sqlx::query(
-        "INSERT INTO revocations (at, task_id, lease_id, reason) VALUES ($1, $2, $3, $4)
-         RETURNING seq, at, task_id, lease_id, reason",
-    )
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO revocations (at, task_id, lease_id, spiffe_id, reason)
+         VALUES ($1, $2, $3, $4, $5) RETURNING {REVOCATION_COLUMNS}"
+    )))
     .bind(now)
     .bind(task_id)
     .bind(lease_id)
+    .bind(spiffe_id)
     .bind(reason)
     .fetch_one(&mut **tx)
     .await
@@ -504,6 +516,50 @@ impl Store for PostgresStore {
         })
     }
 
+    fn revoke_identity(
+        &self,
+        spiffe_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<IdentityRevocation>, StoreError>> {
+        let (spiffe_id, reason) = (spiffe_id.to_owned(), reason.to_owned());
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let mut task_ids: Vec<String> = sqlx::query_scalar(
+                "UPDATE tasks SET state = 'revoked', ended_at = $1, reason = $2
+                 WHERE spiffe_id = $3 AND state = 'active' RETURNING id",
+            )
+            .bind(now)
+            .bind(&reason)
+            .bind(&spiffe_id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let leases = sqlx::query(
+                "UPDATE leases SET revoked = TRUE, revoked_at = $1, reason = $2
+                 WHERE spiffe_id = $3 AND NOT revoked AND expires_at > $1",
+            )
+            .bind(now)
+            .bind(&reason)
+            .bind(&spiffe_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            if task_ids.is_empty() && leases == 0 {
+                return Ok(None);
+            }
+            let event = record_event(&mut tx, (None, None, Some(&spiffe_id)), &reason, now).await?;
+            tx.commit().await.map_err(unavailable)?;
+            task_ids.sort();
+            Ok(Some(IdentityRevocation {
+                event,
+                task_ids,
+                leases,
+            }))
+        })
+    }
+
     fn due_tasks(&self, now: i64, limit: u32) -> BoxFuture<'_, Result<Vec<Task>, StoreError>> {
         Box::pin(async move {
             let sql = sqlx::AssertSqlSafe(format!(
@@ -631,7 +687,7 @@ impl Store for PostgresStore {
     ) -> BoxFuture<'_, Result<Vec<Revocation>, StoreError>> {
         Box::pin(async move {
             sqlx::query(
-                "SELECT seq, at, task_id, lease_id, reason FROM revocations
+                "SELECT seq, at, task_id, lease_id, spiffe_id, reason FROM revocations
                  WHERE seq > $1 ORDER BY seq LIMIT $2",
             )
             .bind(cursor)
@@ -659,10 +715,15 @@ impl Store for PostgresStore {
                             reason) ORDER BY id), '[]')::text
                  FROM leases
                  WHERE ($1::text IS NOT NULL AND task_id = $1)
-                    OR ($2::text IS NOT NULL AND id = $2)",
+                    OR ($2::text IS NOT NULL AND id = $2)
+                    OR ($3::text IS NOT NULL AND spiffe_id = $3 AND revoked AND revoked_at = $4
+                        AND reason = $5)",
             )
             .bind(&event.task_id)
             .bind(&event.lease_id)
+            .bind(&event.spiffe_id)
+            .bind(event.at)
+            .bind(&event.reason)
             .fetch_one(&self.pool)
             .await
             .map_err(unavailable)?;
@@ -1026,6 +1087,10 @@ mod tests {
         };
         super::super::conformance::join_tokens(Arc::new(s.clone())).await;
         super::super::conformance::tasks_and_leases(Arc::new(s)).await;
+        let Some(s) = store("conformance_postgres_identity").await else {
+            return;
+        };
+        super::super::conformance::identity_revocation(Arc::new(s)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

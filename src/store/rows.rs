@@ -118,13 +118,17 @@ pub(super) fn lease_row(row: &impl Columns) -> Result<LeaseStatus, StoreError> {
     })
 }
 
-/// A revocation event from a row of `seq, at, task_id, lease_id, reason`.
+/// The columns [`revocation_row`] reads.
+pub(super) const REVOCATION_COLUMNS: &str = "seq, at, task_id, lease_id, spiffe_id, reason";
+
+/// A revocation event from a row of [`REVOCATION_COLUMNS`].
 pub(super) fn revocation_row(row: &impl Columns) -> Result<Revocation, StoreError> {
     Ok(Revocation {
         seq: row.int("seq")?,
         at: row.int("at")?,
         task_id: row.opt_text("task_id")?,
         lease_id: row.opt_text("lease_id")?,
+        spiffe_id: row.opt_text("spiffe_id")?,
         reason: row.text("reason")?,
     })
 }

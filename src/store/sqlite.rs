@@ -13,12 +13,12 @@ use sqlx::sqlite::{
 };
 
 use super::rows::{
-    LEASE_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task, lease_row,
-    revocation_row, task_row,
+    LEASE_COLUMNS, REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES,
+    bind_task, lease_row, revocation_row, task_row,
 };
 use super::{
-    BoxFuture, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation, RevokedSerial,
-    Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
+    BoxFuture, IdentityRevocation, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken,
+    Revocation, RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
 };
 
 /// File name of the database inside the data directory.
@@ -87,6 +87,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);",
     ),
+    (4, "ALTER TABLE revocations ADD COLUMN spiffe_id TEXT;"),
 ];
 
 /// Most leases committed in one transaction.
@@ -402,13 +403,24 @@ async fn record_revocation(
     reason: &str,
     now: i64,
 ) -> Result<Revocation, StoreError> {
-    let row = sqlx::query(
-        "INSERT INTO revocations (at, task_id, lease_id, reason) VALUES (?, ?, ?, ?)
-         RETURNING seq, at, task_id, lease_id, reason",
-    )
+    record_event(tx, (task_id, lease_id, None), reason, now).await
+}
+
+/// [`record_revocation`] for any subject: a task, a lease, or an identity.
+async fn record_event(
+    tx: &mut sqlx::SqliteConnection,
+    (task_id, lease_id, spiffe_id): (Option<&str>, Option<&str>, Option<&str>),
+    reason: &str,
+    now: i64,
+) -> Result<Revocation, StoreError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO revocations (at, task_id, lease_id, spiffe_id, reason) VALUES (?, ?, ?, ?, ?)
+         RETURNING {REVOCATION_COLUMNS}"
+    )))
     .bind(now)
     .bind(task_id)
     .bind(lease_id)
+    .bind(spiffe_id)
     .bind(reason)
     .fetch_all(&mut *tx)
     .await
@@ -711,6 +723,52 @@ impl Store for SqliteStore {
         })
     }
 
+    fn revoke_identity(
+        &self,
+        spiffe_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<IdentityRevocation>, StoreError>> {
+        let (spiffe_id, reason) = (spiffe_id.to_owned(), reason.to_owned());
+        Box::pin(async move {
+            let mut tx = WriteTx::begin(&self.writer).await?;
+            let mut task_ids: Vec<String> = sqlx::query_scalar(
+                "UPDATE tasks SET state = 'revoked', ended_at = ?, reason = ?
+                 WHERE spiffe_id = ? AND state = 'active' RETURNING id",
+            )
+            .bind(now)
+            .bind(&reason)
+            .bind(&spiffe_id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let leases = sqlx::query(
+                "UPDATE leases SET revoked = 1, revoked_at = ?, reason = ?
+                 WHERE spiffe_id = ? AND revoked = 0 AND expires_at > ?",
+            )
+            .bind(now)
+            .bind(&reason)
+            .bind(&spiffe_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            if task_ids.is_empty() && leases == 0 {
+                tx.rollback().await;
+                return Ok(None);
+            }
+            let event = record_event(&mut tx, (None, None, Some(&spiffe_id)), &reason, now).await?;
+            tx.commit().await?;
+            task_ids.sort();
+            Ok(Some(IdentityRevocation {
+                event,
+                task_ids,
+                leases,
+            }))
+        })
+    }
+
     fn due_tasks(&self, now: i64, limit: u32) -> BoxFuture<'_, Result<Vec<Task>, StoreError>> {
         Box::pin(async move {
             let sql = sqlx::AssertSqlSafe(format!(
@@ -800,7 +858,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<Revocation>, StoreError>> {
         Box::pin(async move {
             sqlx::query(
-                "SELECT seq, at, task_id, lease_id, reason FROM revocations
+                "SELECT seq, at, task_id, lease_id, spiffe_id, reason FROM revocations
                  WHERE seq > ? ORDER BY seq LIMIT ?",
             )
             .bind(cursor)
@@ -832,10 +890,15 @@ impl Store for SqliteStore {
                             json(audience), issued_at, expires_at, revoked, revoked_at, reason)
                         ORDER BY id)
                  FROM leases
-                 WHERE (?1 IS NOT NULL AND task_id = ?1) OR (?2 IS NOT NULL AND id = ?2)",
+                 WHERE (?1 IS NOT NULL AND task_id = ?1) OR (?2 IS NOT NULL AND id = ?2)
+                    OR (?3 IS NOT NULL AND spiffe_id = ?3 AND revoked = 1 AND revoked_at = ?4
+                        AND reason = ?5)",
             )
             .bind(&event.task_id)
             .bind(&event.lease_id)
+            .bind(&event.spiffe_id)
+            .bind(event.at)
+            .bind(&event.reason)
             .fetch_one(&self.pool)
             .await
             .map_err(unavailable)?;
@@ -1051,6 +1114,10 @@ mod tests {
         super::super::conformance::join_tokens(Arc::new(SqliteStore::in_memory().await.unwrap()))
             .await;
         super::super::conformance::tasks_and_leases(Arc::new(
+            SqliteStore::in_memory().await.unwrap(),
+        ))
+        .await;
+        super::super::conformance::identity_revocation(Arc::new(
             SqliteStore::in_memory().await.unwrap(),
         ))
         .await;

@@ -3,15 +3,18 @@
 - py-spiffe (PyPI `spiffe`) reads SPIFFE_ENDPOINT_SOCKET and fetches the X.509 context, a
   JWT-SVID and both bundle kinds from the Workload API socket;
 - grpcio (C-core) asks grpc.health.v1 on both Unix sockets, and lists services with
-  grpc.reflection.v1alpha (grpcio-reflection's client protos).
+  grpc.reflection.v1alpha (grpcio-reflection's client protos);
+- authlib verifies the JWT-SVID against the broker's published JWKS.
 
 Prints one JSON object; tests/interop.rs checks what it says with its own verifiers.
-Usage: python_clients.py BROKER_SOCKET WORKLOAD_SOCKET AUDIENCE
+Usage: python_clients.py BROKER_SOCKET WORKLOAD_SOCKET AUDIENCE JWKS_URL
 """
 
 import base64
 import json
 import sys
+import urllib.request
+import warnings
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -50,7 +53,7 @@ def reflected_services(path):
 
 
 def main():
-    broker_socket, workload_socket, audience = sys.argv[1], sys.argv[2], sys.argv[3]
+    broker_socket, workload_socket, audience, jwks_url = sys.argv[1:5]
     client = WorkloadApiClient()  # SPIFFE_ENDPOINT_SOCKET, as every SPIFFE client reads it
     try:
         ctx = client.fetch_x509_context()
@@ -72,6 +75,16 @@ def main():
         }
     finally:
         client.close()
+    # authlib, as a relying party would: the JWKS from the broker's HTTP listener.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from authlib.jose import JsonWebKey, JsonWebToken
+
+        with urllib.request.urlopen(jwks_url, timeout=10) as r:
+            keys = JsonWebKey.import_key_set(json.load(r))
+        claims = JsonWebToken(["ES256"]).decode(result["jwt"]["token"], keys)
+        claims.validate()
+    result["authlib"] = {"sub": claims["sub"], "aud": claims["aud"]}
     result["health"] = {
         "broker": health(
             broker_socket,

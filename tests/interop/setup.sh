@@ -14,6 +14,11 @@ command -v npm >/dev/null || { echo "interop: npm (Node.js) is required" >&2; ex
 
 stamp() { sha256sum "$1" | cut -d' ' -f1; }
 
+# One install at a time (parallel test binaries may call this together).
+mkdir -p "$(dirname "$venv")"
+exec 9>"$(dirname "$venv")/.setup.lock"
+flock 9
+
 if [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$(stamp "$here/requirements.txt")" ]; then
   rm -rf "$venv"
   python3 -m venv "$venv"
