@@ -25,6 +25,9 @@ const BOUNDS: &str = "preface_timeout = \"500ms\"\nidle_timeout = \"1s\"\n\
                       [http]\nheader_read_timeout = \"500ms\"\nidle_timeout = \"1s\"\n\
                       \n#end-grpc-http\n";
 
+/// The tests here count the process's descriptors: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Reads until the peer closes; returns how long that took (panics after `limit`).
 async fn closed_within(mut conn: impl AsyncRead + Unpin, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -77,6 +80,7 @@ fn http_addr(b: &TestBroker) -> String {
 
 #[tokio::test]
 async fn slow_and_silent_clients_are_disconnected_within_their_bounds() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let b = start(&format!("{BOUNDS}{}", uid_rule())).await;
 
     // HTTP: a header that never finishes.
@@ -138,6 +142,7 @@ async fn slow_and_silent_clients_are_disconnected_within_their_bounds() {
 
 #[tokio::test]
 async fn a_hostile_run_leaves_descriptors_at_their_baseline() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let b = start(&format!("{BOUNDS}{}", uid_rule())).await;
     // Warm up what the process opens once (runtime threads, the CRL thread, pools).
     let _ = b.http_get("/livez").await;
@@ -178,6 +183,7 @@ async fn a_hostile_run_leaves_descriptors_at_their_baseline() {
 
 #[tokio::test]
 async fn a_keep_alive_stream_idle_between_pings_survives_an_hour() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let b = start(&format!(
         "{BOUNDS}{}[tasks]\nheartbeat_interval = \"20m\"\ngrace = \"20m\"\nmax_duration = \"3h\"\n",
         uid_rule()
