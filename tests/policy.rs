@@ -192,3 +192,60 @@ async fn mapping_reload_applies_good_edits_and_refuses_broken_ones() {
     second.shutdown().await.unwrap();
     b.running.shutdown().await.unwrap();
 }
+
+/// Policy narrows on behaviour: an identity that already got three credentials in the last
+/// minute is refused a fourth, one with two live tasks may not begin a third, and its denials
+/// are counted too.
+#[tokio::test]
+async fn policy_sees_recent_behaviour() {
+    let policy = r#"
+@id("allow-all")
+permit (principal, action, resource);
+
+@id("burst")
+forbid (principal, action == Ephemera::Action::"MintJwtSvid", resource)
+when { context has behaviour && context.behaviour.issued_last_minute >= 3 };
+
+@id("too-many-tasks")
+forbid (principal, action == Ephemera::Action::"BeginTask", resource)
+when { context has behaviour && context.behaviour.live_tasks >= 2 };
+
+@id("after-denials")
+forbid (principal, action == Ephemera::Action::"MintX509Svid", resource)
+when { context has behaviour && context.behaviour.denials_last_10_minutes >= 2 };
+"#;
+    let b = start_with_policy(&uid_rule(), policy).await;
+    let mut client = b.unix_client().await;
+    for _ in 0..3 {
+        client.mint_jwt_svid(jwt(None)).await.unwrap();
+    }
+    for _ in 0..2 {
+        let err = client.mint_jwt_svid(jwt(None)).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+    }
+    // Two denials in the last ten minutes: X.509 is refused too now.
+    let err = client
+        .mint_x509_svid(MintX509SvidRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    use ephemera::api::pb::v1::BeginTaskRequest;
+    for _ in 0..2 {
+        client
+            .begin_task(BeginTaskRequest::default())
+            .await
+            .unwrap();
+    }
+    let err = client
+        .begin_task(BeginTaskRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // A minute later (on the broker's clock) issuance is back under the limit.
+    b.clock.advance(Duration::from_secs(70));
+    let still = client.mint_jwt_svid(jwt(None)).await;
+    assert!(still.is_ok(), "{still:?}");
+    b.running.shutdown().await.unwrap();
+}

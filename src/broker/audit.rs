@@ -76,6 +76,11 @@ impl Audit {
         self.subject = Some(identity.subject.clone());
     }
 
+    /// The identity the caller was mapped to, once it is known.
+    pub(super) fn spiffe_id(&self) -> Option<&str> {
+        self.spiffe_id.as_deref()
+    }
+
     /// The caller was mapped to `spiffe_id`.
     pub(super) fn identified(&mut self, spiffe_id: &SpiffeId) {
         self.spiffe_id = Some(spiffe_id.to_string());

@@ -10,7 +10,9 @@ use crate::attest::{AttestError, AttestedIdentity, Evidence, TokenRejection};
 use crate::clock::unix_secs;
 use crate::id::{IdError, SpiffeId};
 use crate::policy::PolicyError;
-use crate::policy::cedar::{Action, Decision, Principal, RequestContext, Resource};
+use crate::policy::cedar::{
+    Action, BehaviourContext, Decision, Principal, RequestContext, Resource,
+};
 use crate::store::{StoreError, Task, TaskState};
 
 /// Who is calling, proven on this request, and the task it names.
@@ -44,9 +46,15 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// Records the outcome in the audit event and returns it.
+    /// Records the outcome in the audit event (and, for an identified caller's denial, in its
+    /// recent behaviour) and returns it.
     pub(super) fn finish<T>(mut self, result: Result<T, BrokerError>) -> Result<T, BrokerError> {
         self.audit.outcome(&result);
+        if result.is_err()
+            && let Some(id) = self.audit.spiffe_id()
+        {
+            self.broker.count_denied(id);
+        }
         result
     }
 
@@ -108,7 +116,8 @@ impl<'a> Call<'a> {
     ) -> Result<Caller, BrokerError> {
         let caller = self.caller(requested, task_id).await?;
         self.broker.admit(&caller)?;
-        self.authorize(&caller, action, resources, requested_ttl_secs)?;
+        let behaviour = self.broker.behaviour_of(&caller).await?;
+        self.authorize(&caller, action, resources, requested_ttl_secs, behaviour)?;
         Ok(caller)
     }
 
@@ -120,13 +129,14 @@ impl<'a> Call<'a> {
         action: Action,
         resources: &[Resource],
         requested_ttl_secs: u64,
+        behaviour: Option<BehaviourContext>,
     ) -> Result<(), BrokerError> {
         self.broker.authorize(
             self.evidence,
             caller,
-            action,
-            resources,
+            (action, resources),
             requested_ttl_secs,
+            behaviour,
             &mut self.audit.policies,
         )
     }
@@ -139,9 +149,9 @@ impl Broker {
         &self,
         evidence: &Evidence,
         caller: &Caller,
-        action: Action,
-        resources: &[Resource],
+        (action, resources): (Action, &[Resource]),
         requested_ttl_secs: u64,
+        behaviour: Option<BehaviourContext>,
         policies: &mut Vec<String>,
     ) -> Result<(), BrokerError> {
         let now = self.clock.now();
@@ -163,6 +173,7 @@ impl Broker {
                 .task
                 .as_ref()
                 .map(|t| task_context(t, unix_secs(now))),
+            behaviour,
         };
         for resource in resources {
             let decision: Decision = self.policy.decide(&principal, action, resource, &ctx)?;

@@ -254,6 +254,7 @@ impl Call<'_> {
         self.audit.granted_ttl_secs = Some(granted_secs(now, svid.not_after));
         self.audit.lease_id = Some(lease_id.clone());
         ::metrics::counter!(crate::telemetry::ISSUED, "kind" => "x509").increment(1);
+        broker.count_issued(caller.spiffe_id.as_str());
         Ok(MintedX509 {
             spiffe_id: caller.spiffe_id.clone(),
             svid,
@@ -304,6 +305,7 @@ impl Call<'_> {
         self.audit.granted_ttl_secs = Some(u64::try_from(exp - iat).unwrap_or(0));
         self.audit.lease_id = Some(jti.clone());
         ::metrics::counter!(crate::telemetry::ISSUED, "kind" => "jwt").increment(1);
+        broker.count_issued(caller.spiffe_id.as_str());
         Ok(MintedJwt {
             spiffe_id: caller.spiffe_id.clone(),
             token: Secret::new(token),

@@ -18,6 +18,7 @@
 
 pub mod admin;
 mod audit;
+pub mod behaviour;
 mod caller;
 pub mod introspect;
 pub mod mint;
@@ -220,6 +221,7 @@ pub struct Broker {
     quotas: crate::quota::Quotas,
     crl: Arc<CrlPublisher>,
     expansions: Arc<crate::lease::Expansions>,
+    behaviour: behaviour::Tracker,
     shutdown: ShutdownSignal,
 }
 
@@ -259,6 +261,7 @@ impl Broker {
             quotas: crate::quota::Quotas::new(quotas),
             crl,
             expansions,
+            behaviour: behaviour::Tracker::default(),
             shutdown,
         }
     }

@@ -370,6 +370,9 @@ impl Broker {
                     evidence_age_secs: u64::try_from(t.evidence_age_secs).unwrap_or(0),
                     now: self.clock.now(),
                     task: Some(task_context(&t, now)),
+                    // Re-evaluation decides on what the task is; recent behaviour is for
+                    // requests as they arrive.
+                    behaviour: None,
                 };
                 let allowed = match self.policy.decide(
                     &principal,

@@ -105,12 +105,13 @@ impl Broker {
                     task: None,
                 };
                 let mut policies = Vec::new();
+                let behaviour = self.behaviour_of(&caller).await?;
                 match self.authorize(
                     evidence,
                     &caller,
-                    action,
-                    resources,
+                    (action, resources),
                     requested_ttl_secs,
+                    behaviour,
                     &mut policies,
                 ) {
                     Ok(()) => permitted.push(caller),
@@ -153,11 +154,13 @@ impl Broker {
         call.audit.identified(&first.spiffe_id);
         let labels = [("source".to_owned(), "workload-api".to_owned())].into();
         let result = async {
+            let behaviour = self.behaviour_of(first).await?;
             call.authorize(
                 first,
                 Action::BeginTask,
                 &[Resource::Target("task".to_owned())],
                 duration.as_secs(),
+                behaviour,
             )?;
             self.start_task(evidence, first, duration, labels).await
         }

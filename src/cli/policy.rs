@@ -14,7 +14,8 @@ use serde::Deserialize;
 use super::{EXIT_DENIED, EXIT_USAGE, Failure};
 use crate::id::SpiffeId;
 use crate::policy::cedar::{
-    Action, PolicyEngine, Principal, RequestContext, Resource, SCHEMA, TaskContext,
+    Action, BehaviourContext, PolicyEngine, Principal, RequestContext, Resource, SCHEMA,
+    TaskContext,
 };
 
 /// `ephemera policy ...`
@@ -82,6 +83,21 @@ struct ExplainContext {
     /// RFC 3339; default now.
     now: Option<String>,
     task: Option<ExplainTask>,
+    behaviour: Option<ExplainBehaviour>,
+}
+
+/// `context.behaviour`, as a policy would see it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainBehaviour {
+    #[serde(default)]
+    issued_last_minute: u64,
+    #[serde(default)]
+    denials_last_10_minutes: u64,
+    #[serde(default)]
+    live_tasks: u64,
+    #[serde(default)]
+    task_leases: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +182,12 @@ pub fn run(cmd: PolicyCommand) -> Result<(), Failure> {
                     id: t.id,
                     labels: t.labels,
                     age_secs: t.age_secs,
+                }),
+                behaviour: req.context.behaviour.map(|b| BehaviourContext {
+                    issued_last_minute: b.issued_last_minute,
+                    denials_last_10_minutes: b.denials_last_10_minutes,
+                    live_tasks: b.live_tasks,
+                    task_leases: b.task_leases,
                 }),
             };
             let principal = Principal {

@@ -136,6 +136,27 @@ pub struct RequestContext {
     pub now: SystemTime,
     /// The task, if any.
     pub task: Option<TaskContext>,
+    /// The identity's recent behaviour on this broker, when a policy reads it.
+    pub behaviour: Option<BehaviourContext>,
+}
+
+/// What policy sees of an identity's recent behaviour (`context.behaviour`), as this broker
+/// replica has seen it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct BehaviourContext {
+    /// Credentials issued to the identity in the last minute.
+    pub issued_last_minute: u64,
+    /// Requests of the identity denied in the last ten minutes.
+    pub denials_last_10_minutes: u64,
+    /// The identity's live tasks.
+    pub live_tasks: u64,
+    /// Credentials in the request's task (0 without one).
+    pub task_leases: u64,
+}
+
+/// Whether a policy set reads `context.behaviour`.
+fn reads_behaviour(set: &PolicySet) -> bool {
+    set.policies().any(|p| p.to_string().contains("behaviour"))
 }
 
 /// A decision and what determined it.
@@ -223,6 +244,8 @@ fn long(v: u64) -> RestrictedExpression {
 struct Loaded {
     set: PolicySet,
     count: usize,
+    /// Whether any policy reads `context.behaviour` (only then is it gathered).
+    behaviour: bool,
     fingerprint: Vec<(PathBuf, SystemTime, u64)>,
 }
 
@@ -485,6 +508,7 @@ impl PolicyEngine {
             principals: Principals::default(),
             contexts: Contexts::default(),
             current: RwLock::new(Arc::new(Loaded {
+                behaviour: reads_behaviour(&set),
                 set,
                 count,
                 fingerprint: fp,
@@ -501,6 +525,12 @@ impl PolicyEngine {
     /// Number of policies serving now.
     pub fn count(&self) -> usize {
         self.loaded().count
+    }
+
+    /// Whether a policy serving now reads `context.behaviour`: only then is the caller's
+    /// recent behaviour gathered and kept.
+    pub fn uses_behaviour(&self) -> bool {
+        self.loaded().behaviour
     }
 
     fn loaded(&self) -> Arc<Loaded> {
@@ -525,6 +555,7 @@ impl PolicyEngine {
                     .current
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Loaded {
+                    behaviour: reads_behaviour(&set),
                     set,
                     count,
                     fingerprint: fp,
@@ -545,6 +576,7 @@ impl PolicyEngine {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Loaded {
                     set: current.set.clone(),
                     count: current.count,
+                    behaviour: current.behaviour,
                     fingerprint: fp,
                 });
                 Err(problems)
@@ -634,6 +666,21 @@ impl PolicyEngine {
                 .map_err(|e| PolicyError::Request(e.to_string()))?,
             ));
         }
+        if let Some(b) = &ctx.behaviour {
+            pairs.push((
+                "behaviour".to_owned(),
+                RestrictedExpression::new_record([
+                    ("issued_last_minute".to_owned(), long(b.issued_last_minute)),
+                    (
+                        "denials_last_10_minutes".to_owned(),
+                        long(b.denials_last_10_minutes),
+                    ),
+                    ("live_tasks".to_owned(), long(b.live_tasks)),
+                    ("task_leases".to_owned(), long(b.task_leases)),
+                ])
+                .map_err(|e| PolicyError::Request(e.to_string()))?,
+            ));
+        }
         Context::from_pairs(pairs).map_err(|e| PolicyError::Request(e.to_string()))
     }
 }
@@ -670,12 +717,14 @@ impl Contexts {
         if let Some(t) = &ctx.task {
             (&t.id, &t.labels, t.age_secs).hash(&mut h);
         }
+        ctx.behaviour.hash(&mut h);
         let key = h.finish();
         let same = |c: &RequestContext| {
             c.requested_ttl_secs == ctx.requested_ttl_secs
                 && c.evidence_age_secs == ctx.evidence_age_secs
                 && c.source_ip == ctx.source_ip
                 && c.task == ctx.task
+                && c.behaviour == ctx.behaviour
         };
         if let Some((_, context)) = self
             .lock()
@@ -853,6 +902,7 @@ mod tests {
             evidence_age_secs: 5,
             now: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_780_000_000), // 2026-05-28
             task: None,
+            behaviour: None,
         }
     }
 
@@ -1057,12 +1107,15 @@ when { context.now.toDate() == datetime("2026-09-21T00:00:00Z") };
         ] {
             for ip in [None, Some("10.1.2.3"), Some("::1")] {
                 for task in [None, Some(task.clone())] {
-                    let ctx = RequestContext {
-                        task,
-                        ..ctx(60, ip)
-                    };
-                    e.request(&uid, action, &resource, &ctx, Some(&e.schema))
-                        .unwrap_or_else(|err| panic!("{action:?} {ctx:?}: {err}"));
+                    for behaviour in [None, Some(BehaviourContext::default())] {
+                        let ctx = RequestContext {
+                            task: task.clone(),
+                            behaviour,
+                            ..ctx(60, ip)
+                        };
+                        e.request(&uid, action, &resource, &ctx, Some(&e.schema))
+                            .unwrap_or_else(|err| panic!("{action:?} {ctx:?}: {err}"));
+                    }
                 }
             }
         }
