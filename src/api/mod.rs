@@ -1,7 +1,7 @@
 //! gRPC edge: tonic services, evidence extraction and error → `Status` mapping.
 //!
 //! The only place (with `http.rs`) that knows about transports. Services translate requests into
-//! typed broker requests and call `broker.rs`; they hold no logic of their own.
+//! typed broker requests and call `broker/`; they hold no logic of their own.
 
 pub mod admin;
 pub mod authority;
