@@ -10,10 +10,13 @@
 //! [`Normalized`] sits between the Unix socket and the HTTP/2 server and rewrites the request
 //! header blocks the client sends: each HEADERS (+ CONTINUATION) block is decoded with the
 //! connection's HPACK decoder and encoded again with an encoder of our own, replacing an
-//! `:authority` that is not a valid URI authority with `localhost`. Every block is re-encoded,
-//! not only the rewritten ones: HPACK's dynamic table is connection state shared by the client's
-//! encoder and the server's decoder, so the server must see one consistent encoding (ours) for
-//! the whole connection. Everything else (the preface, SETTINGS, DATA, PING, WINDOW_UPDATE,
+//! `:authority` that is not a valid URI authority with `localhost`. On such a connection every
+//! block is re-encoded, not only the rewritten ones: HPACK's dynamic table is connection state
+//! shared by the client's encoder and the server's decoder, so the server must see one
+//! consistent encoding (ours) for the whole connection. The connection's first request
+//! decides: when it already names a usable authority (or none), as grpc-go, grpc-js and tonic
+//! do, that block and everything after it pass through untouched, at no cost; gRPC stacks name
+//! the same authority on every request of a channel. Everything else (the preface, SETTINGS, DATA, PING, WINDOW_UPDATE,
 //! RST_STREAM, GOAWAY, PRIORITY) passes through unchanged, and the server-to-client direction is
 //! untouched. Only Unix listeners are wrapped: on TCP the authority is a host name.
 
@@ -58,8 +61,11 @@ pub struct Normalized<S> {
     /// Bytes ready for the server.
     ready: BytesMut,
     preface_seen: bool,
-    /// Not HTTP/2 with prior knowledge: everything passes through for the server to refuse.
+    /// Nothing more to rewrite: everything passes through untouched (not HTTP/2 with prior
+    /// knowledge, or a client whose first request already had a usable `:authority`).
     passthrough: bool,
+    /// Whether this connection's header blocks are re-encoded (decided by its first block).
+    rewriting: bool,
     /// A header block being assembled from HEADERS and CONTINUATION frames.
     pending: Option<PendingBlock>,
     decoder: loona_hpack::Decoder<'static>,
@@ -74,6 +80,8 @@ struct PendingBlock {
     end_stream: bool,
     priority: Option<[u8; 5]>,
     block: Vec<u8>,
+    /// The frames as received, to forward unchanged if the connection needs no rewriting.
+    original: Vec<u8>,
 }
 
 fn malformed(why: &str) -> io::Error {
@@ -96,6 +104,7 @@ impl<S> Normalized<S> {
             ready: BytesMut::new(),
             preface_seen: false,
             passthrough: false,
+            rewriting: false,
             pending: None,
             decoder,
             encoder: loona_hpack::Encoder::new(),
@@ -168,11 +177,17 @@ impl<S> Normalized<S> {
                         return Err(malformed("padding longer than the frame"));
                     }
                     let block = payload[..payload.len() - pad].to_vec();
+                    let original = if self.rewriting {
+                        Vec::new()
+                    } else {
+                        frame.to_vec()
+                    };
                     self.pending = Some(PendingBlock {
                         stream,
                         end_stream: flags & END_STREAM != 0,
                         priority,
                         block,
+                        original,
                     });
                     if flags & END_HEADERS != 0 {
                         self.finish_block()?;
@@ -183,6 +198,9 @@ impl<S> Normalized<S> {
                         return Err(malformed("header block too large"));
                     }
                     p.block.extend_from_slice(&frame[FRAME_HEADER..]);
+                    if !self.rewriting {
+                        p.original.extend_from_slice(&frame);
+                    }
                     if flags & END_HEADERS != 0 {
                         self.finish_block()?;
                     }
@@ -215,6 +233,23 @@ impl<S> Normalized<S> {
             .map_err(|e| malformed(&format!("HPACK: {e:?}")))?;
         if size > MAX_BLOCK {
             return Err(malformed("header list too large"));
+        }
+        if !self.rewriting {
+            // The connection's first request decides: a client that names a usable authority
+            // (grpc-go, grpc-js, tonic: `localhost`) or none does so on every request, and its
+            // connection passes through untouched from here on, the first block as it came;
+            // a client that names its socket path (C-core, grpc-java) has every block rewritten.
+            let usable = headers
+                .iter()
+                .all(|(name, value)| name.as_slice() != b":authority" || is_authority(value));
+            if usable {
+                self.ready.extend_from_slice(&p.original);
+                self.passthrough = true;
+                let rest = self.raw.split();
+                self.ready.extend_from_slice(&rest);
+                return Ok(());
+            }
+            self.rewriting = true;
         }
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority" && !is_authority(value) {
@@ -300,6 +335,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Normalized<S> {
             }
             if this.eof {
                 return Poll::Ready(Ok(()));
+            }
+            if this.passthrough && this.raw.is_empty() {
+                // Nothing to rewrite any more: straight from the socket into the server's buffer.
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             let mut chunk = [0u8; 8192];
             let mut read = ReadBuf::new(&mut chunk);
@@ -449,6 +488,25 @@ mod tests {
         broken.extend(frame(HEADERS, 0, 1, a));
         broken.extend(frame(0x0, 0, 1, &[0; 5]));
         assert!(rewrite(&broken, 4096).is_err());
+    }
+
+    #[test]
+    fn a_connection_whose_first_request_names_a_usable_authority_passes_through_untouched() {
+        let mut client = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[]));
+        for (stream, path) in [(1, &b"/a"[..]), (3, b"/b")] {
+            let block = client.encode([
+                (&b":method"[..], &b"POST"[..]),
+                (b":path", path),
+                (b":authority", b"localhost"),
+            ]);
+            input.extend(frame(HEADERS, END_HEADERS, stream, &block));
+            input.extend(frame(0x0, END_STREAM, stream, &[0, 0, 0, 0, 0]));
+        }
+        for chunk in [1, 5, 4096] {
+            assert_eq!(rewrite(&input, chunk).unwrap(), input, "chunk {chunk}");
+        }
     }
 
     #[test]
