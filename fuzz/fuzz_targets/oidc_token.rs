@@ -46,6 +46,7 @@ fn setup() -> &'static Setup {
             audiences: vec!["fuzz".into()],
             algorithms: vec![Alg::Es256, Alg::Rs256],
             max_token_age: Some(Duration::from_secs(600)),
+            max_token_lifetime: Duration::from_secs(86_400),
             clock_skew: Duration::from_secs(30),
             required_claims: Vec::new(),
             jwks: JwksCache::new(JwksSource::File(path), Duration::from_secs(30)),
