@@ -201,7 +201,10 @@ async fn sigkill_under_load_loses_no_lease_and_recovers_tasks() {
     std::fs::write(
         &config,
         format!(
-            "{}{}\n[tasks]\nheartbeat_interval = \"1s\"\ngrace = \"2s\"\n",
+            // The grace is long enough that the tasks refreshed at the last restart are
+            // still live when it is checked, whatever second the restart fell in (store times
+            // are whole seconds).
+            "{}{}\n[tasks]\nheartbeat_interval = \"1s\"\ngrace = \"5s\"\n",
             config_text(&dir, ""),
             uid_rule()
         ),
