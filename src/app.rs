@@ -34,6 +34,7 @@ use crate::attest::oidc::{OidcAttestor, OidcIssuer};
 use crate::attest::unix::UnixAttestor;
 use crate::attest::x509pop::{ClientCas, X509PopAttestor};
 use crate::broker::reload::{MappingLoader, Reloader};
+use crate::broker::trust::LockKeeper;
 use crate::broker::workload::WorkloadStreams;
 use crate::broker::{Broker, BrokerParts, Limits};
 use crate::ca::{Ca, CaError, keys};
@@ -501,6 +502,17 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .await
         .map_err(|e| StartError::Setup(format!("building the CRL: {e}")))?;
     workers.push(broker.crl().start(broker.bus(), shutdown.signal()));
+    // Locks are enforced from the first request.
+    broker
+        .refresh_locks()
+        .await
+        .map_err(|e| StartError::Setup(format!("reading locks: {e}")))?;
+    workers.push(
+        LockKeeper {
+            broker: broker.clone(),
+        }
+        .start(shutdown.signal()),
+    );
     let load: MappingLoader = Box::new(reload_mappings);
     workers.push(
         Reloader {

@@ -29,6 +29,9 @@ pub const ACTIVE_LEASES: &str = "ephemera_active_leases";
 /// above `workload_api.crl_max_bytes`.
 pub const CRL_BYTES: &str = "ephemera_crl_bytes";
 
+/// Locks this replica enforces (expired ones until pruned).
+pub const LOCKS: &str = "ephemera_locks";
+
 const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
@@ -88,6 +91,8 @@ pub fn reason_class(reason: &str) -> &'static str {
         "admin"
     } else if reason.starts_with("policy") {
         "policy"
+    } else if reason.starts_with("locked") {
+        "locked"
     } else if reason.starts_with("workload stream") {
         "workload_exited"
     } else {

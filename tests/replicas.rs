@@ -482,3 +482,91 @@ async fn recover(client: &mut BrokerClient<Channel>) -> Duration {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_created_on_one_replica_stops_the_identity_on_the_other() {
+    use ephemera::api::pb::v1::CreateLockRequest;
+    let Some(db) = database("a_lock_created_on_one_replica_stops_the_identity_on_the_other").await
+    else {
+        return;
+    };
+    let keys = shared_keys();
+    let (a, b) = (
+        Replica::start(keys.path(), &db),
+        Replica::start(keys.path(), &db),
+    );
+    let mut on_b = b.broker().await;
+    let token = on_b.mint_jwt_svid(jwt("")).await.unwrap().into_inner();
+    let task = on_b
+        .begin_task(BeginTaskRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let (keep_tx, keep_rx) = tokio::sync::mpsc::channel(4);
+    keep_tx
+        .send(KeepAliveRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap();
+    let mut keep_alive = on_b
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(keep_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    keep_alive.message().await.unwrap().expect("first ack");
+
+    let admin_token = std::fs::read_to_string(keys.path().join("admin.token")).unwrap();
+    let mut req = tonic::Request::new(CreateLockRequest {
+        target: format!("claim:uid={}", my_uid()),
+        reason: "incident 7".into(),
+        ttl_seconds: None,
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", admin_token.trim()).parse().unwrap(),
+    );
+    let locked = Instant::now();
+    let created = AdminClient::new(a.channel().await)
+        .create_lock(req)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.task_ids, std::slice::from_ref(&task.task_id));
+    assert_eq!(created.credentials_revoked, 1);
+
+    // B refuses within a second...
+    let refused = loop {
+        match on_b.mint_jwt_svid(jwt("")).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    locked.elapsed() < Duration::from_secs(1),
+                    "B still minting 1s after the lock"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let delay = locked.elapsed();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(refused.message(), "locked: incident 7");
+    // ...the task's keep-alive stream on B ends...
+    let ended = tokio::time::timeout(Duration::from_secs(1), keep_alive.message())
+        .await
+        .expect("B's keep-alive stream ends within 1s");
+    assert!(
+        matches!(&ended, Err(s) if s.message().contains("locked: incident 7")),
+        "{ended:?}"
+    );
+    // ...and what B issued before is inactive at B.
+    let (_, body) = http_post_form(
+        &b.endpoints.http_addr,
+        "/introspect",
+        &format!("token={}", token.token),
+    )
+    .await;
+    assert!(body.contains("\"active\":false"), "{body}");
+    eprintln!("a lock created on A refused mints on B after {delay:?}");
+    drop(keep_tx);
+}

@@ -10,17 +10,38 @@ pub(crate) async fn fill(
     big_tasks: usize,
 ) -> anyhow::Result<()> {
     let now = unix_now();
+    // One principal per workload, as the unix attestor would have stored them; the bench's
+    // mapping rule gives principal `w` the identity `bench/w<w>`.
+    let mut principals = Vec::with_capacity(WORKLOADS);
+    for w in 0..WORKLOADS {
+        let claims = json!({"uid": BENCH_UID_BASE + w, "gid": 100, "w": w.to_string()});
+        let p = StoredPrincipal::new(
+            "unix",
+            &format!("uid:{}", BENCH_UID_BASE + w),
+            claims.as_object().unwrap_or(&serde_json::Map::new()),
+            None,
+        );
+        store.remember_principal(&p, now).await?;
+        principals.push(p.id);
+    }
+    let principals = Arc::new(principals);
     // Tasks stay live through the run: long heartbeat and grace, deadline tomorrow.
     let mut inflight = tokio::task::JoinSet::new();
     for i in 0..tasks {
         let store = store.clone();
+        let principal = principals[i % WORKLOADS].clone();
         inflight.spawn(async move {
             store
                 .insert_task(Task {
                     id: format!("task-{i:08}"),
-                    spiffe_id: format!("spiffe://dev.local/bench/w{}", i % 1000),
+                    spiffe_id: format!("spiffe://dev.local/bench/w{}", i % WORKLOADS),
                     attestor: "unix".into(),
-                    claims: serde_json::Map::new(),
+                    principal: Some(principal),
+                    claims: json!({"uid": BENCH_UID_BASE + i % WORKLOADS, "gid": 100,
+                                   "w": (i % WORKLOADS).to_string()})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
                     labels: Default::default(),
                     source_ip: None,
                     evidence_age_secs: 0,
@@ -61,6 +82,7 @@ pub(crate) async fn fill(
         } else {
             now + 60 + i64::try_from(((i - in_big) as u64 * 6000) / spread as u64).unwrap_or(0)
         };
+        let principal = principals[task % WORKLOADS].clone();
         inflight.spawn(async move {
             store
                 .insert_lease(Lease {
@@ -72,7 +94,8 @@ pub(crate) async fn fill(
                         LeaseKind::X509
                     },
                     serial: (i % 2 == 1).then(|| format!("{i:032x}")),
-                    spiffe_id: format!("spiffe://dev.local/bench/w{}", task % 1000),
+                    spiffe_id: format!("spiffe://dev.local/bench/w{}", task % WORKLOADS),
+                    principal: Some(principal),
                     audience: if i % 2 == 0 {
                         vec!["bench".into()]
                     } else {
@@ -98,6 +121,15 @@ pub(crate) async fn fill(
     Ok(())
 }
 
+/// Distinct workloads (principals and identities) of the lease-scale store.
+const WORKLOADS: usize = 1000;
+
+/// The first uid of the lease-scale store's principals (above any real user's).
+const BENCH_UID_BASE: usize = 900_000;
+
+/// The mapping rule that gives the lease-scale store's principals their identities.
+const BENCH_MAPPING: &str = "[[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://{trust_domain}/bench/w{claims.w}\"\nmatch = { gid = \"100\" }\n";
+
 /// Tasks of 10,000 leases revoked in the lease-scale run, one after another.
 pub(crate) const BIG_TASKS: usize = 3;
 
@@ -106,7 +138,7 @@ pub(crate) async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow:
     let data = dir.path().join("data");
     let mut opts = DevOptions::embedded(&data);
     opts.log_level = "error".into();
-    opts.extra_config = store_config(store_url);
+    opts.extra_config = format!("{}\n{BENCH_MAPPING}", store_config(store_url));
     let config = opts.prepare(dir.path())?;
     let big = 10_000.min(args.leases / 2);
     // Several such tasks, so the revocation is more than one sample (one in the smoke run).
@@ -233,6 +265,35 @@ pub(crate) async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow:
         in_event = in_event.min(event.credentials.len());
     }
 
+    // A policy reload decides every live task and credential again: once with policies that
+    // permit everything (nothing revoked), once with a policy that forbids one workload.
+    let policy_dir = config.policy_dir.clone();
+    let mut redecide = Vec::new();
+    for (name, text) in [
+        ("again.cedar", "permit (principal, action, resource);\n"),
+        (
+            "forbid-w0.cedar",
+            "forbid (principal, action, resource) when { principal.spiffe_id == \"spiffe://dev.local/bench/w0\" };\n",
+        ),
+    ] {
+        std::fs::write(policy_dir.join(name), text)?;
+        let t0 = Instant::now();
+        let r = admin
+            .reload_policy(target.admin(ReloadPolicyRequest {})?)
+            .await?
+            .into_inner();
+        redecide.push(json!({
+            "policy": name,
+            "admin_call_ms": ms(t0.elapsed()),
+            "redecide_ms": r.redecide_ms,
+            "tasks_decided": r.tasks_decided,
+            "grants_decided": r.grants_decided,
+            "credentials_decided": r.credentials_decided,
+            "tasks_revoked": r.tasks_revoked.len(),
+            "credentials_revoked": r.credentials_revoked,
+        }));
+    }
+
     // Reaper and idle CPU while leases expire at 1% a minute.
     let cpu0 = target.cpu.read().unwrap_or(0.0);
     tokio::time::sleep(Duration::from_secs_f64(args.reaper_seconds)).await;
@@ -258,6 +319,7 @@ pub(crate) async fn lease_scale(args: &Args, store_url: Option<&str>) -> anyhow:
             "watch_event": latency_json(revoke_events),
             "credentials_in_event": in_event,
         },
+        "policy_reload_redecide": redecide,
         "idle_cpu": {
             "seconds_sampled": args.reaper_seconds,
             "cpu_ms_per_minute": ((cpu / args.reaper_seconds * 60.0) * 1000.0).round(),

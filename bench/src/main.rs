@@ -31,14 +31,14 @@ use ephemera::api::pb::v1::broker_client::BrokerClient;
 use ephemera::api::pb::v1::revocations_client::RevocationsClient;
 use ephemera::api::pb::v1::{
     BeginTaskRequest, EndTaskRequest, KeepAliveRequest, ListLeasesRequest, MintJwtSvidRequest,
-    MintX509SvidRequest, RevokeTaskRequest, WatchRequest,
+    MintX509SvidRequest, ReloadPolicyRequest, RevokeTaskRequest, WatchRequest,
 };
 use ephemera::api::pb::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use ephemera::api::pb::workload::{JwtsvidRequest, X509svidRequest};
 use ephemera::client::ConnectOptions;
 use ephemera::client::evidence::{Evidence, Source};
 use ephemera::dev::DevOptions;
-use ephemera::store::{Lease, LeaseKind, Store, Task, TaskState};
+use ephemera::store::{Lease, LeaseKind, Store, StoredPrincipal, Task, TaskState};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::{Value, json};

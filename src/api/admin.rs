@@ -12,13 +12,16 @@ use ring::rand::SecureRandom;
 use tonic::{Request, Response, Status};
 
 use super::pb::v1::{
-    CreateJoinTokenRequest, CreateJoinTokenResponse, GetLeaseRequest, LeaseInfo, ListLeasesRequest,
-    ListLeasesResponse, ListTasksRequest, ListTasksResponse, ReloadPolicyRequest,
-    ReloadPolicyResponse, RevokeIdentityRequest, RevokeLeaseRequest, RevokeResponse,
-    RevokeTaskRequest, TaskInfo, admin_server,
+    CreateJoinTokenRequest, CreateJoinTokenResponse, CreateLockRequest, CreateLockResponse,
+    DeleteLockRequest, DeleteLockResponse, GetLeaseRequest, LeaseInfo, ListLeasesRequest,
+    ListLeasesResponse, ListLocksRequest, ListLocksResponse, ListTasksRequest, ListTasksResponse,
+    LockInfo, ReloadPolicyRequest, ReloadPolicyResponse, RevokeIdentityRequest, RevokeLeaseRequest,
+    RevokeResponse, RevokeTaskRequest, TaskInfo, admin_server,
 };
 use super::status::to_status;
+use crate::attest::shown;
 use crate::attest::x509pop::{ClientCas, X509PopAttestor};
+use crate::broker::trust::LockTarget;
 use crate::broker::{Broker, BrokerError};
 use crate::ca::CaError;
 use crate::id::{SpiffeId, Ttl};
@@ -562,9 +565,33 @@ impl admin_server::Admin for AdminService {
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(target: "ephemera::audit", action = "ReloadPolicy", admin = %admin, decision = "allow", outcome = if result.is_ok() { "reloaded" } else { "refused" }, "admin action");
         match result {
-            Ok(n) => Ok(Response::new(ReloadPolicyResponse {
-                policies: u32::try_from(n).unwrap_or(u32::MAX),
-            })),
+            Ok(n) => {
+                // Returns once the new policies serve and every live credential has been
+                // decided again under them.
+                let r = self
+                    .broker
+                    .redecide_policy()
+                    .await
+                    .map_err(|e| to_status(&e))?;
+                let (tasks_revoked, credentials_revoked, cursor) = match r.revoked {
+                    Some(v) => (
+                        v.task_ids,
+                        v.leases,
+                        u64::try_from(v.event.seq).unwrap_or(0),
+                    ),
+                    None => (Vec::new(), 0, 0),
+                };
+                Ok(Response::new(ReloadPolicyResponse {
+                    policies: u32::try_from(n).unwrap_or(u32::MAX),
+                    tasks_decided: r.tasks_decided,
+                    grants_decided: r.grants_decided,
+                    credentials_decided: r.leases_decided,
+                    tasks_revoked,
+                    credentials_revoked,
+                    cursor,
+                    redecide_ms: u64::try_from(r.elapsed.as_millis()).unwrap_or(u64::MAX),
+                }))
+            }
             Err(problems) => Err(Status::failed_precondition(format!(
                 "policies not reloaded; the previous ones keep serving:\n{}",
                 problems
@@ -574,6 +601,75 @@ impl admin_server::Admin for AdminService {
                     .join("\n")
             ))),
         }
+    }
+
+    async fn create_lock(
+        &self,
+        request: Request<CreateLockRequest>,
+    ) -> Result<Response<CreateLockResponse>, Status> {
+        let admin = self.auth.check(&request, "CreateLock")?;
+        let req = request.into_inner();
+        let target = LockTarget::parse(&req.target)
+            .map_err(|e| Status::invalid_argument(format!("invalid target: {e}")))?;
+        let now = self.broker.clock().unix_now();
+        let expires_at = match req.ttl_seconds {
+            None => None,
+            Some(0) => {
+                return Err(Status::invalid_argument(
+                    "invalid ttl_seconds: must be positive",
+                ));
+            }
+            Some(t) => Some(now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX))),
+        };
+        let result = self
+            .broker
+            .create_lock(target, &req.reason, expires_at, &admin)
+            .await;
+        match &result {
+            Ok(c) => {
+                tracing::info!(target: "ephemera::audit", action = "CreateLock", admin = %admin, decision = "allow", lock_id = %c.lock.id, lock_target = ?c.lock.target, tasks = c.revoked.task_ids.len(), credentials = c.revoked.leases, "admin action")
+            }
+            Err(e) => {
+                tracing::info!(target: "ephemera::audit", action = "CreateLock", admin = %admin, decision = "deny", reason = %e, "admin action")
+            }
+        }
+        let c = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(CreateLockResponse {
+            lock: Some(lock_info(&c.lock, now)),
+            task_ids: c.revoked.task_ids,
+            credentials_revoked: c.revoked.leases,
+            cursor: u64::try_from(c.revoked.event.seq).unwrap_or(0),
+        }))
+    }
+
+    async fn list_locks(
+        &self,
+        request: Request<ListLocksRequest>,
+    ) -> Result<Response<ListLocksResponse>, Status> {
+        self.auth.check(&request, "ListLocks")?;
+        let now = self.broker.clock().unix_now();
+        let locks = self.broker.list_locks().await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListLocksResponse {
+            locks: locks.iter().map(|l| lock_info(l, now)).collect(),
+        }))
+    }
+
+    async fn delete_lock(
+        &self,
+        request: Request<DeleteLockRequest>,
+    ) -> Result<Response<DeleteLockResponse>, Status> {
+        let admin = self.auth.check(&request, "DeleteLock")?;
+        let id = request.into_inner().id;
+        if id.is_empty() || id.len() > 64 {
+            return Err(Status::invalid_argument("invalid id: must be a lock id"));
+        }
+        let deleted = self
+            .broker
+            .delete_lock(&id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        tracing::info!(target: "ephemera::audit", action = "DeleteLock", admin = %admin, decision = "allow", lock_id = ?shown(&id), deleted, "admin action");
+        Ok(Response::new(DeleteLockResponse { deleted }))
     }
 
     async fn create_join_token(
@@ -624,5 +720,17 @@ impl admin_server::Admin for AdminService {
             id,
             expires_at,
         }))
+    }
+}
+
+fn lock_info(l: &crate::store::StoredLock, now: i64) -> LockInfo {
+    LockInfo {
+        id: l.id.clone(),
+        target: l.target.clone(),
+        reason: l.reason.clone(),
+        created_by: l.created_by.clone(),
+        created_at: l.created_at,
+        expires_at: l.expires_at.unwrap_or(0),
+        active: l.expires_at.is_none_or(|e| e > now),
     }
 }

@@ -57,7 +57,9 @@ pub fn to_status(err: &BrokerError) -> Status {
         | BrokerError::TaskEnding { .. }
         | BrokerError::TaskEnded { .. } => Status::failed_precondition(err.to_string()),
         BrokerError::StreamMisuse(_) => Status::invalid_argument(err.to_string()),
-        BrokerError::Withdrawn(_) => Status::permission_denied(err.to_string()),
+        BrokerError::Withdrawn(_) | BrokerError::Locked { .. } => {
+            Status::permission_denied(err.to_string())
+        }
         BrokerError::ShuttingDown(_) => Status::unavailable(err.to_string()),
         BrokerError::Store(e) => {
             tracing::error!(error = %e, "store failure");

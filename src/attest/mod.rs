@@ -11,6 +11,14 @@ pub mod oidc;
 pub mod unix;
 pub mod x509pop;
 
+/// The static name of a built-in attestor (`unix`, `oidc`, `x509pop`, `join_token`), for a
+/// principal read back from the store.
+pub fn static_name(name: &str) -> Option<&'static str> {
+    [unix::NAME, oidc::NAME, x509pop::NAME, join_token::NAME]
+        .into_iter()
+        .find(|n| *n == name)
+}
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::{Broker, BrokerError, lease_key};
 use crate::id::{SpiffeId, Ttl};
 use crate::secret::Secret;
-use crate::store::{IdentityRevocation, LeaseStatus, NewJoinToken, TaskState};
+use crate::store::{LeaseStatus, NewJoinToken, Revoked, TaskState};
 
 impl Broker {
     fn admin_audit(&self, admin: &str, action: &str, target: &str, outcome: &str) {
@@ -71,7 +71,7 @@ impl Broker {
         &self,
         admin: &str,
         spiffe_id: &SpiffeId,
-    ) -> Result<Option<IdentityRevocation>, BrokerError> {
+    ) -> Result<Option<Revoked>, BrokerError> {
         let revoked = self
             .store
             .revoke_identity(

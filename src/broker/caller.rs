@@ -154,6 +154,7 @@ impl Broker {
         behaviour: Option<BehaviourContext>,
         policies: &mut Vec<String>,
     ) -> Result<(), BrokerError> {
+        self.check_locks(&caller.identity, &caller.spiffe_id, evidence)?;
         let now = self.clock.now();
         let identity = &caller.identity;
         let principal = Principal {

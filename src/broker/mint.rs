@@ -224,6 +224,8 @@ impl Call<'_> {
         ttl: Option<Ttl>,
     ) -> Result<MintedX509, BrokerError> {
         let broker = self.broker;
+        broker.check_locks(&caller.identity, &caller.spiffe_id, self.evidence)?;
+        let principal = broker.principal_id(&caller.identity, self.evidence).await?;
         let now = broker.clock.now();
         let key_not_after = Some(broker.ca.x509.ca_not_after());
         let not_after = grant(ttl, broker.limits.x509, now, caller, key_not_after)?;
@@ -240,6 +242,7 @@ impl Call<'_> {
                 kind: LeaseKind::X509,
                 serial: Some(svid.serial.to_string()),
                 spiffe_id: caller.spiffe_id.to_string(),
+                principal: Some(principal),
                 audience: Vec::new(),
                 issued_at: unix_secs(now),
                 expires_at: unix_secs(svid.not_after),
@@ -271,6 +274,8 @@ impl Call<'_> {
         ttl: Option<Ttl>,
     ) -> Result<MintedJwt, BrokerError> {
         let broker = self.broker;
+        broker.check_locks(&caller.identity, &caller.spiffe_id, self.evidence)?;
+        let principal = broker.principal_id(&caller.identity, self.evidence).await?;
         let now = broker.clock.now();
         let not_after = grant(ttl, broker.limits.jwt, now, caller, None)?;
         let quota = broker.lease_quota(caller).await?;
@@ -291,6 +296,7 @@ impl Call<'_> {
                 kind: LeaseKind::Jwt,
                 serial: None,
                 spiffe_id: caller.spiffe_id.to_string(),
+                principal: Some(principal),
                 audience: audiences.iter().map(ToString::to_string).collect(),
                 issued_at: iat,
                 expires_at: exp,
@@ -350,6 +356,7 @@ mod tests {
             id: "t1".into(),
             spiffe_id: "spiffe://example.org/a".into(),
             attestor: "unix".into(),
+            principal: None,
             claims: serde_json::Map::new(),
             labels: std::collections::BTreeMap::new(),
             source_ip: None,

@@ -10,7 +10,8 @@
 //! - [`admin`]: admin revocation and join tokens;
 //! - [`workload`]: SPIFFE Workload API sessions and their streams' pacing;
 //! - [`introspect`]: introspection, JWT-SVID validation and the revocation log;
-//! - [`reload`]: the reloader worker (policies, mapping rules, re-evaluation).
+//! - [`reload`]: the reloader worker (policies, mapping rules, re-evaluation);
+//! - [`trust`]: stored principals, locks, and deciding every live credential again.
 //!
 //! Nothing is carried over between requests: each one is attested and mapped from its own
 //! evidence. Every decision, allow or deny, produces exactly one audit event on the
@@ -24,6 +25,7 @@ pub mod introspect;
 pub mod mint;
 pub mod reload;
 pub mod tasks;
+pub mod trust;
 pub mod workload;
 
 use std::sync::Arc;
@@ -119,6 +121,14 @@ pub enum BrokerError {
         /// Why (the revocation event's reason).
         reason: String,
     },
+    /// A lock matches the caller: nothing is issued to it.
+    #[error("locked: {reason}")]
+    Locked {
+        /// The lock.
+        lock_id: String,
+        /// Its reason.
+        reason: String,
+    },
     /// The broker is shutting down; long-lived streams end and callers reconnect.
     #[error("the broker is shutting down; {0}")]
     ShuttingDown(&'static str),
@@ -156,6 +166,7 @@ impl BrokerError {
             Self::LimitExceeded(_) => "limit.exceeded",
             Self::StreamMisuse(_) => "stream.misuse",
             Self::Withdrawn(_) => "withdrawn",
+            Self::Locked { .. } => "locked",
             Self::ShuttingDown(_) => "shutting_down",
         }
     }
@@ -222,6 +233,10 @@ pub struct Broker {
     crl: Arc<CrlPublisher>,
     expansions: Arc<crate::lease::Expansions>,
     behaviour: behaviour::Tracker,
+    principals: trust::PrincipalCache,
+    locks: trust::Locks,
+    /// The last policy generation decided again, and what that did.
+    redecided: tokio::sync::Mutex<Option<(u64, trust::Redecision)>>,
     shutdown: ShutdownSignal,
 }
 
@@ -262,6 +277,9 @@ impl Broker {
             crl,
             expansions,
             behaviour: behaviour::Tracker::default(),
+            principals: trust::PrincipalCache::default(),
+            locks: trust::Locks::default(),
+            redecided: tokio::sync::Mutex::new(None),
             shutdown,
         }
     }

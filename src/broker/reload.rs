@@ -1,6 +1,7 @@
 //! The reloader: a worker that re-reads the policy directory and the config file's mapping
 //! rules when they change (a broken edit keeps the previous ones serving), and decides every
-//! live task again after each policy reload, from the file watch or the Admin API alike.
+//! live task and credential again after each reload (see [`super::trust`]), from the file
+//! watch or the Admin API alike.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +25,31 @@ pub struct Reloader {
     /// The config file holding the mapping rules, and how to load them; `None` when the
     /// broker was not started from a file.
     pub mappings: Option<(PathBuf, MappingLoader)>,
+}
+
+/// Logs what deciding every live credential again did after a reload of `what`.
+fn report(r: Result<super::trust::Redecision, super::BrokerError>, what: &str) {
+    match r {
+        Ok(r) => match &r.revoked {
+            Some(revoked) => tracing::info!(
+                reloaded = what,
+                tasks = revoked.task_ids.len(),
+                credentials = revoked.leases,
+                grants_decided = r.grants_decided,
+                elapsed_ms = r.elapsed.as_millis() as u64,
+                "reload revoked what is no longer permitted"
+            ),
+            None => tracing::debug!(
+                reloaded = what,
+                grants_decided = r.grants_decided,
+                elapsed_ms = r.elapsed.as_millis() as u64,
+                "reload revoked nothing"
+            ),
+        },
+        Err(e) => {
+            tracing::error!(reloaded = what, error = %e, "deciding live credentials again after a reload failed")
+        }
+    }
 }
 
 /// Modification time and size of a file, to notice edits.
@@ -50,7 +76,9 @@ impl Reloader {
                             let stamp = file_stamp(path);
                             if stamp != config_stamp {
                                 config_stamp = stamp;
-                                let _ = load(&broker, path);
+                                if load(&broker, path).is_ok() {
+                                    report(broker.redecide_mapping().await, "mapping rules");
+                                }
                             }
                         }
                     }
@@ -58,13 +86,7 @@ impl Reloader {
                         if r.is_err() {
                             return;
                         }
-                        match broker.reevaluate_tasks().await {
-                            Ok(revoked) if !revoked.is_empty() => {
-                                tracing::info!(tasks = revoked.len(), "policy reload revoked live tasks");
-                            }
-                            Ok(_) => {}
-                            Err(e) => tracing::error!(error = %e, "re-evaluating tasks after a policy reload failed"),
-                        }
+                        report(broker.redecide_policy().await, "policies");
                     }
                 }
             }

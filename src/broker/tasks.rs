@@ -9,12 +9,12 @@ use tokio_stream::{Stream, StreamExt};
 use uuid::Uuid;
 
 use super::caller::{Call, Caller};
-use super::{Broker, BrokerError, secs, task_context};
+use super::{Broker, BrokerError, secs};
 use crate::attest::Evidence;
 use crate::clock::unix_secs;
 use crate::id::SpiffeId;
-use crate::policy::cedar::{Action, Principal, RequestContext, Resource};
-use crate::store::{Task, TaskState};
+use crate::policy::cedar::{Action, Resource};
+use crate::store::{Revocation, Task, TaskState};
 
 /// Task timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,12 +123,14 @@ impl Broker {
                 .await?;
             self.quotas.check_tasks(active)?;
         }
+        let principal = self.principal_id(&caller.identity, evidence).await?;
         let now = self.clock.unix_now();
         let deadline = now + secs(duration);
         let task = Task {
             id: Uuid::now_v7().to_string(),
             spiffe_id: caller.spiffe_id.to_string(),
             attestor: caller.identity.attestor.to_owned(),
+            principal: Some(principal),
             claims: caller.identity.claims.clone(),
             labels,
             source_ip: evidence.source.map(|a| a.ip().to_string()),
@@ -262,7 +264,7 @@ impl Broker {
                         break KeepAliveEnd::Closed;
                     }
                     r = revocations.recv() => match r {
-                        Ok(ev) if ev.ends_task(&task) => {
+                        Ok(ev) if broker.event_ends(&ev, &task).await => {
                             let _ = tx.send(Err(BrokerError::TaskEnded { reason: ev.reason.clone() })).await;
                             return;
                         }
@@ -284,6 +286,25 @@ impl Broker {
             }
         });
         rx
+    }
+
+    /// Whether a revocation event ended `task`: it names the task or its owner, or it is a set
+    /// event ([`Revocation::is_set`]) and the store no longer has the task active.
+    pub(super) async fn event_ends(&self, event: &Revocation, task: &Task) -> bool {
+        if event.ends_task(task) {
+            return true;
+        }
+        if !event.is_set() {
+            return false;
+        }
+        match self.store.task(&task.id).await {
+            Ok(Some(t)) => t.state != TaskState::Active,
+            Ok(None) => true,
+            Err(e) => {
+                tracing::warn!(task_id = %task.id, error = %e, "cannot tell whether a revocation ended the task");
+                false
+            }
+        }
     }
 
     /// Records that a task is alive now. Writes are coarse, so that several replicas can share
@@ -341,65 +362,5 @@ impl Broker {
             }
             None => Ok(false),
         }
-    }
-
-    /// Re-evaluates every active task against the current policy (after a reload): a task its
-    /// owner could no longer begin is revoked. Returns the tasks revoked.
-    pub async fn reevaluate_tasks(&self) -> Result<Vec<String>, BrokerError> {
-        let mut revoked = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self.store.active_tasks(after.clone(), 500).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
-            for t in page {
-                let Ok(spiffe_id) = t.spiffe_id.parse::<SpiffeId>() else {
-                    continue;
-                };
-                let now = self.clock.unix_now();
-                let principal = Principal {
-                    spiffe_id: &spiffe_id,
-                    attestor: &t.attestor,
-                    claims: &t.claims,
-                };
-                // Decided as the task was begun (same source, same evidence), at the current
-                // time and with the lifetime it has left.
-                let ctx = RequestContext {
-                    source_ip: t.source_ip.as_deref().and_then(|ip| ip.parse().ok()),
-                    requested_ttl_secs: u64::try_from(t.deadline - now).unwrap_or(0),
-                    evidence_age_secs: u64::try_from(t.evidence_age_secs).unwrap_or(0),
-                    now: self.clock.now(),
-                    task: Some(task_context(&t, now)),
-                    // Re-evaluation decides on what the task is; recent behaviour is for
-                    // requests as they arrive.
-                    behaviour: None,
-                };
-                let allowed = match self.policy.decide(
-                    &principal,
-                    Action::BeginTask,
-                    &Resource::Target("task".into()),
-                    &ctx,
-                ) {
-                    Ok(d) => d.allowed,
-                    Err(e) => {
-                        tracing::warn!(task_id = %t.id, error = %e, "cannot re-evaluate task; revoking");
-                        false
-                    }
-                };
-                if !allowed
-                    && self
-                        .end(
-                            &t.id,
-                            TaskState::Revoked,
-                            "policy no longer permits the task",
-                        )
-                        .await?
-                {
-                    tracing::info!(target: "ephemera::audit", action = "ReevaluateTask", task_id = %t.id, spiffe_id = %t.spiffe_id, decision = "deny", reason = "policy no longer permits the task", "decision");
-                    revoked.push(t.id);
-                }
-            }
-        }
-        Ok(revoked)
     }
 }

@@ -386,7 +386,7 @@ impl WorkloadStreams {
                     }
                 }
                 ev = revocations.recv() => match ev {
-                    Ok(r) if r.ends_task(&session.task) => {
+                    Ok(r) if broker.event_ends(&r, &session.task).await => {
                         // The task was revoked or ended: every SVID of the stream is withdrawn.
                         let _ = tx
                             .send(Err(BrokerError::Withdrawn(format!("identity withdrawn: {}", r.reason))))
@@ -394,7 +394,8 @@ impl WorkloadStreams {
                         return;
                     }
                     Ok(r) if r.lease_id.as_ref().is_some_and(|l| svids.iter().any(|s| &s.lease_id == l))
-                        || r.spiffe_id.as_ref().is_some_and(|id| svids.iter().any(|s| s.spiffe_id.as_str() == id)) => {
+                        || r.spiffe_id.as_ref().is_some_and(|id| svids.iter().any(|s| s.spiffe_id.as_str() == id))
+                        || r.is_set() => {
                         // One SVID was revoked: replace it (and its siblings) at once.
                         renew = tokio::time::Instant::now();
                     }

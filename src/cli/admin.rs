@@ -13,8 +13,9 @@ use clap::{Args, Subcommand};
 use super::{ConnectArgs, EXIT_USAGE, Failure, rfc3339, ttl_secs};
 use crate::api::pb::v1::admin_client::AdminClient;
 use crate::api::pb::v1::{
-    CreateJoinTokenRequest, GetLeaseRequest, LeaseInfo, ListLeasesRequest, ListTasksRequest,
-    ReloadPolicyRequest, RevokeIdentityRequest, RevokeLeaseRequest, RevokeTaskRequest, TaskInfo,
+    CreateJoinTokenRequest, CreateLockRequest, DeleteLockRequest, GetLeaseRequest, LeaseInfo,
+    ListLeasesRequest, ListLocksRequest, ListTasksRequest, LockInfo, ReloadPolicyRequest,
+    RevokeIdentityRequest, RevokeLeaseRequest, RevokeTaskRequest, TaskInfo,
 };
 use crate::endpoints::Endpoints;
 
@@ -44,6 +45,12 @@ pub enum AdminCommand {
         /// The policy command.
         #[command(subcommand)]
         command: AdminPolicyCommand,
+    },
+    /// Locks: stop an identity, a claim, a subject, an executable or an address range at once.
+    Lock {
+        /// The lock command.
+        #[command(subcommand)]
+        command: LockCommand,
     },
     /// Join tokens: single-use bootstrap credentials.
     JoinToken {
@@ -140,8 +147,56 @@ pub enum RevokeTarget {
 /// `ephemera admin policy ...`
 #[derive(Debug, Subcommand)]
 pub enum AdminPolicyCommand {
-    /// Reload the broker's policy directory now (live tasks are then re-evaluated).
+    /// Reload the broker's policy directory now; returns once the new policies serve and
+    /// every live task and credential has been decided again under them.
     Reload {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Admin credentials and broker address.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `ephemera admin lock ...`
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// Lock a target: nothing is issued to it and everything it holds is revoked now.
+    ///
+    /// TARGET is one of: spiffe_id=ID, spiffe_id=PREFIX/* (every ID under a path),
+    /// claim:NAME=VALUE (a claim as policy sees it, e.g. claim:repository=acme/api or
+    /// claim:kubernetes.io.namespace=ci), subject=S (an attestor's subject, e.g. uid:1000),
+    /// exe_sha256=HEX, cidr=ADDR/BITS.
+    Create {
+        /// What to lock.
+        target: String,
+        /// Why (required; refused callers see "locked: <reason>").
+        #[arg(long)]
+        reason: String,
+        /// Lifetime, e.g. 2h (default: until deleted).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Admin credentials and broker address.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List locks (oldest first).
+    List {
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Admin credentials and broker address.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a lock (what it revoked stays revoked).
+    Delete {
+        /// Lock id.
+        id: String,
         /// Admin credentials and broker address.
         #[command(flatten)]
         admin: AdminArgs,
@@ -472,17 +527,43 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
             Ok(())
         }
         AdminCommand::Policy {
-            command: AdminPolicyCommand::Reload { admin },
+            command: AdminPolicyCommand::Reload { json, admin },
         } => {
             let r = admin_client(&admin)
                 .await?
                 .reload_policy(admin.request(ReloadPolicyRequest {})?)
                 .await?
                 .into_inner();
-            writeln!(out, "policies reloaded: {} serving", r.policies)
-                .context("writing to stdout")?;
+            if json {
+                let doc = serde_json::json!({
+                    "policies": r.policies,
+                    "tasks_decided": r.tasks_decided,
+                    "grants_decided": r.grants_decided,
+                    "credentials_decided": r.credentials_decided,
+                    "tasks_revoked": r.tasks_revoked,
+                    "credentials_revoked": r.credentials_revoked,
+                    "cursor": r.cursor,
+                    "redecide_ms": r.redecide_ms,
+                });
+                writeln!(out, "{doc}")
+            } else {
+                writeln!(
+                    out,
+                    "policies reloaded: {} serving; decided again: {} task(s), {} credential(s) in {} grant(s) in {} ms; revoked: {} task(s), {} credential(s){}",
+                    r.policies,
+                    r.tasks_decided,
+                    r.credentials_decided,
+                    r.grants_decided,
+                    r.redecide_ms,
+                    r.tasks_revoked.len(),
+                    r.credentials_revoked,
+                    if r.cursor > 0 { format!(" (cursor {})", r.cursor) } else { String::new() }
+                )
+            }
+            .context("writing to stdout")?;
             Ok(())
         }
+        AdminCommand::Lock { command } => lock(command, &mut out).await,
         AdminCommand::JoinToken {
             command: JoinTokenCommand::Create(args),
         } => {
@@ -526,4 +607,110 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn lock_json(l: &LockInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": l.id,
+        "target": l.target,
+        "reason": l.reason,
+        "created_by": l.created_by,
+        "created_at": rfc3339(l.created_at),
+        "expires_at": (l.expires_at > 0).then(|| rfc3339(l.expires_at)),
+        "active": l.active,
+    })
+}
+
+/// `ephemera admin lock ...`
+async fn lock(cmd: LockCommand, out: &mut impl Write) -> Result<(), Failure> {
+    match cmd {
+        LockCommand::Create {
+            target,
+            reason,
+            ttl,
+            json,
+            admin,
+        } => {
+            let req = admin.request(CreateLockRequest {
+                target,
+                reason,
+                ttl_seconds: ttl_secs(ttl.as_deref())?,
+            })?;
+            let r = admin_client(&admin)
+                .await?
+                .create_lock(req)
+                .await?
+                .into_inner();
+            let l = r.lock.unwrap_or_default();
+            if json {
+                let mut doc = lock_json(&l);
+                doc["task_ids"] = r.task_ids.clone().into();
+                doc["credentials_revoked"] = r.credentials_revoked.into();
+                doc["cursor"] = r.cursor.into();
+                writeln!(out, "{doc}")
+            } else {
+                writeln!(
+                    out,
+                    "lock {} on {}: revoked {} task(s) and {} credential(s) (cursor {}){}",
+                    l.id,
+                    l.target,
+                    r.task_ids.len(),
+                    r.credentials_revoked,
+                    r.cursor,
+                    if l.expires_at > 0 {
+                        format!("; expires {}", rfc3339(l.expires_at))
+                    } else {
+                        "; until deleted".to_owned()
+                    }
+                )
+            }
+            .context("writing to stdout")?;
+        }
+        LockCommand::List { json, admin } => {
+            let r = admin_client(&admin)
+                .await?
+                .list_locks(admin.request(ListLocksRequest {})?)
+                .await?
+                .into_inner();
+            if json {
+                for l in &r.locks {
+                    writeln!(out, "{}", lock_json(l)).context("writing to stdout")?;
+                }
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .locks
+                    .iter()
+                    .map(|l| {
+                        vec![
+                            l.id.clone(),
+                            l.target.clone(),
+                            if l.active { "active" } else { "expired" }.to_owned(),
+                            if l.expires_at > 0 {
+                                rfc3339(l.expires_at)
+                            } else {
+                                "-".to_owned()
+                            },
+                            l.reason.clone(),
+                        ]
+                    })
+                    .collect();
+                table(out, &["ID", "TARGET", "STATE", "EXPIRES", "REASON"], &rows)
+                    .context("writing to stdout")?;
+            }
+        }
+        LockCommand::Delete { id, admin } => {
+            let r = admin_client(&admin)
+                .await?
+                .delete_lock(admin.request(DeleteLockRequest { id: id.clone() })?)
+                .await?
+                .into_inner();
+            if r.deleted {
+                writeln!(out, "lock {id}: deleted")
+            } else {
+                writeln!(out, "lock {id}: no such lock")
+            }
+            .context("writing to stdout")?;
+        }
+    }
+    Ok(())
 }

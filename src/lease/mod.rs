@@ -194,6 +194,11 @@ impl RevocationBus {
             let mut active = self.active();
             active.generation += 1;
             active.tasks.retain(|_, t| t.spiffe_id != *owner);
+        } else if r.is_set() {
+            // Any task may be in the set.
+            let mut active = self.active();
+            active.generation += 1;
+            active.tasks.clear();
         }
     }
 
@@ -321,6 +326,7 @@ mod tests {
                 kind: LeaseKind::Jwt,
                 serial: None,
                 spiffe_id: "spiffe://example.org/w".into(),
+                principal: None,
                 audience: vec!["a".into()],
                 issued_at: 1,
                 expires_at: 200,

@@ -545,6 +545,11 @@ impl PolicyEngine {
         self.generation.subscribe()
     }
 
+    /// How many times policies have been (successfully) reloaded.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// Reloads from the directory. On any problem the previous policies keep serving and the
     /// problems are returned (and logged).
     pub fn reload(&self) -> Result<usize, Vec<PolicyProblem>> {

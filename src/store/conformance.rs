@@ -21,6 +21,7 @@ pub fn task(id: &str, spiffe_id: &str, deadline: i64, due_at: i64) -> Task {
         id: id.into(),
         spiffe_id: spiffe_id.into(),
         attestor: "unix".into(),
+        principal: None,
         claims: serde_json::Map::new(),
         labels: [("env".to_owned(), "test".to_owned())].into(),
         source_ip: Some("10.1.2.3".into()),
@@ -47,6 +48,7 @@ pub fn lease(id: &str, task: Option<&str>, serial: Option<&str>, expires_at: i64
         },
         serial: serial.map(Into::into),
         spiffe_id: "spiffe://e.org/a".into(),
+        principal: None,
         audience: if serial.is_some() {
             vec![]
         } else {
@@ -479,5 +481,191 @@ pub async fn identity_revocation(store: std::sync::Arc<dyn Store>) {
     assert_eq!(
         store.revoke_identity(a, "again", 1_001).await.unwrap(),
         None
+    );
+}
+
+/// Principals, grants, one set revocation of tasks and grants, locks, and pruning of what
+/// nothing names.
+pub async fn principals_sets_and_locks(store: std::sync::Arc<dyn Store>) {
+    use super::{RevokeSet, StoredLock, StoredPrincipal};
+    let claims = serde_json::json!({"repository": "acme/api", "n": 1});
+    let claims = claims.as_object().unwrap();
+    let p = StoredPrincipal::new("oidc", "iss#sub", claims, Some("10.0.0.1".into()));
+    let q = StoredPrincipal::new("unix", "uid:7", &serde_json::Map::new(), None);
+    assert_ne!(p.id, q.id);
+    assert_eq!(
+        p.id,
+        StoredPrincipal::new("oidc", "iss#sub", claims, Some("10.0.0.1".into())).id,
+        "equal callers share one principal"
+    );
+    store.remember_principal(&p, 100).await.unwrap();
+    store.remember_principal(&p, 150).await.unwrap();
+    store.remember_principal(&q, 100).await.unwrap();
+    let got = store
+        .principals(vec![p.id.clone(), "unknown".into()])
+        .await
+        .unwrap();
+    assert_eq!(got, std::slice::from_ref(&p));
+
+    let mut t = task("tp", "spiffe://e.org/a", 10_000, 5_000);
+    t.principal = Some(p.id.clone());
+    store.insert_task(t).await.unwrap();
+    store
+        .insert_task(task("tq", "spiffe://e.org/b", 10_000, 5_000))
+        .await
+        .unwrap();
+    let with = |id: &str, task: Option<&str>, serial: Option<&str>, principal: &str| {
+        let mut l = lease(id, task, serial, 9_000);
+        l.principal = Some(principal.to_owned());
+        l
+    };
+    for l in [
+        with("s1", None, None, &p.id),
+        with("s2", None, None, &p.id),
+        with("s3", None, Some("0b01"), &p.id),
+        with("s4", None, None, &q.id),
+        with("t1", Some("tp"), None, &p.id),
+        with("t2", Some("tq"), None, &q.id),
+        lease("old", None, None, 9_000),
+    ] {
+        store.insert_lease(l).await.unwrap();
+    }
+    let mut grants = store.live_grants(1_000).await.unwrap();
+    grants.sort_by(|a, b| {
+        (&a.principal, &a.task_id, a.kind.as_str()).cmp(&(
+            &b.principal,
+            &b.task_id,
+            b.kind.as_str(),
+        ))
+    });
+    let jwt_standalone = grants
+        .iter()
+        .find(|g| g.principal == p.id && g.task_id.is_none() && g.kind == LeaseKind::Jwt)
+        .expect("p's standalone JWT-SVIDs are one grant")
+        .clone();
+    assert_eq!(jwt_standalone.leases, 2);
+    assert_eq!(jwt_standalone.audience, ["aud"]);
+    assert_eq!(jwt_standalone.expires_at, 9_000);
+    assert_eq!(grants.len(), 5, "{grants:?}");
+
+    // One event: p's standalone JWT-SVIDs and task tq (with its lease).
+    let r = store
+        .revoke_set(
+            RevokeSet {
+                tasks: vec!["tq".into()],
+                grants: vec![jwt_standalone],
+                announce: false,
+            },
+            "policy",
+            1_000,
+        )
+        .await
+        .unwrap()
+        .expect("something was live");
+    assert!(r.event.is_set());
+    assert_eq!(r.task_ids, ["tq"]);
+    assert_eq!(r.leases, 3);
+    let mut listed: Vec<String> = store
+        .revoked_leases(&r.event)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["s1", "s2", "t2"]);
+    for (id, live) in [
+        ("s1", false),
+        ("s2", false),
+        ("s3", true),
+        ("s4", true),
+        ("t1", true),
+        ("t2", false),
+    ] {
+        assert_eq!(
+            store.lease(id).await.unwrap().unwrap().active(1_000),
+            live,
+            "{id}"
+        );
+    }
+    assert_eq!(
+        store.task("tq").await.unwrap().unwrap().state,
+        TaskState::Revoked
+    );
+    assert_eq!(
+        store
+            .task("tp")
+            .await
+            .unwrap()
+            .unwrap()
+            .principal
+            .as_deref(),
+        Some(p.id.as_str())
+    );
+    // Nothing left of that set: no event, unless announced.
+    let empty = RevokeSet {
+        tasks: vec!["tq".into()],
+        ..RevokeSet::default()
+    };
+    assert_eq!(
+        store
+            .revoke_set(empty.clone(), "policy", 1_001)
+            .await
+            .unwrap(),
+        None
+    );
+    let announced = store
+        .revoke_set(
+            RevokeSet {
+                announce: true,
+                ..empty
+            },
+            "locked: x",
+            1_001,
+        )
+        .await
+        .unwrap()
+        .expect("announced");
+    assert_eq!((announced.task_ids.len(), announced.leases), (0, 0));
+    assert!(
+        store
+            .revoked_leases(&announced.event)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Locks.
+    let lock = |id: &str, expires_at: Option<i64>| StoredLock {
+        id: id.into(),
+        target: "claim:repository=acme/api".into(),
+        reason: "incident 42".into(),
+        created_by: "admin".into(),
+        created_at: 1_000,
+        expires_at,
+    };
+    store.create_lock(lock("k1", None)).await.unwrap();
+    store.create_lock(lock("k2", Some(2_000))).await.unwrap();
+    assert!(matches!(
+        store.create_lock(lock("k1", None)).await,
+        Err(StoreError::Conflict | StoreError::Unavailable(_))
+    ));
+    assert_eq!(
+        store.locks().await.unwrap(),
+        [lock("k1", None), lock("k2", Some(2_000))]
+    );
+    assert!(store.delete_lock("k1").await.unwrap());
+    assert!(!store.delete_lock("k1").await.unwrap());
+
+    // Pruning: expired locks, and principals nothing names once their leases are gone.
+    store.prune(100_000).await.unwrap();
+    assert!(store.locks().await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .principals(vec![p.id.clone(), q.id.clone()])
+            .await
+            .unwrap(),
+        [p],
+        "p is still named by the active task tp; q by nothing"
     );
 }

@@ -131,6 +131,8 @@ pub struct Task {
     pub attestor: String,
     /// The owner's attested claims at begin time (for re-evaluation after a policy reload).
     pub claims: serde_json::Map<String, serde_json::Value>,
+    /// The owner's [`StoredPrincipal`] (absent on tasks begun before principals were kept).
+    pub principal: Option<String>,
     /// Labels.
     pub labels: std::collections::BTreeMap<String, String>,
     /// The owner's address at begin time (absent on the Unix socket), for re-evaluation.
@@ -197,6 +199,9 @@ pub struct Lease {
     pub serial: Option<String>,
     /// The identity in the credential.
     pub spiffe_id: String,
+    /// The [`StoredPrincipal`] it was issued to (absent on leases written before principals
+    /// were kept; those are not decided again).
+    pub principal: Option<String>,
     /// JWT audiences.
     pub audience: Vec<String>,
     /// Issue time, Unix seconds.
@@ -248,22 +253,126 @@ pub struct Revocation {
 }
 
 impl Revocation {
-    /// Whether this event ends `task` (the task itself, or its owner's identity).
+    /// Whether this event revoked a set chosen by a decision (a policy or mapping reload, a
+    /// lock) rather than one task, lease or identity: the tasks and leases it revoked name it
+    /// (`revoked_by`), and [`Store::revoked_leases`] lists them.
+    pub fn is_set(&self) -> bool {
+        self.task_id.is_none() && self.lease_id.is_none() && self.spiffe_id.is_none()
+    }
+
+    /// Whether this event ends `task` (the task itself, or its owner's identity). A set event
+    /// ([`Self::is_set`]) may end it too: ask the store.
     pub fn ends_task(&self, task: &Task) -> bool {
         self.task_id.as_deref() == Some(task.id.as_str())
             || self.spiffe_id.as_deref() == Some(task.spiffe_id.as_str())
     }
 }
 
-/// What revoking an identity revoked.
+/// What one revocation of many things (an identity, a set) revoked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityRevocation {
+pub struct Revoked {
     /// The one event listing it all.
     pub event: Revocation,
     /// The active tasks it ended.
     pub task_ids: Vec<String>,
     /// Unexpired credentials revoked (in those tasks or standalone).
     pub leases: u64,
+}
+
+/// What a decision needs of an attested caller, kept once per distinct caller and referenced by
+/// its tasks and leases, so live credentials can be decided again (after a policy or mapping
+/// reload, or a lock) without fresh evidence. It holds no evidence and no secret: the
+/// attestor's name, the subject and claims it yielded, and the caller's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPrincipal {
+    /// SHA-256 of everything below (base64url): equal callers share one row.
+    pub id: String,
+    /// The attestor that verified the caller.
+    pub attestor: String,
+    /// The attestor's subject (`uid:1000`, `issuer#sub`).
+    pub subject: String,
+    /// The attested claims.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// The caller's address (absent on the Unix socket).
+    pub source_ip: Option<String>,
+}
+
+impl StoredPrincipal {
+    /// The principal of a caller, with its id computed.
+    pub fn new(
+        attestor: &str,
+        subject: &str,
+        claims: &serde_json::Map<String, serde_json::Value>,
+        source_ip: Option<String>,
+    ) -> Self {
+        use base64::Engine as _;
+        // Claims are a sorted map, so equal claims serialize equally.
+        let canonical = serde_json::json!([attestor, subject, claims, source_ip]).to_string();
+        let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+        Self {
+            id: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()),
+            attestor: attestor.to_owned(),
+            subject: subject.to_owned(),
+            claims: claims.clone(),
+            source_ip,
+        }
+    }
+}
+
+/// Live credentials that share everything a decision reads: one principal, identity, kind,
+/// audience and task. Re-evaluation decides each once, however many leases it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The [`StoredPrincipal`].
+    pub principal: String,
+    /// The identity in the credentials.
+    pub spiffe_id: String,
+    /// Their kind.
+    pub kind: LeaseKind,
+    /// Their audiences (JWT).
+    pub audience: Vec<String>,
+    /// Their task, or `None` for standalone credentials.
+    pub task_id: Option<String>,
+    /// How many live leases.
+    pub leases: u64,
+    /// The latest expiry among them, Unix seconds.
+    pub expires_at: i64,
+}
+
+/// What one set revocation revokes: active tasks to end and live leases of grants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevokeSet {
+    /// Tasks to end (`revoked`), with every credential in them.
+    pub tasks: Vec<String>,
+    /// Grants whose live leases are revoked (their `leases` and `expires_at` are not read).
+    pub grants: Vec<Grant>,
+    /// Record the event even when nothing was live (a lock's creation: every replica learns
+    /// of the lock from it).
+    pub announce: bool,
+}
+
+impl RevokeSet {
+    /// Whether there is nothing to revoke.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty() && self.grants.is_empty() && !self.announce
+    }
+}
+
+/// A lock: while it matches a caller, nothing is issued to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLock {
+    /// Time-ordered id (UUIDv7).
+    pub id: String,
+    /// What it matches, in its text form (`spiffe_id=...`, `claim:repository=...`).
+    pub target: String,
+    /// Why (shown to refused callers as "locked: <reason>").
+    pub reason: String,
+    /// Who created it.
+    pub created_by: String,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// When it stops matching, Unix seconds; `None` for never.
+    pub expires_at: Option<i64>,
 }
 
 /// A revoked, unexpired X.509 serial (for the CRL).
@@ -398,10 +507,46 @@ pub trait Store: Send + Sync {
         spiffe_id: &str,
         reason: &str,
         now: i64,
-    ) -> BoxFuture<'_, Result<Option<IdentityRevocation>, StoreError>>;
+    ) -> BoxFuture<'_, Result<Option<Revoked>, StoreError>>;
 
-    /// Leases affected by a revocation event (the lease, every lease of the task, or every
-    /// credential an identity revocation revoked).
+    /// Records a principal (or, if it is known, when it was last seen), so tasks and leases can
+    /// name it.
+    fn remember_principal(
+        &self,
+        principal: &StoredPrincipal,
+        now: i64,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The principals with these ids (unknown ids are left out).
+    fn principals(
+        &self,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<StoredPrincipal>, StoreError>>;
+
+    /// Every live credential that names a principal, grouped into [`Grant`]s.
+    fn live_grants(&self, now: i64) -> BoxFuture<'_, Result<Vec<Grant>, StoreError>>;
+
+    /// Ends the set's active tasks and revokes its grants' live leases, in one transaction
+    /// and one event ([`Revocation::is_set`]). `None` when nothing was live (unless the set
+    /// is announced).
+    fn revoke_set(
+        &self,
+        set: RevokeSet,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revoked>, StoreError>>;
+
+    /// Stores a lock.
+    fn create_lock(&self, lock: StoredLock) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Every lock, expired ones included, oldest first.
+    fn locks(&self) -> BoxFuture<'_, Result<Vec<StoredLock>, StoreError>>;
+
+    /// Deletes a lock; `false` if there was none.
+    fn delete_lock(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Leases affected by a revocation event (the lease, every lease of the task, every
+    /// credential an identity revocation revoked, or every lease and task lease of a set).
     fn revoked_leases(&self, event: &Revocation) -> BoxFuture<'_, Result<Vec<Lease>, StoreError>>;
 
     /// Serials of X.509 leases no longer honoured but not yet expired at `now`.
@@ -428,8 +573,9 @@ pub trait Store: Send + Sync {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<Task>, StoreError>>;
 
-    /// Deletes leases and tasks that stopped mattering before `before` (expired or ended), and
-    /// revocation events older than that. Returns rows deleted.
+    /// Deletes leases and tasks that stopped mattering before `before` (expired or ended),
+    /// revocation events older than that, principals last seen before it that nothing names,
+    /// and locks expired before it. Returns rows deleted.
     fn prune(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
 
     /// Stores a new join token.

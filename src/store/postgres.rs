@@ -22,12 +22,14 @@ use crate::secret::Secret;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 
 use super::rows::{
-    LEASE_COLUMNS, REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES,
-    bind_task, lease_row, revocation_row, task_row,
+    GRANT_COLUMNS, GRANT_GROUP, LEASE_COLUMNS, LOCK_COLUMNS, PRINCIPAL_COLUMNS, REVOCATION_COLUMNS,
+    TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task, grant_row, grants_json,
+    lease_row, lock_row, principal_row, revocation_row, task_row,
 };
 use super::{
-    BoxFuture, IdentityRevocation, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken,
-    Revocation, RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
+    BoxFuture, Grant, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation,
+    RevokeSet, Revoked, RevokedSerial, Store, StoreError, StoredLock, StoredPrincipal, Task,
+    TaskState, TokenHash, leases_from_json,
 };
 
 /// The channel revocation events are announced on.
@@ -131,6 +133,31 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), at BIGINT NOT NULL);",
     ),
     (4, "ALTER TABLE revocations ADD COLUMN spiffe_id TEXT;"),
+    (
+        5,
+        "CREATE TABLE principals (
+            id TEXT PRIMARY KEY,
+            attestor TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            claims TEXT NOT NULL,
+            source_ip TEXT,
+            seen_at BIGINT NOT NULL
+        );
+        ALTER TABLE tasks ADD COLUMN principal TEXT;
+        ALTER TABLE tasks ADD COLUMN revoked_by BIGINT;
+        ALTER TABLE leases ADD COLUMN principal TEXT;
+        ALTER TABLE leases ADD COLUMN revoked_by BIGINT;
+        CREATE INDEX tasks_revoked_by ON tasks (revoked_by) WHERE revoked_by IS NOT NULL;
+        CREATE INDEX leases_revoked_by ON leases (revoked_by) WHERE revoked_by IS NOT NULL;
+        CREATE TABLE locks (
+            id TEXT PRIMARY KEY,
+            target TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT
+        );",
+    ),
 ];
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -264,10 +291,12 @@ async fn write_leases(pool: &PgPool, leases: &[Lease]) -> Result<Vec<bool>, Stor
     let opt = |f: &dyn Fn(&Lease) -> Option<String>| leases.iter().map(f).collect::<Vec<_>>();
     let int = |f: &dyn Fn(&Lease) -> i64| leases.iter().map(f).collect::<Vec<_>>();
     let written: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
+        "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at,
+                             principal)
          SELECT u.* FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                $6::text[], $7::bigint[], $8::bigint[])
-              AS u(id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
+                                $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+              AS u(id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at,
+                   principal)
          WHERE u.task_id IS NULL
             OR u.task_id IN (SELECT t.id FROM tasks t
                              WHERE t.id = ANY($2::text[]) AND t.state = 'active' FOR SHARE)
@@ -283,6 +312,7 @@ async fn write_leases(pool: &PgPool, leases: &[Lease]) -> Result<Vec<bool>, Stor
     }))
     .bind(int(&|l| l.issued_at))
     .bind(int(&|l| l.expires_at))
+    .bind(opt(&|l| l.principal.clone()))
     .fetch_all(pool)
     .await
     .map_err(unavailable)?;
@@ -521,7 +551,7 @@ impl Store for PostgresStore {
         spiffe_id: &str,
         reason: &str,
         now: i64,
-    ) -> BoxFuture<'_, Result<Option<IdentityRevocation>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<Revoked>, StoreError>> {
         let (spiffe_id, reason) = (spiffe_id.to_owned(), reason.to_owned());
         Box::pin(async move {
             let mut tx = self.pool.begin().await.map_err(unavailable)?;
@@ -552,11 +582,187 @@ impl Store for PostgresStore {
             let event = record_event(&mut tx, (None, None, Some(&spiffe_id)), &reason, now).await?;
             tx.commit().await.map_err(unavailable)?;
             task_ids.sort();
-            Ok(Some(IdentityRevocation {
+            Ok(Some(Revoked {
                 event,
                 task_ids,
                 leases,
             }))
+        })
+    }
+
+    fn remember_principal(
+        &self,
+        p: &StoredPrincipal,
+        now: i64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let p = p.clone();
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO principals (id, attestor, subject, claims, source_ip, seen_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (id) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+            )
+            .bind(&p.id)
+            .bind(&p.attestor)
+            .bind(&p.subject)
+            .bind(serde_json::Value::Object(p.claims).to_string())
+            .bind(&p.source_ip)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn principals(
+        &self,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<StoredPrincipal>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE id = ANY($1) ORDER BY id"
+            ));
+            sqlx::query(sql)
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(principal_row)
+                .collect()
+        })
+    }
+
+    fn live_grants(&self, now: i64) -> BoxFuture<'_, Result<Vec<Grant>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {GRANT_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.principal IS NOT NULL AND NOT l.revoked AND l.expires_at > $1
+                   AND (l.task_id IS NULL OR t.state = 'active')
+                 GROUP BY {GRANT_GROUP}"
+            ));
+            sqlx::query(sql)
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(grant_row)
+                .collect()
+        })
+    }
+
+    fn revoke_set(
+        &self,
+        set: RevokeSet,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revoked>, StoreError>> {
+        let reason = reason.to_owned();
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            // The event first: what it revokes names it.
+            let event = record_event(&mut tx, (None, None, None), &reason, now).await?;
+            let mut task_ids: Vec<String> = sqlx::query_scalar(
+                "UPDATE tasks SET state = 'revoked', ended_at = $1, reason = $2, revoked_by = $3
+                 WHERE state = 'active' AND id = ANY($4) RETURNING id",
+            )
+            .bind(now)
+            .bind(&reason)
+            .bind(event.seq)
+            .bind(&set.tasks)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let mut leases = 0;
+            if !set.grants.is_empty() {
+                leases += sqlx::query(
+                    "UPDATE leases l SET revoked = TRUE, revoked_at = $1, reason = $2,
+                                         revoked_by = $3
+                     FROM (SELECT g ->> 0 AS principal, g ->> 1 AS spiffe_id, g ->> 2 AS kind,
+                                  g ->> 3 AS audience, g ->> 4 AS task_id
+                           FROM jsonb_array_elements($4::jsonb) g) g
+                     WHERE NOT l.revoked AND l.expires_at > $1 AND l.principal = g.principal
+                       AND l.spiffe_id = g.spiffe_id AND l.kind = g.kind
+                       AND l.audience = g.audience
+                       AND l.task_id IS NOT DISTINCT FROM g.task_id",
+                )
+                .bind(now)
+                .bind(&reason)
+                .bind(event.seq)
+                .bind(grants_json(&set.grants))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            }
+            // Counted after the grants, so a lease revoked both ways counts once.
+            let in_tasks: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM leases
+                 WHERE NOT revoked AND expires_at > $1 AND task_id = ANY($2)",
+            )
+            .bind(now)
+            .bind(&task_ids)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            leases += u64::try_from(in_tasks).unwrap_or(0);
+            if task_ids.is_empty() && leases == 0 && !set.announce {
+                // Dropped without commit: rolled back, the event with it.
+                return Ok(None);
+            }
+            tx.commit().await.map_err(unavailable)?;
+            task_ids.sort();
+            Ok(Some(Revoked {
+                event,
+                task_ids,
+                leases,
+            }))
+        })
+    }
+
+    fn create_lock(&self, l: StoredLock) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO locks (id, target, reason, created_by, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&l.id)
+            .bind(&l.target)
+            .bind(&l.reason)
+            .bind(&l.created_by)
+            .bind(l.created_at)
+            .bind(l.expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn locks(&self) -> BoxFuture<'_, Result<Vec<StoredLock>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!("SELECT {LOCK_COLUMNS} FROM locks ORDER BY id"));
+            sqlx::query(sql)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(lock_row)
+                .collect()
+        })
+    }
+
+    fn delete_lock(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let r = sqlx::query("DELETE FROM locks WHERE id = $1")
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            Ok(r.rows_affected() == 1)
         })
     }
 
@@ -717,13 +923,16 @@ impl Store for PostgresStore {
                  WHERE ($1::text IS NOT NULL AND task_id = $1)
                     OR ($2::text IS NOT NULL AND id = $2)
                     OR ($3::text IS NOT NULL AND spiffe_id = $3 AND revoked AND revoked_at = $4
-                        AND reason = $5)",
+                        AND reason = $5)
+                    OR ($6::bigint IS NOT NULL AND (revoked_by = $6 OR task_id IN
+                        (SELECT id FROM tasks WHERE revoked_by = $6)))",
             )
             .bind(&event.task_id)
             .bind(&event.lease_id)
             .bind(&event.spiffe_id)
             .bind(event.at)
             .bind(&event.reason)
+            .bind(event.is_set().then_some(event.seq))
             .fetch_one(&self.pool)
             .await
             .map_err(unavailable)?;
@@ -853,8 +1062,24 @@ impl Store for PostgresStore {
                 .await
                 .map_err(unavailable)?
                 .rows_affected();
+            let principals = sqlx::query(
+                "DELETE FROM principals p WHERE seen_at < $1
+                   AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.principal = p.id)
+                   AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.principal = p.id)",
+            )
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            let locks = sqlx::query("DELETE FROM locks WHERE expires_at < $1")
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
             tx.commit().await.map_err(unavailable)?;
-            Ok(leases + tasks + events)
+            Ok(leases + tasks + events + principals + locks)
         })
     }
 
@@ -1091,6 +1316,10 @@ mod tests {
             return;
         };
         super::super::conformance::identity_revocation(Arc::new(s)).await;
+        let Some(s) = store("conformance_postgres_sets").await else {
+            return;
+        };
+        super::super::conformance::principals_sets_and_locks(Arc::new(s)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,19 +4,22 @@
 
 use sqlx::{Database, Encode, Row, Type};
 
-use super::{Lease, LeaseKind, LeaseStatus, Revocation, StoreError, Task, TaskState};
+use super::{
+    Grant, Lease, LeaseKind, LeaseStatus, Revocation, StoreError, StoredLock, StoredPrincipal,
+    Task, TaskState,
+};
 
 /// The columns [`task_row`] reads.
-pub(super) const TASK_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
+pub(super) const TASK_COLUMNS: &str = "id, spiffe_id, attestor, principal, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
 
 /// The columns [`lease_row`] reads: `l` the lease, `t` its task (left-joined).
-pub(super) const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
+pub(super) const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.principal, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
 
 /// The columns a new task is inserted with, in [`bind_task`]'s order.
-pub(super) const TASK_INSERT_COLUMNS: &str = "id, spiffe_id, attestor, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state";
+pub(super) const TASK_INSERT_COLUMNS: &str = "id, spiffe_id, attestor, principal, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state";
 
 /// How many values [`bind_task`] binds.
-pub(super) const TASK_INSERT_VALUES: usize = 13;
+pub(super) const TASK_INSERT_VALUES: usize = 14;
 
 /// Reads a column of a backend's row.
 pub(super) trait Columns {
@@ -79,6 +82,7 @@ pub(super) fn task_row(row: &impl Columns) -> Result<Task, StoreError> {
         id: row.text("id")?,
         spiffe_id: row.text("spiffe_id")?,
         attestor: row.text("attestor")?,
+        principal: row.opt_text("principal")?,
         claims: serde_json::from_str(&row.text("claims")?).map_err(corrupt)?,
         source_ip: row.opt_text("source_ip")?,
         evidence_age_secs: row.int("evidence_age_secs")?,
@@ -104,6 +108,7 @@ pub(super) fn lease_row(row: &impl Columns) -> Result<LeaseStatus, StoreError> {
             kind: LeaseKind::parse(&kind).ok_or_else(|| corrupt(format!("lease kind {kind}")))?,
             serial: row.opt_text("serial")?,
             spiffe_id: row.text("spiffe_id")?,
+            principal: row.opt_text("principal")?,
             audience: serde_json::from_str(&row.text("audience")?).map_err(corrupt)?,
             issued_at: row.int("issued_at")?,
             expires_at: row.int("expires_at")?,
@@ -149,6 +154,7 @@ where
         .bind(t.id.clone())
         .bind(t.spiffe_id.clone())
         .bind(t.attestor.clone())
+        .bind(t.principal.clone())
         .bind(claims)
         .bind(labels)
         .bind(t.source_ip.clone())
@@ -179,7 +185,8 @@ type LeaseJson = (
 
 /// The leases of a JSON array of [`LeaseJson`] rows, built by the database in one query: a task
 /// may hold thousands of leases, and handing each back as a row of values costs several times
-/// the read itself (per value copies, per row messages, decoding by column name).
+/// the read itself (per value copies, per row messages, decoding by column name). The principal
+/// is not read (nothing that lists revoked credentials needs it).
 pub(crate) fn leases_from_json(json: &str) -> Result<Vec<Lease>, StoreError> {
     let rows: Vec<LeaseJson> = serde_json::from_str(json)
         .map_err(|e| StoreError::Corrupt(format!("revoked leases: {e}")))?;
@@ -192,6 +199,7 @@ pub(crate) fn leases_from_json(json: &str) -> Result<Vec<Lease>, StoreError> {
                 task_id: row.1,
                 serial: row.3,
                 spiffe_id: row.4,
+                principal: None,
                 audience: row.5,
                 issued_at: row.6,
                 expires_at: row.7,
@@ -201,4 +209,73 @@ pub(crate) fn leases_from_json(json: &str) -> Result<Vec<Lease>, StoreError> {
             })
         })
         .collect()
+}
+
+/// The columns [`principal_row`] reads.
+pub(super) const PRINCIPAL_COLUMNS: &str = "id, attestor, subject, claims, source_ip";
+
+/// A principal from a row of [`PRINCIPAL_COLUMNS`].
+pub(super) fn principal_row(row: &impl Columns) -> Result<StoredPrincipal, StoreError> {
+    Ok(StoredPrincipal {
+        id: row.text("id")?,
+        attestor: row.text("attestor")?,
+        subject: row.text("subject")?,
+        claims: serde_json::from_str(&row.text("claims")?).map_err(corrupt)?,
+        source_ip: row.opt_text("source_ip")?,
+    })
+}
+
+/// The columns [`grant_row`] reads (a `GROUP BY` of live leases).
+pub(super) const GRANT_COLUMNS: &str = "l.principal AS principal, l.spiffe_id AS spiffe_id, l.kind AS kind, l.audience AS audience, l.task_id AS task_id, COUNT(*) AS leases, MAX(l.expires_at) AS expires_at";
+
+/// What [`GRANT_COLUMNS`] groups by.
+pub(super) const GRANT_GROUP: &str = "l.principal, l.spiffe_id, l.kind, l.audience, l.task_id";
+
+/// A grant from a row of [`GRANT_COLUMNS`].
+pub(super) fn grant_row(row: &impl Columns) -> Result<Grant, StoreError> {
+    let kind = row.text("kind")?;
+    Ok(Grant {
+        principal: row.text("principal")?,
+        spiffe_id: row.text("spiffe_id")?,
+        kind: LeaseKind::parse(&kind).ok_or_else(|| corrupt(format!("lease kind {kind}")))?,
+        audience: serde_json::from_str(&row.text("audience")?).map_err(corrupt)?,
+        task_id: row.opt_text("task_id")?,
+        leases: u64::try_from(row.int("leases")?).unwrap_or(0),
+        expires_at: row.int("expires_at")?,
+    })
+}
+
+/// The columns [`lock_row`] reads.
+pub(super) const LOCK_COLUMNS: &str = "id, target, reason, created_by, created_at, expires_at";
+
+/// A lock from a row of [`LOCK_COLUMNS`].
+pub(super) fn lock_row(row: &impl Columns) -> Result<StoredLock, StoreError> {
+    Ok(StoredLock {
+        id: row.text("id")?,
+        target: row.text("target")?,
+        reason: row.text("reason")?,
+        created_by: row.text("created_by")?,
+        created_at: row.int("created_at")?,
+        expires_at: row.opt_int("expires_at")?,
+    })
+}
+
+/// A set's grants as one JSON array of `[principal, spiffe_id, kind, audience, task_id]`, the
+/// audience in its stored text form, for a statement to match leases against.
+pub(super) fn grants_json(grants: &[Grant]) -> String {
+    serde_json::Value::Array(
+        grants
+            .iter()
+            .map(|g| {
+                serde_json::json!([
+                    g.principal,
+                    g.spiffe_id,
+                    g.kind.as_str(),
+                    serde_json::Value::from(g.audience.clone()).to_string(),
+                    g.task_id,
+                ])
+            })
+            .collect(),
+    )
+    .to_string()
 }

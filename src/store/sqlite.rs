@@ -13,12 +13,14 @@ use sqlx::sqlite::{
 };
 
 use super::rows::{
-    LEASE_COLUMNS, REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES,
-    bind_task, lease_row, revocation_row, task_row,
+    GRANT_COLUMNS, GRANT_GROUP, LEASE_COLUMNS, LOCK_COLUMNS, PRINCIPAL_COLUMNS, REVOCATION_COLUMNS,
+    TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task, grant_row, grants_json,
+    lease_row, lock_row, principal_row, revocation_row, task_row,
 };
 use super::{
-    BoxFuture, IdentityRevocation, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken,
-    Revocation, RevokedSerial, Store, StoreError, Task, TaskState, TokenHash, leases_from_json,
+    BoxFuture, Grant, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation,
+    RevokeSet, Revoked, RevokedSerial, Store, StoreError, StoredLock, StoredPrincipal, Task,
+    TaskState, TokenHash, leases_from_json,
 };
 
 /// File name of the database inside the data directory.
@@ -88,6 +90,31 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);",
     ),
     (4, "ALTER TABLE revocations ADD COLUMN spiffe_id TEXT;"),
+    (
+        5,
+        "CREATE TABLE principals (
+            id TEXT PRIMARY KEY,
+            attestor TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            claims TEXT NOT NULL,
+            source_ip TEXT,
+            seen_at INTEGER NOT NULL
+        );
+        ALTER TABLE tasks ADD COLUMN principal TEXT;
+        ALTER TABLE tasks ADD COLUMN revoked_by INTEGER;
+        ALTER TABLE leases ADD COLUMN principal TEXT;
+        ALTER TABLE leases ADD COLUMN revoked_by INTEGER;
+        CREATE INDEX tasks_revoked_by ON tasks (revoked_by) WHERE revoked_by IS NOT NULL;
+        CREATE INDEX leases_revoked_by ON leases (revoked_by) WHERE revoked_by IS NOT NULL;
+        CREATE TABLE locks (
+            id TEXT PRIMARY KEY,
+            target TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER
+        );",
+    ),
 ];
 
 /// Most leases committed in one transaction.
@@ -339,6 +366,7 @@ async fn write_leases(pool: &SqlitePool, leases: &[Lease]) -> Result<Vec<bool>, 
                     serde_json::Value::from(l.audience.clone()).to_string(),
                     l.issued_at,
                     l.expires_at,
+                    l.principal,
                 ])
             })
             .collect(),
@@ -348,9 +376,10 @@ async fn write_leases(pool: &SqlitePool, leases: &[Lease]) -> Result<Vec<bool>, 
     // It runs in autocommit, so it is its own transaction: it takes the write lock (waiting out
     // the busy timeout) before it reads, and needs no statement journal.
     let written: std::collections::HashSet<String> = sqlx::query_scalar::<_, String>(
-        "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at)
+        "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at,
+                             principal)
          SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4,
-                r.value ->> 5, r.value ->> 6, r.value ->> 7
+                r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8
          FROM json_each(?1) AS r
          WHERE r.value ->> 1 IS NULL
             OR EXISTS (SELECT 1 FROM tasks WHERE id = r.value ->> 1 AND state = 'active')
@@ -728,7 +757,7 @@ impl Store for SqliteStore {
         spiffe_id: &str,
         reason: &str,
         now: i64,
-    ) -> BoxFuture<'_, Result<Option<IdentityRevocation>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<Revoked>, StoreError>> {
         let (spiffe_id, reason) = (spiffe_id.to_owned(), reason.to_owned());
         Box::pin(async move {
             let mut tx = WriteTx::begin(&self.writer).await?;
@@ -761,11 +790,188 @@ impl Store for SqliteStore {
             let event = record_event(&mut tx, (None, None, Some(&spiffe_id)), &reason, now).await?;
             tx.commit().await?;
             task_ids.sort();
-            Ok(Some(IdentityRevocation {
+            Ok(Some(Revoked {
                 event,
                 task_ids,
                 leases,
             }))
+        })
+    }
+
+    fn remember_principal(
+        &self,
+        p: &StoredPrincipal,
+        now: i64,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let p = p.clone();
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO principals (id, attestor, subject, claims, source_ip, seen_at)
+                 VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+            )
+            .bind(&p.id)
+            .bind(&p.attestor)
+            .bind(&p.subject)
+            .bind(serde_json::Value::Object(p.claims).to_string())
+            .bind(&p.source_ip)
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn principals(
+        &self,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<StoredPrincipal>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {PRINCIPAL_COLUMNS} FROM principals
+                 WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
+            ));
+            sqlx::query(sql)
+                .bind(serde_json::Value::from(ids).to_string())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(principal_row)
+                .collect()
+        })
+    }
+
+    fn live_grants(&self, now: i64) -> BoxFuture<'_, Result<Vec<Grant>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {GRANT_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.principal IS NOT NULL AND l.revoked = 0 AND l.expires_at > ?
+                   AND (l.task_id IS NULL OR t.state = 'active')
+                 GROUP BY {GRANT_GROUP}"
+            ));
+            sqlx::query(sql)
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(grant_row)
+                .collect()
+        })
+    }
+
+    fn revoke_set(
+        &self,
+        set: RevokeSet,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Option<Revoked>, StoreError>> {
+        let reason = reason.to_owned();
+        Box::pin(async move {
+            let mut tx = WriteTx::begin(&self.writer).await?;
+            // The event first: what it revokes names it.
+            let event = record_event(&mut tx, (None, None, None), &reason, now).await?;
+            let mut task_ids: Vec<String> = sqlx::query_scalar(
+                "UPDATE tasks SET state = 'revoked', ended_at = ?1, reason = ?2, revoked_by = ?3
+                 WHERE state = 'active' AND id IN (SELECT value FROM json_each(?4)) RETURNING id",
+            )
+            .bind(now)
+            .bind(&reason)
+            .bind(event.seq)
+            .bind(serde_json::Value::from(set.tasks).to_string())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let mut leases = 0;
+            if !set.grants.is_empty() {
+                leases += sqlx::query(
+                    "UPDATE leases SET revoked = 1, revoked_at = ?1, reason = ?2, revoked_by = ?3
+                     WHERE revoked = 0 AND expires_at > ?1 AND principal IS NOT NULL
+                       AND EXISTS (SELECT 1 FROM json_each(?4) g
+                                   WHERE g.value ->> 0 = leases.principal
+                                     AND g.value ->> 1 = leases.spiffe_id
+                                     AND g.value ->> 2 = leases.kind
+                                     AND g.value ->> 3 = leases.audience
+                                     AND g.value ->> 4 IS leases.task_id)",
+                )
+                .bind(now)
+                .bind(&reason)
+                .bind(event.seq)
+                .bind(grants_json(&set.grants))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            }
+            // Counted after the grants, so a lease revoked both ways counts once.
+            let in_tasks: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM leases
+                 WHERE revoked = 0 AND expires_at > ? AND task_id IN
+                       (SELECT id FROM tasks WHERE revoked_by = ?)",
+            )
+            .bind(now)
+            .bind(event.seq)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            leases += u64::try_from(in_tasks).unwrap_or(0);
+            if task_ids.is_empty() && leases == 0 && !set.announce {
+                tx.rollback().await;
+                return Ok(None);
+            }
+            tx.commit().await?;
+            task_ids.sort();
+            Ok(Some(Revoked {
+                event,
+                task_ids,
+                leases,
+            }))
+        })
+    }
+
+    fn create_lock(&self, l: StoredLock) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO locks (id, target, reason, created_by, created_at, expires_at)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&l.id)
+            .bind(&l.target)
+            .bind(&l.reason)
+            .bind(&l.created_by)
+            .bind(l.created_at)
+            .bind(l.expires_at)
+            .execute(&self.writer)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn locks(&self) -> BoxFuture<'_, Result<Vec<StoredLock>, StoreError>> {
+        Box::pin(async move {
+            let sql = sqlx::AssertSqlSafe(format!("SELECT {LOCK_COLUMNS} FROM locks ORDER BY id"));
+            sqlx::query(sql)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(lock_row)
+                .collect()
+        })
+    }
+
+    fn delete_lock(&self, id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let r = sqlx::query("DELETE FROM locks WHERE id = ?")
+                .bind(id)
+                .execute(&self.writer)
+                .await
+                .map_err(unavailable)?;
+            Ok(r.rows_affected() == 1)
         })
     }
 
@@ -892,13 +1098,16 @@ impl Store for SqliteStore {
                  FROM leases
                  WHERE (?1 IS NOT NULL AND task_id = ?1) OR (?2 IS NOT NULL AND id = ?2)
                     OR (?3 IS NOT NULL AND spiffe_id = ?3 AND revoked = 1 AND revoked_at = ?4
-                        AND reason = ?5)",
+                        AND reason = ?5)
+                    OR (?6 IS NOT NULL AND (revoked_by = ?6 OR task_id IN
+                        (SELECT id FROM tasks WHERE revoked_by = ?6)))",
             )
             .bind(&event.task_id)
             .bind(&event.lease_id)
             .bind(&event.spiffe_id)
             .bind(event.at)
             .bind(&event.reason)
+            .bind(event.is_set().then_some(event.seq))
             .fetch_one(&self.pool)
             .await
             .map_err(unavailable)?;
@@ -1017,8 +1226,24 @@ impl Store for SqliteStore {
                 .await
                 .map_err(unavailable)?
                 .rows_affected();
+            let principals = sqlx::query(
+                "DELETE FROM principals WHERE seen_at < ?
+                   AND id NOT IN (SELECT principal FROM leases WHERE principal IS NOT NULL)
+                   AND id NOT IN (SELECT principal FROM tasks WHERE principal IS NOT NULL)",
+            )
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            let locks = sqlx::query("DELETE FROM locks WHERE expires_at < ?")
+                .bind(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
             tx.commit().await?;
-            Ok(leases + tasks + events)
+            Ok(leases + tasks + events + principals + locks)
         })
     }
 
@@ -1118,6 +1343,10 @@ mod tests {
         ))
         .await;
         super::super::conformance::identity_revocation(Arc::new(
+            SqliteStore::in_memory().await.unwrap(),
+        ))
+        .await;
+        super::super::conformance::principals_sets_and_locks(Arc::new(
             SqliteStore::in_memory().await.unwrap(),
         ))
         .await;
