@@ -19,8 +19,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(status) => ExitCode::from(status),
+        // A reader that went away (`| head`) is not a failure.
+        Err(failure) if failure.is_closed_pipe() => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {:#}", failure.error);
+            eprintln!("error: {}", failure.message());
             ExitCode::from(failure.code)
         }
     }

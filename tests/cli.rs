@@ -251,6 +251,27 @@ fn dev_tour_token_svid_and_clean_shutdown() {
     );
     let out = run(&["token", "--audience", "demo", "--ttl", "0s"], work.path());
     assert_eq!(out.status.code(), Some(64), "bad input exits 64");
+
+    // The tour's policy example, as pasted: the reload returns once the policy serves.
+    std::fs::write(
+        data.join("policies/dev.cedar"),
+        "@id(\"short-tokens-only\")\npermit (principal, action == Ephemera::Action::\"MintJwtSvid\", resource)\nwhen { context.requested_ttl_secs <= 300 };\n",
+    )
+    .unwrap();
+    let out = run(&["admin", "policy", "reload"], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("policies reloaded: 1 serving; decided again:"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(
+        &["token", "--audience", "demo", "--ttl", "10m"],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    let out = run(&["token", "--audience", "demo", "--ttl", "5m"], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
     sigterm(&dev);
     assert!(dev.wait().unwrap().success());
 }
@@ -363,9 +384,230 @@ fn example_config_in_deploy_parses() {
     let config = ephemera::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.trust_domain.as_str(), "example.org");
     assert!(!config.mappings.is_empty());
+    // The file is valid, but the data directory it names has no CA here: `config check`
+    // reports what `serve` would refuse, with the fix.
     let out = run(
         &["config", "check", "--config", path.to_str().unwrap()],
         Path::new("/"),
     );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("CA in /var/lib/ephemera"), "{err}");
+    assert!(
+        err.contains("ephemera ca init --data-dir /var/lib/ephemera"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_check_runs_what_serve_checks_before_it_binds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let write_config = |td: &str| {
+        let cfg = dir.path().join("ephemera.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "trust_domain = \"{td}\"\ndata_dir = \"{}\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        cfg
+    };
+    let cfg = write_config("example.org");
+    let check = |cfg: &Path| {
+        run(
+            &["config", "check", "--config", cfg.to_str().unwrap()],
+            dir.path(),
+        )
+    };
+    // No CA, no policies: both reported at once.
+    let out = check(&cfg);
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(err.contains("2 problem(s)"), "{err}");
+    assert!(err.contains("ephemera ca init"), "{err}");
+    assert!(err.contains("policy:"), "{err}");
+
+    let out = run(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+        ],
+        dir.path(),
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::create_dir_all(data.join("policies")).unwrap();
+    std::fs::write(
+        data.join("policies/all.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .unwrap();
+    let out = check(&cfg);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(": ok (trust domain example.org"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(
+        &[
+            "config",
+            "check",
+            "--connect",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("store reachable"));
+
+    // A CA of another trust domain, and a key readable by others.
+    let cfg = write_config("other.org");
+    let out = check(&cfg);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("example.org"),
+        "{}",
+        text(&out.stderr)
+    );
+    let cfg = write_config("example.org");
+    std::fs::set_permissions(
+        data.join("jwt-signing.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let out = check(&cfg);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("jwt-signing.key"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn version_completions_closed_pipes_and_policy_checks_that_check() {
+    let work = tempfile::tempdir().unwrap();
+    // --version names the commit and the build date.
+    let out = run(&["--version"], work.path());
+    assert!(out.status.success());
+    let version = text(&out.stdout);
+    assert!(
+        version.starts_with(&format!("ephemera {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    assert!(version.contains(", built 20"), "{version}");
+
+    // Completion scripts for the usual shells.
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell], work.path());
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("lock"), "{shell}");
+    }
+
+    // A reader that goes away (`| head`) ends the command quietly, with status 0.
+    let mut child = Command::new(BIN)
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stderr).contains("Broken pipe"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // `policy check` fails on a missing directory (its OS error said once) and on one without
+    // policies, unless empty is allowed.
+    let out = run(
+        &["policy", "check", "--dir", "/nonexistent/policies"],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(err.contains("/nonexistent/policies"), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    let empty = work.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = run(
+        &["policy", "check", "--dir", empty.to_str().unwrap()],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("no policies"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(
+        &[
+            "policy",
+            "check",
+            "--allow-empty",
+            "--dir",
+            empty.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        empty.join("p.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "policy",
+            "check",
+            "--json",
+            "--dir",
+            empty.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["valid"], true);
+    assert_eq!(doc["policies"], 1);
+    std::fs::write(
+        empty.join("bad.cedar"),
+        "permit (principal, action, resource)\n",
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "policy",
+            "check",
+            "--json",
+            "--dir",
+            empty.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["valid"], false);
+    assert!(
+        doc["problems"][0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("bad.cedar"),
+        "{doc}"
+    );
 }

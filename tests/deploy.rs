@@ -179,6 +179,19 @@ fn the_image_runs_as_non_root_and_the_unit_is_sandboxed() {
         "{user}"
     );
 
+    // The image's own config is made for a container: reachable through published ports, and
+    // no identity from Unix peer credentials (they name users inside the container only).
+    assert!(dockerfile.contains("COPY deploy/docker/ephemera.toml /etc/ephemera/ephemera.toml"));
+    let config = ephemera::config::Config::load(&deploy().join("docker/ephemera.toml")).unwrap();
+    assert!(
+        config.grpc.listen.ip().is_unspecified(),
+        "{}",
+        config.grpc.listen
+    );
+    let text = std::fs::read_to_string(deploy().join("docker/ephemera.toml")).unwrap();
+    assert!(!text.contains("attestor = \"unix\""));
+    assert!(text.contains("listen = \"0.0.0.0:8080\""));
+
     let unit = std::fs::read_to_string(deploy().join("systemd/ephemera.service")).unwrap();
     for line in [
         "NoNewPrivileges=yes",

@@ -1,5 +1,6 @@
 //! Hostile requests, refused before they reach the core, are audited like every decision: one
-//! bounded event per refusal, with its reason code, and no caller-chosen string repeated whole.
+//! bounded event per refusal, with its reason code, and no caller-chosen string repeated whole;
+//! so is a locked caller's refusal.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -176,5 +177,34 @@ async fn every_refusal_before_the_core_is_one_bounded_audit_event() {
             "the caller's long string is not repeated whole"
         );
     }
+
+    // A locked caller's refusal is one audit event too, with its own reason code.
+    b.running
+        .broker
+        .create_lock(
+            ephemera::broker::trust::LockTarget::parse(&format!("claim:uid={}", my_uid())).unwrap(),
+            "incident 9",
+            None,
+            "test",
+        )
+        .await
+        .unwrap();
+    let before = audit_events(&lines).len();
+    let locked = client
+        .mint_jwt_svid(MintJwtSvidRequest {
+            audience: vec!["a".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(locked.message(), "locked: incident 9");
+    let events = audit_events(&lines);
+    let new: Vec<_> = events[before..]
+        .iter()
+        .filter(|e| e["fields"]["decision"] == "deny")
+        .collect();
+    assert_eq!(new.len(), 1, "{new:#?}");
+    assert_eq!(new[0]["fields"]["reason_code"], "locked");
+    assert_eq!(new[0]["fields"]["action"], "MintJwtSvid");
     b.running.shutdown().await.unwrap();
 }

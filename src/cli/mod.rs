@@ -13,6 +13,7 @@ mod token;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::evidence::{self, Evidence, EvidenceError, EvidenceOptions};
@@ -41,6 +42,38 @@ impl Failure {
         Self {
             code,
             error: error.into(),
+        }
+    }
+}
+
+impl Failure {
+    /// Whether this is a write to a closed pipe (the reader of stdout went away).
+    pub fn is_closed_pipe(&self) -> bool {
+        self.error.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        })
+    }
+
+    /// The message printed for this failure: the error and its causes, each said once (an
+    /// error whose message already includes its cause's text does not repeat it), never empty.
+    pub fn message(&self) -> String {
+        let mut text = String::new();
+        for cause in self.error.chain() {
+            let part = cause.to_string();
+            let part = part.trim();
+            if part.is_empty() || text.contains(part) {
+                continue;
+            }
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(part);
+        }
+        if text.is_empty() {
+            "failed without a message".to_owned()
+        } else {
+            text
         }
     }
 }
@@ -82,7 +115,7 @@ impl From<tonic::Status> for Failure {
 
 /// Ephemera: short-lived SPIFFE credentials bound to the task they were issued for.
 #[derive(Debug, Parser)]
-#[command(name = "ephemera", version, about, long_about = None)]
+#[command(name = "ephemera", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
@@ -130,6 +163,12 @@ pub enum Command {
     Svid(svid::SvidArgs),
     /// Run a command inside a task with credentials that are revoked when it exits.
     Run(run::RunArgs),
+    /// Print a shell completion script: `ephemera completions bash > /etc/bash_completion.d/ephemera`
+    /// (also zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `ephemera ca ...`
@@ -142,11 +181,16 @@ pub enum CaCommand {
 /// `ephemera config ...`
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Parse and validate a config file, reporting every problem.
+    /// Check a config file as `serve` would before it binds (the file, the CA in the data
+    /// directory and its trust domain, policies, the admin token's mode, socket directories),
+    /// reporting every problem.
     Check {
         /// Path to the TOML config.
         #[arg(long, short)]
         config: PathBuf,
+        /// Also open the store as `serve` would (on PostgreSQL this applies pending migrations).
+        #[arg(long)]
+        connect: bool,
     },
 }
 
@@ -241,6 +285,16 @@ fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, Failure> {
     .transpose()
 }
 
+/// `ephemera --version`: the release, the commit it was built from and the build date.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EPHEMERA_COMMIT"),
+    ", built ",
+    env!("EPHEMERA_BUILD_DATE"),
+    ")"
+);
+
 /// Formats Unix seconds as RFC 3339.
 fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
@@ -265,12 +319,44 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             command: CaCommand::Init(args),
         } => server::ca_init(&args),
         Command::Config {
-            command: ConfigCommand::Check { config },
-        } => server::config_check(&config),
+            command: ConfigCommand::Check { config, connect },
+        } => server::config_check(&config, connect).await,
         Command::Admin { command } => admin::run(command).await,
         Command::Policy { command } => policy::run(command),
         Command::Token(args) => token::run(args).await,
         Command::Svid(args) => svid::run(args).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "ephemera", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+                .context("writing to stdout")?;
+            Ok(())
+        }
     }
     .map(|()| 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_said_once_and_never_empty() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let shown = io.to_string();
+        let err = anyhow::Error::new(io).context(format!("reading /x: {shown}"));
+        let m = Failure::new(1, err).message();
+        assert_eq!(m, format!("reading /x: {shown}"));
+        assert_eq!(m.matches("os error 2").count(), 1, "{m}");
+        let err = anyhow::Error::new(std::io::Error::from_raw_os_error(13)).context("opening /y");
+        assert_eq!(
+            Failure::new(1, err).message(),
+            format!("opening /y: {}", std::io::Error::from_raw_os_error(13))
+        );
+        assert_eq!(
+            Failure::new(1, anyhow::anyhow!("")).message(),
+            "failed without a message"
+        );
+    }
 }

@@ -22,7 +22,17 @@ use crate::policy::cedar::{
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Parse and validate every *.cedar file in a directory against the schema.
-    Check(DirArgs),
+    Check {
+        /// Policy directory.
+        #[command(flatten)]
+        dir: DirArgs,
+        /// Accept a directory holding no policy (the broker then denies everything).
+        #[arg(long)]
+        allow_empty: bool,
+        /// Print JSON: {"dir", "policies", "valid", "problems": [{"file", "line", "message"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Decide one request described in a JSON file and print what determined the decision.
     /// Exits 0 when allowed, 77 when denied.
     Explain {
@@ -125,6 +135,98 @@ fn load(dir: &Path) -> Result<PolicyEngine, Failure> {
     })
 }
 
+/// `ephemera policy check`: a missing directory, or one without a policy, fails (a gate with a
+/// typo in its path must not pass a broker that would deny everything).
+fn check(dir: &Path, allow_empty: bool, json: bool, out: &mut impl Write) -> Result<(), Failure> {
+    let fail = |message: String, problems: Vec<serde_json::Value>, out: &mut dyn Write| {
+        if json {
+            let doc = serde_json::json!({
+                "dir": dir.display().to_string(),
+                "policies": 0,
+                "valid": false,
+                "problems": problems,
+            });
+            let _ = writeln!(out, "{doc}");
+        }
+        Err(Failure::new(EXIT_USAGE, anyhow::anyhow!("{message}")))
+    };
+    match std::fs::metadata(dir) {
+        Err(e) => {
+            let message = format!("{}: {}", dir.display(), e);
+            return fail(
+                message.clone(),
+                vec![
+                    serde_json::json!({"file": dir.display().to_string(), "line": null, "message": message}),
+                ],
+                out,
+            );
+        }
+        Ok(m) if !m.is_dir() => {
+            let message = format!("{}: not a directory", dir.display());
+            return fail(
+                message.clone(),
+                vec![
+                    serde_json::json!({"file": dir.display().to_string(), "line": null, "message": "not a directory"}),
+                ],
+                out,
+            );
+        }
+        Ok(_) => {}
+    }
+    let engine = match PolicyEngine::load(dir) {
+        Ok(e) => e,
+        Err(problems) => {
+            let list: Vec<serde_json::Value> = problems
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "file": p.file.display().to_string(),
+                        "line": p.line,
+                        "message": p.message,
+                    })
+                })
+                .collect();
+            let text: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+            return fail(
+                format!(
+                    "{} problem(s) in {}:\n{}",
+                    problems.len(),
+                    dir.display(),
+                    text.join("\n")
+                ),
+                list,
+                out,
+            );
+        }
+    };
+    if engine.count() == 0 && !allow_empty {
+        let message = format!(
+            "{}: no policies (*.cedar); the broker would deny every request (pass --allow-empty if that is intended)",
+            dir.display()
+        );
+        return fail(
+            message,
+            vec![
+                serde_json::json!({"file": dir.display().to_string(), "line": null, "message": "no policies"}),
+            ],
+            out,
+        );
+    }
+    if json {
+        let doc = serde_json::json!({
+            "dir": dir.display().to_string(),
+            "policies": engine.count(),
+            "valid": true,
+            "problems": [],
+        });
+        writeln!(out, "{doc}")
+    } else {
+        writeln!(out, "{}: {} policies, valid", dir.display(), engine.count())
+    }
+    .context("writing to stdout")?;
+    Ok(())
+}
+
 fn usage(e: impl std::fmt::Display) -> Failure {
     Failure::new(EXIT_USAGE, anyhow::anyhow!("{e}"))
 }
@@ -137,12 +239,11 @@ pub fn run(cmd: PolicyCommand) -> Result<(), Failure> {
             write!(out, "{SCHEMA}").context("writing to stdout")?;
             Ok(())
         }
-        PolicyCommand::Check(DirArgs { dir }) => {
-            let engine = load(&dir)?;
-            writeln!(out, "{}: {} policies, valid", dir.display(), engine.count())
-                .context("writing to stdout")?;
-            Ok(())
-        }
+        PolicyCommand::Check {
+            dir: DirArgs { dir },
+            allow_empty,
+            json,
+        } => check(&dir, allow_empty, json, &mut out),
         PolicyCommand::Explain { request, dir } => {
             let engine = load(&dir.dir)?;
             let text = std::fs::read(&request)

@@ -135,17 +135,108 @@ pub async fn serve(path: &Path) -> Result<(), Failure> {
 }
 
 /// `ephemera config check --config FILE`.
-pub fn config_check(path: &Path) -> Result<(), Failure> {
+pub async fn config_check(path: &Path, connect: bool) -> Result<(), Failure> {
     let config = Config::load(path).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    let problems = startup_problems(&config, connect).await;
+    if !problems.is_empty() {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            anyhow::anyhow!(
+                "{}: {} problem(s) `serve` would refuse to start with:\n{}",
+                path.display(),
+                problems.len(),
+                problems
+                    .iter()
+                    .map(|p| format!("  {p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        ));
+    }
     writeln!(
         std::io::stdout().lock(),
-        "{}: ok (trust domain {}, {} mapping rule(s))",
+        "{}: ok (trust domain {}, {} mapping rule(s){})",
         path.display(),
         config.trust_domain,
-        config.mappings.len()
+        config.mappings.len(),
+        if connect { ", store reachable" } else { "" }
     )
     .context("writing to stdout")?;
     Ok(())
+}
+
+/// What `serve` checks before it binds, beyond the config file itself: the CA files (present,
+/// mode 0600, of this trust domain), the x509pop bundles, the policy directory, the admin token
+/// file's mode, the sockets' directories and, with `connect`, the store. Every problem, not the
+/// first.
+async fn startup_problems(config: &Config, connect: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = crate::ca::Ca::load(
+        &config.data_dir,
+        &config.trust_domain,
+        "http://config-check.invalid",
+        config.jwt_issuer.clone(),
+    ) {
+        problems.push(format!(
+            "CA in {}: {e} (create one with `ephemera ca init --data-dir {} --trust-domain {}`)",
+            config.data_dir.display(),
+            config.data_dir.display(),
+            config.trust_domain
+        ));
+    }
+    if !config.x509pop_ca_bundles.is_empty()
+        && let Err(e) = crate::attest::x509pop::ClientCas::load(&config.x509pop_ca_bundles)
+    {
+        problems.push(format!("x509pop.ca_bundles: {e}"));
+    }
+    match crate::policy::PolicyEngine::load(&config.policy_dir) {
+        Err(list) => {
+            for p in list {
+                problems.push(format!("policy: {p}"));
+            }
+        }
+        Ok(engine) if engine.count() == 0 => problems.push(format!(
+            "policy: {} holds no policy: every request would be denied",
+            config.policy_dir.display()
+        )),
+        Ok(_) => {}
+    }
+    if config.admin_token_file.exists()
+        && let Err(e) = keys::check_key_mode(&config.admin_token_file)
+    {
+        problems.push(format!("admin token: {e}"));
+    }
+    let sockets = [Some(&config.grpc.socket), config.workload_socket.as_ref()];
+    for socket in sockets.into_iter().flatten() {
+        if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+            && dir != config.data_dir
+        {
+            problems.push(format!(
+                "socket {}: directory {} does not exist",
+                socket.display(),
+                dir.display()
+            ));
+        }
+    }
+    if connect {
+        match &config.store {
+            crate::config::StoreConfig::Postgres(pg) => {
+                if let Err(e) = crate::store::postgres::PostgresStore::open(pg).await {
+                    problems.push(format!("store: {e}"));
+                }
+            }
+            crate::config::StoreConfig::Sqlite { path } => {
+                if let Some(dir) = path.parent()
+                    && dir.exists()
+                    && std::fs::metadata(dir).is_ok_and(|m| m.permissions().readonly())
+                {
+                    problems.push(format!("store: {} is read-only", dir.display()));
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// `ephemera ca init`.
