@@ -89,6 +89,25 @@ fn dev_tour_token_svid_and_clean_shutdown() {
         assert!(endpoints[key].is_string(), "endpoints.json has {key}");
     }
     assert_eq!(endpoints["trust_domain"], "dev.local");
+    // A second dev broker on the same ports says which broker holds them.
+    let grpc_addr = endpoints["grpc_addr"].as_str().unwrap();
+    let out = run(
+        &[
+            "dev",
+            "--grpc-addr",
+            grpc_addr.trim_start_matches("https://"),
+            "--http-addr",
+            "127.0.0.1:0",
+        ],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("another `ephemera dev` broker is already running"),
+        "{err}"
+    );
+    assert!(err.contains(".ephemera"), "{err}");
     for key in ["root-ca.key", "intermediate-ca.key", "jwt-signing.key"] {
         let mode = std::fs::metadata(data.join(key))
             .unwrap()
@@ -610,4 +629,148 @@ fn version_completions_closed_pipes_and_policy_checks_that_check() {
             .ends_with("bad.cedar"),
         "{doc}"
     );
+}
+
+#[test]
+fn connection_errors_say_what_happened_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = run(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::create_dir_all(data.join("policies")).unwrap();
+    std::fs::write(
+        data.join("policies/all.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("ephemera.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n\
+             server_names = [\"broker.internal\"]\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [[mapping]]\nattestor = \"unix\"\nspiffe_id = \"spiffe://{{trust_domain}}/me\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut broker = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&data.join("endpoints.json"), &mut broker);
+    let endpoints: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    let grpc = endpoints["grpc_addr"].as_str().unwrap().to_owned();
+    let port = grpc.rsplit_once(':').unwrap().1.to_owned();
+    let bundle = data.join("bundle.pem");
+
+    // A name the certificate does not hold: a TLS failure, naming the names it holds.
+    let out = run(
+        &[
+            "token",
+            "--audience",
+            "a",
+            "--addr",
+            &format!("https://127.0.0.1:{port}"),
+            "--ca-file",
+            bundle.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("TLS with https://127.0.0.1:"), "{err}");
+    assert!(err.contains("certificate is for broker.internal"), "{err}");
+    assert!(!err.contains("no broker at"), "{err}");
+
+    // Trust anchors of another CA: a TLS failure naming the bundle used and --ca-file.
+    let other = tempfile::tempdir().unwrap();
+    let out = run(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            other.path().to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success());
+    let other_bundle = other.path().join("bundle.pem");
+    let out = run(
+        &[
+            "token",
+            "--audience",
+            "a",
+            "--addr",
+            &format!("https://broker.internal:{port}"),
+            "--ca-file",
+            other_bundle.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let err = text(&out.stderr);
+    // broker.internal does not resolve here: either way the message is not empty and says
+    // what was tried.
+    assert!(!err.trim().is_empty());
+    let out = run(
+        &[
+            "token",
+            "--audience",
+            "a",
+            "--addr",
+            &grpc,
+            "--ca-file",
+            other_bundle.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("TLS with"), "{err}");
+    assert!(err.contains(other_bundle.to_str().unwrap()), "{err}");
+    assert!(err.contains("--ca-file"), "{err}");
+
+    // Plaintext to the TLS port: says to use https.
+    let out = run(
+        &[
+            "token",
+            "--audience",
+            "a",
+            "--addr",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+        dir.path(),
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(err.contains("https://"), "{err}");
+
+    // The workload socket asked for a broker call: says which socket to use.
+    let workload = endpoints["workload_socket"].as_str().unwrap();
+    let out = run(
+        &["token", "--audience", "a", "--socket", workload],
+        dir.path(),
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("broker socket"), "{err}");
+    assert!(
+        !err.trim_end().ends_with(':'),
+        "never an empty message: {err}"
+    );
+    sigterm(&broker);
+    broker.wait().unwrap();
 }

@@ -89,6 +89,7 @@ impl From<ClientError> for Failure {
         let code = match e {
             ClientError::BadAddress(_) | ClientError::CaFile { .. } => EXIT_USAGE,
             ClientError::NotFound(_) | ClientError::Unreachable { .. } => EXIT_UNAVAILABLE,
+            ClientError::Tls { .. } => EXIT_USAGE,
         };
         Self::new(code, e)
     }
@@ -106,9 +107,25 @@ impl From<tonic::Status> for Failure {
             Code::Unavailable | Code::DeadlineExceeded => (EXIT_UNAVAILABLE, "unavailable"),
             _ => (1, "failed"),
         };
+        let message = match (s.code(), s.message().trim()) {
+            // A server that does not serve the service: most often the workload socket asked
+            // for a broker call.
+            (Code::Unimplemented, _) => "this address does not serve the Ephemera broker API \
+                 (the Workload API socket serves only the SPIFFE Workload API and SDS); use the \
+                 broker socket (`--socket`, `broker_socket` in endpoints.json) or the TLS address"
+                .to_owned(),
+            (_, m) if m.contains("h2 protocol error") || m.contains("frame with invalid size") => {
+                format!(
+                    "{m}: the peer does not speak plaintext HTTP/2 here; if it is a broker's \
+                     TLS port, use https://HOST:PORT (and --ca-file with its bundle.pem)"
+                )
+            }
+            (_, "") => format!("no message from the server ({:?})", s.code()),
+            (_, m) => m.to_owned(),
+        };
         Self::new(
             code,
-            anyhow::anyhow!("broker {what} ({:?}): {}", s.code(), s.message()),
+            anyhow::anyhow!("broker {what} ({:?}): {message}", s.code()),
         )
     }
 }

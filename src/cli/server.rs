@@ -83,6 +83,29 @@ fn start_failure(e: StartError) -> Failure {
     Failure::new(code, e)
 }
 
+/// Why `ephemera dev` cannot listen on `addr`: another dev broker of this data directory (its
+/// socket answers), or some other process.
+fn port_taken(what: &str, addr: &str, data_dir: &Path) -> String {
+    let alive = crate::endpoints::Endpoints::read(data_dir)
+        .ok()
+        .filter(|e| std::os::unix::net::UnixStream::connect(&e.broker_socket).is_ok());
+    match alive {
+        Some(e) => format!(
+            "another `ephemera dev` broker is already running with data directory {} and \
+             listens on {addr} ({what}); use it (gRPC {}, HTTP {}), stop it, or start a second one \
+             with --data-dir OTHER --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0",
+            data_dir.display(),
+            e.grpc_addr,
+            e.http_addr
+        ),
+        None => format!(
+            "{addr} ({what}) is in use by another process (perhaps an `ephemera dev` started in \
+             another directory); stop it, or pick other ports with --grpc-addr and --http-addr \
+             (127.0.0.1:0 takes free ones)"
+        ),
+    }
+}
+
 /// Waits for Ctrl-C or SIGTERM.
 async fn shutdown_signal() -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -310,9 +333,18 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
     })?;
     let data_dir = config.data_dir.clone();
     let td = config.trust_domain.clone();
-    let running = app::start(config, Arc::new(SystemClock))
-        .await
-        .map_err(start_failure)?;
+    let running = match app::start(config, Arc::new(SystemClock)).await {
+        Ok(r) => r,
+        Err(StartError::Bind { what, addr, source })
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            return Err(Failure::new(
+                super::EXIT_UNAVAILABLE,
+                anyhow::anyhow!(port_taken(what, &addr, &data_dir)),
+            ));
+        }
+        Err(e) => return Err(start_failure(e)),
+    };
     let run = if std::env::var_os("CARGO").is_some() {
         "cargo run --release --"
     } else {
@@ -329,7 +361,8 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
          gRPC (TLS)   {grpc}   trust anchors: {bundle}\n  \
          gRPC socket  {sock}\n  \
          SPIFFE Workload API  SPIFFE_ENDPOINT_SOCKET=unix://{workload}\n  \
-         HTTP         {http}   (/bundle /keys /.well-known/openid-configuration /livez)\n  \
+         HTTP         {http}   (/bundle /keys /.well-known/openid-configuration /crl\n  \
+                      /introspect /metrics /livez /readyz)\n  \
          Your identity on the socket: spiffe://{td}/uid/{uid}\n\n\
          Try it from another terminal in this directory:\n  \
          {run} token --audience demo{data_flag}\n  \

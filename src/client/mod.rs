@@ -92,6 +92,16 @@ pub enum ClientError {
         /// What happened.
         reason: String,
     },
+    /// The broker answered, but its TLS certificate was not accepted.
+    #[error("TLS with {target} failed: {reason}{hint}")]
+    Tls {
+        /// Where we connected.
+        target: String,
+        /// What the TLS library said.
+        reason: String,
+        /// What to do about it (starts with "; ").
+        hint: String,
+    },
     /// TLS needs trust anchors that could not be read.
     #[error("cannot read CA bundle {}: {source}; pass --ca-file with the broker's bundle.pem", path.display())]
     CaFile {
@@ -191,12 +201,154 @@ pub async fn connect(target: &Target, ca_file: &Path) -> Result<Channel, ClientE
                     .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
                     .map_err(|e| unreachable(error_chain(&e)))?;
             }
-            endpoint
-                .connect()
-                .await
-                .map_err(|e| unreachable(error_chain(&e)))
+            match endpoint.connect().await {
+                Ok(channel) => Ok(channel),
+                Err(e) if !plaintext && is_tls_failure(&e) => {
+                    let names = server_names(url).await;
+                    Err(ClientError::Tls {
+                        target: target.to_string(),
+                        reason: error_chain(&e),
+                        hint: tls_hint(url, names.as_deref(), ca_file),
+                    })
+                }
+                Err(e) => Err(unreachable(error_chain(&e))),
+            }
         }
     }
+}
+
+/// Whether a connection failed in the TLS handshake (the peer answered).
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    let text = error_chain(e);
+    text.contains("certificate") || text.contains("HandshakeFailure") || text.contains("tls")
+}
+
+/// What to do about a refused certificate: the names it holds against the name dialled, and
+/// which trust anchors to use.
+fn tls_hint(url: &str, names: Option<&[String]>, ca_file: &Path) -> String {
+    let host = url
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .map_or(url, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let mut hint = String::new();
+    match names {
+        Some(names) if !names.iter().any(|n| n == host) => hint.push_str(&format!(
+            "; the broker's certificate is for {} but {host:?} was dialled: connect to one of \
+             those names, or add {host:?} to grpc.server_names and restart the broker",
+            names.join(", ")
+        )),
+        _ => {}
+    }
+    hint.push_str(&format!(
+        "; trust anchors used: {} (pass --ca-file with the broker's bundle.pem, found in its \
+         data directory)",
+        ca_file.display()
+    ));
+    hint
+}
+
+/// The DNS and IP names in the certificate a TLS server presents, read without trusting it
+/// (for an error message only; nothing is sent).
+async fn server_names(url: &str) -> Option<Vec<String>> {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug)]
+    struct Capture(Mutex<Option<Vec<u8>>>, Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for Capture {
+        fn verify_server_cert(
+            &self,
+            end_entity: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            if let Ok(mut slot) = self.0.lock() {
+                *slot = Some(end_entity.to_vec());
+            }
+            Err(rustls::Error::General(
+                "certificate read for diagnosis only".into(),
+            ))
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("diagnosis only".into()))
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("diagnosis only".into()))
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.1.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    let authority = url.trim_start_matches("https://").trim_end_matches('/');
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let capture = Arc::new(Capture(Mutex::new(None), provider.clone()));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(capture.clone())
+        .with_no_client_auth();
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let name = rustls::pki_types::ServerName::try_from(host).ok()?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
+        .await
+        .ok()?
+        .ok()?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await;
+    let der = capture.0.lock().ok()?.take()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let names = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+            x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                4 => <[u8; 4]>::try_from(*ip)
+                    .ok()
+                    .map(|b| std::net::IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*ip)
+                    .ok()
+                    .map(|b| std::net::IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    Some(names)
 }
 
 /// An error and its sources on one line.
