@@ -110,6 +110,72 @@ impl DevOptions {
     }
 }
 
+/// What a file given to `ephemera dev --config` may set: attestors, mapping rules, policy,
+/// limits and task timing. Everything else (trust domain, data directory, listeners, store,
+/// logging) is the dev broker's own.
+pub const LAYERABLE: &[&str] = &["oidc", "x509pop", "mapping", "policy", "limits", "tasks"];
+
+/// Reads a file for `ephemera dev --config` and returns its text to append to the dev config,
+/// refusing a table that dev sets itself. Relative paths in it are taken from its directory.
+pub fn layer(path: &Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
+    let refused: Vec<&String> = table
+        .keys()
+        .filter(|k| !LAYERABLE.contains(&k.as_str()))
+        .collect();
+    if !refused.is_empty() {
+        anyhow::bail!(
+            "{}: `ephemera dev --config` layers only {} onto the dev defaults; {} {} set by dev \
+             (use `ephemera serve --config` for a full configuration)",
+            path.display(),
+            LAYERABLE.join(", "),
+            refused
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if refused.len() == 1 { "is" } else { "are" }
+        );
+    }
+    // Relative file paths in the layer are relative to the layer, not to where dev runs.
+    let base = path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let absolute = |v: &mut toml::Value| {
+        if let toml::Value::String(s) = v
+            && !s.is_empty()
+            && Path::new(s.as_str()).is_relative()
+        {
+            *s = base.join(s.as_str()).to_string_lossy().into_owned();
+        }
+    };
+    if let Some(toml::Value::Table(policy)) = table.get_mut("policy")
+        && let Some(dir) = policy.get_mut("dir")
+    {
+        absolute(dir);
+    }
+    if let Some(toml::Value::Array(issuers)) = table.get_mut("oidc") {
+        for issuer in issuers.iter_mut().filter_map(toml::Value::as_table_mut) {
+            for key in ["jwks_file", "jwks_ca_file"] {
+                if let Some(v) = issuer.get_mut(key) {
+                    absolute(v);
+                }
+            }
+        }
+    }
+    if let Some(toml::Value::Table(x509pop)) = table.get_mut("x509pop")
+        && let Some(toml::Value::Array(bundles)) = x509pop.get_mut("ca_bundles")
+    {
+        bundles.iter_mut().for_each(absolute);
+    }
+    Ok(toml::to_string(&table)?)
+}
+
 /// The uid this process runs as (the owner of `/proc/self`).
 pub fn current_uid() -> anyhow::Result<u32> {
     use std::os::unix::fs::MetadataExt;

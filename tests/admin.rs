@@ -65,7 +65,7 @@ async fn list_get_and_revoke() {
         .unwrap()
         .into_inner();
 
-    // Paging: 2 + 2 + 1, in id order, tokens chained.
+    // Paging: 2 + 2 + 1, newest first, tokens chained.
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {
@@ -87,7 +87,8 @@ async fn list_get_and_revoke() {
             break;
         }
     }
-    assert_eq!(seen, task_ids);
+    let newest_first: Vec<String> = task_ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
     // A tampered page token is refused, not silently honoured.
     let page = api
         .list_tasks(admin(

@@ -381,6 +381,18 @@ fn every_deploy_config_parses_and_every_policy_validates() {
     assert!(configs.len() >= 4, "{configs:?}");
     assert!(policy_dirs.len() >= 3, "{policy_dirs:?}");
     for c in configs {
+        if c.parent().is_some_and(|d| d.ends_with("examples/dev")) {
+            // A layer for `ephemera dev --config`, not a whole config: it must layer cleanly
+            // onto the dev defaults.
+            let layer = ephemera::dev::layer(&c).unwrap_or_else(|e| panic!("{}: {e}", c.display()));
+            let opts = ephemera::dev::DevOptions {
+                extra_config: layer,
+                ..ephemera::dev::DevOptions::embedded(Path::new("/tmp/ephemera-layer-check"))
+            };
+            ephemera::config::Config::from_toml(&opts.config_text(1000), Path::new("/"))
+                .unwrap_or_else(|e| panic!("{} layered onto dev: {e}", c.display()));
+            continue;
+        }
         ephemera::config::Config::load(&c).unwrap_or_else(|e| panic!("{}: {e}", c.display()));
     }
     for d in policy_dirs {
@@ -773,4 +785,79 @@ fn connection_errors_say_what_happened_and_what_to_do() {
     );
     sigterm(&broker);
     broker.wait().unwrap();
+}
+
+#[test]
+fn dev_config_layers_a_join_token_mapping_onto_the_defaults() {
+    let work = tempfile::tempdir().unwrap();
+    let layer = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/dev/layer.toml");
+    // A table dev sets itself is refused, naming it.
+    let bad = work.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "trust_domain = \"x.org\"\n[grpc]\nlisten = \"0.0.0.0:1\"\n",
+    )
+    .unwrap();
+    let out = run(&["dev", "--config", bad.to_str().unwrap()], work.path());
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("`grpc`, `trust_domain` are set by dev"),
+        "{err}"
+    );
+
+    let mut dev = Command::new(BIN)
+        .args([
+            "dev",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&layer)
+        .current_dir(work.path())
+        .env_remove("EPHEMERA_DATA_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&work.path().join(".ephemera/endpoints.json"), &mut dev);
+    // The docs' join-token example, against the dev broker.
+    let out = run(
+        &["admin", "join-token", "create", "--name", "build-box-7"],
+        work.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let join = text(&out.stdout).trim().to_owned();
+    let out = run(
+        &[
+            "token",
+            "--audience",
+            "demo",
+            "--join-token",
+            &join,
+            "--json",
+        ],
+        work.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["spiffe_id"], "spiffe://dev.local/node/build-box-7");
+    // Once only.
+    let out = run(
+        &["token", "--audience", "demo", "--join-token", &join],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    // And the defaults still hold: this user's own identity on the socket.
+    let out = run(&["token", "--audience", "demo", "--json"], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        doc["spiffe_id"],
+        format!("spiffe://dev.local/uid/{}", my_uid())
+    );
+    sigterm(&dev);
+    assert!(dev.wait().unwrap().success());
 }

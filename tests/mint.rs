@@ -394,7 +394,10 @@ async fn unmapped_and_unattested_callers_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert_eq!(err.message(), "no identity mapping");
+    assert_eq!(
+        err.message(),
+        "no identity mapping: no mapping rule gives an identity to this caller, attested by `unix`"
+    );
 
     // Over TCP there is no peer credential: no evidence at all.
     let mut tcp = ephemera::api::pb::v1::broker_client::BrokerClient::new(b.tls_channel().await);

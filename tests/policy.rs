@@ -174,7 +174,10 @@ async fn mapping_reload_applies_good_edits_and_refuses_broken_ones() {
     assert_eq!(app::reload_mappings(&second.broker, &cfg), Ok(1));
     let err = client.mint_jwt_svid(jwt(None)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert_eq!(err.message(), "no identity mapping");
+    assert_eq!(
+        err.message(),
+        "no identity mapping: no mapping rule gives an identity to this caller, attested by `unix`"
+    );
 
     // A broken file is refused and the rules in force keep serving.
     std::fs::write(
@@ -186,7 +189,7 @@ async fn mapping_reload_applies_good_edits_and_refuses_broken_ones() {
     let err = client.mint_jwt_svid(jwt(None)).await.unwrap_err();
     assert_eq!(
         err.message(),
-        "no identity mapping",
+        "no identity mapping: no mapping rule gives an identity to this caller, attested by `unix`",
         "previous rules still in force"
     );
     second.shutdown().await.unwrap();

@@ -411,7 +411,7 @@ async fn a_ten_thousand_lease_task_is_revoked_with_one_write() {
         .list_leases(
             ephemera::store::ListFilter {
                 task_id: Some(task.task_id.clone()),
-                active: Some(false),
+                state: Some("inactive".into()),
                 limit: 20_000,
                 ..Default::default()
             },

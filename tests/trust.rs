@@ -254,8 +254,8 @@ async fn a_lock_on_a_claim_stops_the_identity_at_once_until_deleted() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.locks.len(), 2);
-    assert_eq!(listed.locks[1].id, info.id);
-    assert_eq!(listed.locks[1].reason, "incident 42");
+    assert_eq!(listed.locks[0].id, info.id, "newest first");
+    assert_eq!(listed.locks[0].reason, "incident 42");
 
     // A lock survives a restart of its reader: a fresh read from the store finds it.
     b.running.broker.refresh_locks().await.unwrap();

@@ -93,15 +93,32 @@ fn page_size(n: u32) -> Result<u32, Status> {
     }
 }
 
-fn state_filter(s: &str) -> Result<Option<bool>, Status> {
-    match s {
-        "" => Ok(None),
-        "active" => Ok(Some(true)),
-        "inactive" => Ok(Some(false)),
-        other => Err(Status::invalid_argument(format!(
-            "state {other:?}: use \"active\" or \"inactive\""
-        ))),
+/// States a task listing can be filtered by: every state it shows, and `inactive`.
+const TASK_STATES: &[&str] = &["active", "inactive", "ended", "expired", "revoked"];
+
+/// States a lease listing can be filtered by: every state it shows, and `inactive`.
+const LEASE_STATES: &[&str] = &[
+    "active",
+    "inactive",
+    "revoked",
+    "expired",
+    "task_ended",
+    "task_expired",
+    "task_revoked",
+];
+
+fn state_filter(s: &str, states: &[&str]) -> Result<Option<String>, Status> {
+    if s.is_empty() {
+        return Ok(None);
     }
+    if states.contains(&s) {
+        return Ok(Some(s.to_owned()));
+    }
+    Err(Status::invalid_argument(format!(
+        "invalid state {:?}: use one of {}",
+        crate::attest::shown(s),
+        states.join(", ")
+    )))
 }
 
 fn spiffe_filter(s: &str) -> Result<Option<String>, Status> {
@@ -412,7 +429,7 @@ impl admin_server::Admin for AdminService {
         let filter = ListFilter {
             task_id: None,
             spiffe_id: spiffe_filter(&req.spiffe_id)?,
-            active: state_filter(&req.state)?,
+            state: state_filter(&req.state, TASK_STATES)?,
             after: self.auth.pages.open("tasks", &req.page_token)?,
             limit,
         };
@@ -443,7 +460,7 @@ impl admin_server::Admin for AdminService {
         let filter = ListFilter {
             task_id: id_filter(&req.task_id, "task_id")?,
             spiffe_id: spiffe_filter(&req.spiffe_id)?,
-            active: state_filter(&req.state)?,
+            state: state_filter(&req.state, LEASE_STATES)?,
             after: self.auth.pages.open("leases", &req.page_token)?,
             limit,
         };

@@ -33,8 +33,8 @@ pub fn to_status(err: &BrokerError) -> Status {
             Status::unavailable("cannot verify the evidence now; retry later")
         }
         BrokerError::Attest(_) => Status::unauthenticated("attestation failed"),
-        BrokerError::Mapping(MappingError::NoMapping) => {
-            Status::permission_denied("no identity mapping")
+        BrokerError::Mapping(e @ MappingError::NoMapping { .. }) => {
+            Status::permission_denied(e.to_string())
         }
         BrokerError::Mapping(MappingError::NotMapped { .. }) => {
             Status::permission_denied(err.to_string())
@@ -104,7 +104,7 @@ mod tests {
                 Code::Unauthenticated,
             ),
             (
-                BrokerError::Mapping(MappingError::NoMapping),
+                BrokerError::Mapping(MappingError::NoMapping { attestor: "unix" }),
                 Code::PermissionDenied,
             ),
             (

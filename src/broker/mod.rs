@@ -146,7 +146,7 @@ impl BrokerError {
             Self::Attest(AttestError::CertificateInvalid(_)) => "attest.certificate",
             Self::Attest(AttestError::KeysUnavailable(_)) => "attest.keys_unavailable",
             Self::Attest(AttestError::PeerUnreadable { .. }) => "attest.peer_unreadable",
-            Self::Mapping(MappingError::NoMapping) => "mapping.none",
+            Self::Mapping(MappingError::NoMapping { .. }) => "mapping.none",
             Self::Mapping(MappingError::NotMapped { .. }) => "mapping.not_mapped",
             Self::Mapping(MappingError::UnsafeClaimValue { .. }) => "mapping.unsafe_claim",
             Self::Policy(PolicyError::Denied { .. }) => "policy.denied",

@@ -434,7 +434,7 @@ impl Broker {
         })
     }
 
-    /// Every lock (expired ones too, until pruned), oldest first.
+    /// Every lock (expired ones too, until pruned), newest first.
     pub async fn list_locks(&self) -> Result<Vec<StoredLock>, BrokerError> {
         Ok(self.store.locks().await?)
     }

@@ -140,7 +140,7 @@ impl Broker {
             .workload_callers(evidence, Action::MintX509Svid, &x509, ttl, None)
             .await?;
         let Some(first) = callers.first() else {
-            return Err(MappingError::NoMapping.into());
+            return Err(MappingError::NoMapping { attestor: "unix" }.into());
         };
         let duration = self.limits.tasks.max_duration;
         let mut call = Call::new(

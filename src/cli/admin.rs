@@ -63,14 +63,14 @@ pub enum AdminCommand {
 /// `ephemera admin tasks ...`
 #[derive(Debug, Subcommand)]
 pub enum TasksCommand {
-    /// List tasks (oldest first).
+    /// List tasks, newest first.
     List(ListArgs),
 }
 
 /// `ephemera admin leases ...`
 #[derive(Debug, Subcommand)]
 pub enum LeasesCommand {
-    /// List leases (oldest first).
+    /// List leases, newest first.
     List {
         /// Only this task's leases.
         #[arg(long)]
@@ -98,13 +98,15 @@ pub struct ListArgs {
     /// Only this SPIFFE ID.
     #[arg(long)]
     pub spiffe_id: Option<String>,
-    /// "active" or "inactive".
+    /// Only rows in this state: any state the listing shows (tasks: active, ended, expired,
+    /// revoked; leases: active, revoked, expired, task_ended, task_expired, task_revoked), or
+    /// inactive (any but active).
     #[arg(long)]
     pub state: Option<String>,
-    /// Rows per page (at most 1000).
+    /// At most this many rows (1 to 1000); with --all, rows fetched per page.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
-    /// Follow every page instead of stopping after the first.
+    /// Every row, however many pages.
     #[arg(long)]
     pub all: bool,
     /// Print JSON lines instead of a table.
@@ -122,6 +124,9 @@ pub enum RevokeTarget {
     Lease {
         /// Lease id, jti or serial.
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         /// Admin credentials and broker address.
         #[command(flatten)]
         admin: AdminArgs,
@@ -130,6 +135,9 @@ pub enum RevokeTarget {
     Task {
         /// Task id.
         id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         /// Admin credentials and broker address.
         #[command(flatten)]
         admin: AdminArgs,
@@ -138,6 +146,9 @@ pub enum RevokeTarget {
     Identity {
         /// SPIFFE ID.
         spiffe_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         /// Admin credentials and broker address.
         #[command(flatten)]
         admin: AdminArgs,
@@ -184,7 +195,7 @@ pub enum LockCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// List locks (oldest first).
+    /// List locks, newest first.
     List {
         /// Print JSON lines instead of a table.
         #[arg(long)]
@@ -306,11 +317,21 @@ fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io
     Ok(())
 }
 
+/// RFC 3339 for a time that is set (0 means unset in the Admin API's messages).
+fn time_json(secs: i64) -> serde_json::Value {
+    if secs == 0 {
+        serde_json::Value::Null
+    } else {
+        rfc3339(secs).into()
+    }
+}
+
 fn task_json(t: &TaskInfo) -> serde_json::Value {
     serde_json::json!({
         "id": t.id, "spiffe_id": t.spiffe_id, "attestor": t.attestor, "labels": t.labels,
-        "state": t.state, "created_at": t.created_at, "deadline": t.deadline, "due_at": t.due_at,
-        "ended_at": (t.ended_at != 0).then_some(t.ended_at), "reason": (!t.reason.is_empty()).then_some(&t.reason),
+        "state": t.state, "created_at": time_json(t.created_at), "deadline": time_json(t.deadline),
+        "due_at": time_json(t.due_at), "ended_at": time_json(t.ended_at),
+        "reason": (!t.reason.is_empty()).then_some(&t.reason),
     })
 }
 
@@ -318,9 +339,9 @@ fn lease_json(l: &LeaseInfo) -> serde_json::Value {
     serde_json::json!({
         "id": l.id, "task_id": (!l.task_id.is_empty()).then_some(&l.task_id), "kind": l.kind,
         "serial": (!l.serial.is_empty()).then_some(&l.serial), "spiffe_id": l.spiffe_id,
-        "audience": l.audience, "issued_at": l.issued_at, "expires_at": l.expires_at,
-        "active": l.active, "state": l.state,
-        "revoked_at": (l.revoked_at != 0).then_some(l.revoked_at), "reason": (!l.reason.is_empty()).then_some(&l.reason),
+        "audience": l.audience, "issued_at": time_json(l.issued_at),
+        "expires_at": time_json(l.expires_at), "active": l.active, "state": l.state,
+        "revoked_at": time_json(l.revoked_at), "reason": (!l.reason.is_empty()).then_some(&l.reason),
     })
 }
 
@@ -467,7 +488,7 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             if json {
-                writeln!(out, "{:#}", lease_json(&l))
+                writeln!(out, "{}", lease_json(&l))
             } else {
                 table(
                     &mut out,
@@ -479,23 +500,33 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
             Ok(())
         }
         AdminCommand::Revoke { target } => {
-            let (what, resp) = match target {
-                RevokeTarget::Lease { id, admin } => (
-                    format!("lease {id}"),
+            let (kind, what, json, resp) = match target {
+                RevokeTarget::Lease { id, json, admin } => (
+                    "lease",
+                    id.clone(),
+                    json,
                     admin_client(&admin)
                         .await?
                         .revoke_lease(admin.request(RevokeLeaseRequest { id })?)
                         .await?,
                 ),
-                RevokeTarget::Task { id, admin } => (
-                    format!("task {id}"),
+                RevokeTarget::Task { id, json, admin } => (
+                    "task",
+                    id.clone(),
+                    json,
                     admin_client(&admin)
                         .await?
                         .revoke_task(admin.request(RevokeTaskRequest { task_id: id })?)
                         .await?,
                 ),
-                RevokeTarget::Identity { spiffe_id, admin } => (
-                    format!("identity {spiffe_id}"),
+                RevokeTarget::Identity {
+                    spiffe_id,
+                    json,
+                    admin,
+                } => (
+                    "identity",
+                    spiffe_id.clone(),
+                    json,
                     admin_client(&admin)
                         .await?
                         .revoke_identity(admin.request(RevokeIdentityRequest { spiffe_id })?)
@@ -503,17 +534,26 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
                 ),
             };
             let r = resp.into_inner();
-            if r.already_revoked && what.starts_with("identity") {
+            if json {
+                let doc = serde_json::json!({
+                    kind: what,
+                    "revoked": !r.already_revoked,
+                    "task_ids": r.task_ids,
+                    "credentials_revoked": r.credentials_revoked,
+                    "cursor": (r.cursor > 0).then_some(r.cursor),
+                });
+                writeln!(out, "{doc}")
+            } else if r.already_revoked && kind == "identity" {
                 writeln!(
                     out,
-                    "{what}: held no live task or credential; nothing to revoke"
+                    "{kind} {what}: held no live task or credential; nothing to revoke"
                 )
             } else if r.already_revoked {
-                writeln!(out, "{what}: nothing to revoke (already revoked or ended)")
-            } else if what.starts_with("identity") {
+                writeln!(out, "{kind} {what}: nothing to revoke (already revoked or ended)")
+            } else if kind == "identity" {
                 writeln!(
                     out,
-                    "{what}: revoked {} task(s) and {} credential(s) in one event (cursor {}){}{}",
+                    "{kind} {what}: revoked {} task(s) and {} credential(s) in one event (cursor {}){}{}",
                     r.task_ids.len(),
                     r.credentials_revoked,
                     r.cursor,
@@ -521,7 +561,7 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
                     r.task_ids.join(", ")
                 )
             } else {
-                writeln!(out, "{what}: revoked")
+                writeln!(out, "{kind} {what}: revoked")
             }
             .context("writing to stdout")?;
             Ok(())
@@ -615,8 +655,8 @@ fn lock_json(l: &LockInfo) -> serde_json::Value {
         "target": l.target,
         "reason": l.reason,
         "created_by": l.created_by,
-        "created_at": rfc3339(l.created_at),
-        "expires_at": (l.expires_at > 0).then(|| rfc3339(l.expires_at)),
+        "created_at": time_json(l.created_at),
+        "expires_at": time_json(l.expires_at),
         "active": l.active,
     })
 }

@@ -208,6 +208,9 @@ pub enum ConfigCommand {
         /// Also open the store as `serve` would (on PostgreSQL this applies pending migrations).
         #[arg(long)]
         connect: bool,
+        /// Print JSON: {"config", "ok", "trust_domain", "mapping_rules", "problems": [...]}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -336,8 +339,13 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             command: CaCommand::Init(args),
         } => server::ca_init(&args),
         Command::Config {
-            command: ConfigCommand::Check { config, connect },
-        } => server::config_check(&config, connect).await,
+            command:
+                ConfigCommand::Check {
+                    config,
+                    connect,
+                    json,
+                },
+        } => server::config_check(&config, connect, json).await,
         Command::Admin { command } => admin::run(command).await,
         Command::Policy { command } => policy::run(command),
         Command::Token(args) => token::run(args).await,

@@ -31,6 +31,10 @@ pub struct DevArgs {
     /// HTTP address (bundle, keys, discovery, health).
     #[arg(long, default_value = "127.0.0.1:7080")]
     pub http_addr: String,
+    /// A TOML file layered onto the dev defaults: attestors (`[[oidc]]`, `[x509pop]`), extra
+    /// `[[mapping]]` rules, `[policy] dir`, `[limits]`, `[tasks]` (read at start).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
 }
 
 /// `ephemera ca init` arguments.
@@ -158,9 +162,32 @@ pub async fn serve(path: &Path) -> Result<(), Failure> {
 }
 
 /// `ephemera config check --config FILE`.
-pub async fn config_check(path: &Path, connect: bool) -> Result<(), Failure> {
-    let config = Config::load(path).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+pub async fn config_check(path: &Path, connect: bool, json: bool) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    let report = |out: &mut dyn Write, ok: bool, config: Option<&Config>, problems: &[String]| {
+        if json {
+            let doc = serde_json::json!({
+                "config": path.display().to_string(),
+                "ok": ok,
+                "trust_domain": config.map(|c| c.trust_domain.to_string()),
+                "mapping_rules": config.map(|c| c.mappings.len()),
+                "store_checked": connect,
+                "problems": problems,
+            });
+            writeln!(out, "{doc}").context("writing to stdout")
+        } else {
+            Ok(())
+        }
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&mut out, false, None, &[e.to_string()])?;
+            return Err(Failure::new(EXIT_USAGE, e));
+        }
+    };
     let problems = startup_problems(&config, connect).await;
+    report(&mut out, problems.is_empty(), Some(&config), &problems)?;
     if !problems.is_empty() {
         return Err(Failure::new(
             EXIT_USAGE,
@@ -176,15 +203,17 @@ pub async fn config_check(path: &Path, connect: bool) -> Result<(), Failure> {
             ),
         ));
     }
-    writeln!(
-        std::io::stdout().lock(),
-        "{}: ok (trust domain {}, {} mapping rule(s){})",
-        path.display(),
-        config.trust_domain,
-        config.mappings.len(),
-        if connect { ", store reachable" } else { "" }
-    )
-    .context("writing to stdout")?;
+    if !json {
+        writeln!(
+            out,
+            "{}: ok (trust domain {}, {} mapping rule(s){})",
+            path.display(),
+            config.trust_domain,
+            config.mappings.len(),
+            if connect { ", store reachable" } else { "" }
+        )
+        .context("writing to stdout")?;
+    }
     Ok(())
 }
 
@@ -315,12 +344,17 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
     let uid = crate::dev::current_uid()?;
     let cwd = std::env::current_dir().context("reading the current directory")?;
     init_logging("info", LogFormat::Text);
+    let extra_config = match &args.config {
+        None => String::new(),
+        Some(path) => crate::dev::layer(path).map_err(|e| Failure::new(EXIT_USAGE, e))?,
+    };
     let opts = DevOptions {
         data_dir: args.data_dir,
         trust_domain: args.trust_domain,
         grpc_addr: args.grpc_addr,
         http_addr: args.http_addr,
         log_level: "info".into(),
+        extra_config,
         ..DevOptions::embedded("")
     };
     let config = opts.prepare(&cwd).map_err(|e| {

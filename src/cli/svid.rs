@@ -29,6 +29,9 @@ pub struct SvidArgs {
     /// Bind the credential to this task (you must own it); it is revoked when the task ends.
     #[arg(long, env = "EPHEMERA_TASK_ID")]
     pub task: Option<String>,
+    /// Print JSON (identity, files written, serial, expiry, lease) instead of text.
+    #[arg(long)]
+    pub json: bool,
     /// Evidence to present.
     #[command(flatten)]
     pub evidence: EvidenceArgs,
@@ -97,16 +100,30 @@ pub async fn run(args: SvidArgs) -> Result<(), Failure> {
         pem_all("CERTIFICATE", &resp.bundle).as_bytes(),
         0o644,
     )?;
-    writeln!(
-        std::io::stdout().lock(),
-        "{}\n  wrote {} (leaf + intermediate), {} (0600), {}\n  serial {}, expires {}",
-        resp.spiffe_id,
-        cert_path.display(),
-        key_path.display(),
-        bundle_path.display(),
-        resp.serial,
-        rfc3339(resp.expires_at)
-    )
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let doc = serde_json::json!({
+            "spiffe_id": resp.spiffe_id,
+            "certificate": cert_path.display().to_string(),
+            "key": key_path.display().to_string(),
+            "bundle": bundle_path.display().to_string(),
+            "serial": resp.serial,
+            "expires_at": rfc3339(resp.expires_at),
+            "lease_id": resp.lease_id,
+        });
+        writeln!(out, "{doc}")
+    } else {
+        writeln!(
+            out,
+            "{}\n  wrote {} (leaf + intermediate), {} (0600), {}\n  serial {}, expires {}",
+            resp.spiffe_id,
+            cert_path.display(),
+            key_path.display(),
+            bundle_path.display(),
+            resp.serial,
+            rfc3339(resp.expires_at)
+        )
+    }
     .context("writing to stdout")?;
     Ok(())
 }

@@ -188,6 +188,16 @@ pub async fn connect(target: &Target, ca_file: &Path) -> Result<Channel, ClientE
                 .map_err(|e| unreachable(error_chain(&e)))
         }
         Target::Tcp { url, plaintext } => {
+            if *plaintext && !answers_plaintext_http2(url).await {
+                return Err(ClientError::Tls {
+                    target: target.to_string(),
+                    reason: "the server does not answer plaintext HTTP/2 (it speaks TLS)".into(),
+                    hint: format!(
+                        "; use {} and --ca-file with the broker's bundle.pem",
+                        url.replacen("http://", "https://", 1)
+                    ),
+                });
+            }
             let mut endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|_| ClientError::BadAddress(url.clone()))?
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -214,6 +224,34 @@ pub async fn connect(target: &Target, ca_file: &Path) -> Result<Channel, ClientE
                 Err(e) => Err(unreachable(error_chain(&e))),
             }
         }
+    }
+}
+
+/// Whether a server answers an HTTP/2 preface in plaintext, as a broker with
+/// `grpc.insecure_plaintext` does (a TLS listener answers with an alert or closes). Asked only
+/// for `http://` addresses; an unreachable address counts as answering, so that connecting
+/// reports it as unreachable.
+async fn answers_plaintext_http2(url: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = url.trim_start_matches("http://").trim_end_matches('/');
+    let Ok(Ok(mut tcp)) =
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority)).await
+    else {
+        return true;
+    };
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // An empty SETTINGS frame.
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if tcp.write_all(&hello).await.is_err() {
+        return false;
+    }
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut first)).await {
+        // An HTTP/2 server's first frame is its SETTINGS: a length of under 2^16, so a 0 byte.
+        Ok(Ok(1)) => first[0] == 0,
+        // Closed, or no answer: not an HTTP/2 server.
+        Ok(_) => false,
+        Err(_) => false,
     }
 }
 

@@ -22,8 +22,13 @@ pub const MAX_CLAIM_VALUE_LEN: usize = 255;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MappingError {
     /// No rule matched the identity.
-    #[error("no identity mapping")]
-    NoMapping,
+    #[error(
+        "no identity mapping: no mapping rule gives an identity to this caller, attested by `{attestor}`"
+    )]
+    NoMapping {
+        /// The attestor that verified the caller (what it presented).
+        attestor: &'static str,
+    },
     /// A claim rendered into a template is not a safe SPIFFE ID path segment.
     #[error("claim {claim} cannot be used in a spiffe id: {reason}")]
     UnsafeClaimValue {
@@ -252,7 +257,9 @@ impl Mapper {
             }
         }
         if out.is_empty() {
-            return Err(MappingError::NoMapping);
+            return Err(MappingError::NoMapping {
+                attestor: id.attestor,
+            });
         }
         Ok(out)
     }
@@ -349,7 +356,7 @@ mod tests {
         );
         assert_eq!(
             mapper.map(&identity(json!({"uid": 1001, "gid": 30}))),
-            Err(MappingError::NoMapping)
+            Err(MappingError::NoMapping { attestor: "unix" })
         );
         let second: SpiffeId = "spiffe://example.org/group/20".parse().unwrap();
         let id = identity(json!({"uid": 1000, "gid": 20}));
@@ -404,7 +411,7 @@ mod tests {
         );
         assert_eq!(
             mapper.map(&identity(json!({"other": "x"}))),
-            Err(MappingError::NoMapping)
+            Err(MappingError::NoMapping { attestor: "unix" })
         );
     }
 

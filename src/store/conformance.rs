@@ -263,32 +263,47 @@ pub async fn tasks_and_leases(store: std::sync::Arc<dyn Store>) {
     assert_eq!(s.newest_revocation().await.unwrap(), ev2.seq);
 
     // Listings.
-    let f = |spiffe: Option<&str>, active: Option<bool>, after: Option<&str>, limit| ListFilter {
+    let f = |spiffe: Option<&str>, state: Option<&str>, after: Option<&str>, limit| ListFilter {
         task_id: None,
         spiffe_id: spiffe.map(Into::into),
-        active,
+        state: state.map(Into::into),
         after: after.map(Into::into),
         limit,
     };
     let ids = |v: Vec<Task>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    // Newest first.
     assert_eq!(
         ids(s.list_tasks(f(None, None, None, 10), 200).await.unwrap()),
-        ["t1", "t2", "t3"]
+        ["t3", "t2", "t1"]
     );
     assert_eq!(
         ids(s
-            .list_tasks(f(Some("spiffe://e.org/a"), Some(true), None, 10), 200)
+            .list_tasks(f(Some("spiffe://e.org/a"), Some("active"), None, 10), 200)
             .await
             .unwrap()),
         ["t2"]
     );
+    // The next page starts after the previous page's last (oldest) row.
     assert_eq!(
         ids(s
-            .list_tasks(f(None, None, Some("t1"), 1), 200)
+            .list_tasks(f(None, None, Some("t3"), 1), 200)
             .await
             .unwrap()),
         ["t2"]
     );
+    // Every state a task shows is a filter, and `inactive` is any but active.
+    let t1_state = s.task("t1").await.unwrap().unwrap().state;
+    assert_ne!(t1_state, TaskState::Active);
+    for state in [t1_state.as_str(), "inactive"] {
+        assert_eq!(
+            ids(s
+                .list_tasks(f(None, Some(state), None, 10), 200)
+                .await
+                .unwrap()),
+            ["t1"],
+            "{state}"
+        );
+    }
     let leases = s
         .list_leases(
             ListFilter {
@@ -301,8 +316,12 @@ pub async fn tasks_and_leases(store: std::sync::Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(leases.len(), 51);
+    assert!(
+        leases.windows(2).all(|w| w[0].lease.id > w[1].lease.id),
+        "newest first"
+    );
     let active = s
-        .list_leases(f(None, Some(true), None, 100), 200)
+        .list_leases(f(None, Some("active"), None, 100), 200)
         .await
         .unwrap();
     assert_eq!(
@@ -311,6 +330,32 @@ pub async fn tasks_and_leases(store: std::sync::Arc<dyn Store>) {
             .map(|l| l.lease.id.as_str())
             .collect::<Vec<_>>(),
         ["x3"]
+    );
+    let inactive = s
+        .list_leases(f(None, Some("inactive"), None, 1000), 200)
+        .await
+        .unwrap();
+    assert!(!inactive.is_empty());
+    assert!(inactive.iter().all(|l| !l.active(200)));
+    let in_ended_task = s
+        .list_leases(
+            f(
+                None,
+                Some(&format!("task_{}", t1_state.as_str())),
+                None,
+                1000,
+            ),
+            200,
+        )
+        .await
+        .unwrap();
+    assert!(!in_ended_task.is_empty());
+    assert!(
+        in_ended_task
+            .iter()
+            .all(|l| l.lease.task_id.as_deref() == Some("t1")
+                && !l.lease.revoked
+                && l.lease.expires_at > 200)
     );
     assert_eq!(ids(s.active_tasks(None, 10).await.unwrap()), ["t2", "t3"]);
     assert_eq!(
@@ -652,7 +697,7 @@ pub async fn principals_sets_and_locks(store: std::sync::Arc<dyn Store>) {
     ));
     assert_eq!(
         store.locks().await.unwrap(),
-        [lock("k1", None), lock("k2", Some(2_000))]
+        [lock("k2", Some(2_000)), lock("k1", None)],
     );
     assert!(store.delete_lock("k1").await.unwrap());
     assert!(!store.delete_lock("k1").await.unwrap());

@@ -393,9 +393,11 @@ pub struct ListFilter {
     pub task_id: Option<String>,
     /// Only this SPIFFE ID.
     pub spiffe_id: Option<String>,
-    /// Only active (`true`) or only inactive (`false`).
-    pub active: Option<bool>,
-    /// Return rows with id greater than this (the previous page's last id).
+    /// Only rows in this state, as listings show it: for tasks `active`, `ended`, `expired`,
+    /// `revoked`; for leases `active`, `revoked`, `expired`, `task_ended`, `task_expired`,
+    /// `task_revoked`; for both `inactive` (any but `active`).
+    pub state: Option<String>,
+    /// Return rows older than this (the previous page's last id): listings are newest first.
     pub after: Option<String>,
     /// At most this many rows.
     pub limit: u32,
@@ -411,6 +413,83 @@ fn task_condition(f: &ListFilter, param: &str) -> String {
     match f.task_id {
         Some(_) => format!("l.task_id = {param}"),
         None => format!("{param} IS NULL"),
+    }
+}
+
+/// The state a listing shows for a lease (`l`) of a task (`t`, left-joined), as SQL: `now` is
+/// the placeholder of the current time and `revoked` the backend's test of the revoked flag.
+fn lease_state_sql(now: &str, revoked: &str) -> String {
+    format!(
+        "CASE WHEN {revoked} THEN 'revoked' WHEN l.expires_at <= {now} THEN 'expired' \
+         WHEN t.id IS NOT NULL AND t.state <> 'active' THEN 'task_' || t.state \
+         ELSE 'active' END"
+    )
+}
+
+/// The condition of a listing on its state filter `param`, for a row whose state is `state`.
+fn state_condition(state: &str, param: &str) -> String {
+    format!(
+        "({param} IS NULL OR {state} = {param} OR ({param} = 'inactive' AND {state} <> 'active'))"
+    )
+}
+
+/// Which leases a revocation event covers, for [`Store::revoked_leases`]: each kind of event
+/// has its own condition, so the database reads them through the index that kind needs (one
+/// statement with every kind's condition joined by OR was planned as a scan of every lease).
+pub(crate) enum EventLeases<'a> {
+    /// Every lease of a task.
+    Task(&'a str),
+    /// One lease.
+    Lease(&'a str),
+    /// What an identity revocation revoked: the identity's leases revoked at that moment for
+    /// that reason.
+    Identity {
+        /// The identity.
+        spiffe_id: &'a str,
+        /// When.
+        at: i64,
+        /// Why.
+        reason: &'a str,
+    },
+    /// Leases and task leases that name the event in `revoked_by`.
+    Set(i64),
+}
+
+impl<'a> EventLeases<'a> {
+    /// The leases `event` covers.
+    pub(crate) fn of(event: &'a Revocation) -> Self {
+        if let Some(t) = &event.task_id {
+            Self::Task(t)
+        } else if let Some(l) = &event.lease_id {
+            Self::Lease(l)
+        } else if let Some(id) = &event.spiffe_id {
+            Self::Identity {
+                spiffe_id: id,
+                at: event.at,
+                reason: &event.reason,
+            }
+        } else {
+            Self::Set(event.seq)
+        }
+    }
+
+    /// The condition on `leases`, with placeholders numbered by `p(1)`, `p(2)`, ...; bind
+    /// [`Self::bind`]'s values in order.
+    pub(crate) fn condition(&self, p: impl Fn(usize) -> String) -> String {
+        match self {
+            Self::Task(_) => format!("task_id = {}", p(1)),
+            Self::Lease(_) => format!("id = {}", p(1)),
+            Self::Identity { .. } => format!(
+                "spiffe_id = {} AND revoked_at = {} AND reason = {} AND revoked_by IS NULL",
+                p(1),
+                p(2),
+                p(3)
+            ),
+            Self::Set(_) => format!(
+                "revoked_by = {0} OR task_id IN (SELECT id FROM tasks WHERE revoked_by = {0})",
+                p(1)
+            ),
+        }
     }
 }
 
@@ -539,7 +618,7 @@ pub trait Store: Send + Sync {
     /// Stores a lock.
     fn create_lock(&self, lock: StoredLock) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// Every lock, expired ones included, oldest first.
+    /// Every lock, expired ones included, newest first.
     fn locks(&self) -> BoxFuture<'_, Result<Vec<StoredLock>, StoreError>>;
 
     /// Deletes a lock; `false` if there was none.
@@ -552,14 +631,14 @@ pub trait Store: Send + Sync {
     /// Serials of X.509 leases no longer honoured but not yet expired at `now`.
     fn revoked_serials(&self, now: i64) -> BoxFuture<'_, Result<Vec<RevokedSerial>, StoreError>>;
 
-    /// Tasks, newest first by id order, filtered and paged.
+    /// Tasks, newest first, filtered and paged.
     fn list_tasks(
         &self,
         filter: ListFilter,
         now: i64,
     ) -> BoxFuture<'_, Result<Vec<Task>, StoreError>>;
 
-    /// Leases, filtered and paged.
+    /// Leases, newest first, filtered and paged.
     fn list_leases(
         &self,
         filter: ListFilter,

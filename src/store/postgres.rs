@@ -743,7 +743,8 @@ impl Store for PostgresStore {
 
     fn locks(&self) -> BoxFuture<'_, Result<Vec<StoredLock>, StoreError>> {
         Box::pin(async move {
-            let sql = sqlx::AssertSqlSafe(format!("SELECT {LOCK_COLUMNS} FROM locks ORDER BY id"));
+            let sql =
+                sqlx::AssertSqlSafe(format!("SELECT {LOCK_COLUMNS} FROM locks ORDER BY id DESC"));
             sqlx::query(sql)
                 .fetch_all(&self.pool)
                 .await
@@ -915,27 +916,25 @@ impl Store for PostgresStore {
         let event = event.clone();
         Box::pin(async move {
             // One row of JSON, built inside PostgreSQL (see `leases_from_json`).
-            let json: String = sqlx::query_scalar(
+            let which = super::EventLeases::of(&event);
+            let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT COALESCE(json_agg(json_build_array(id, task_id, kind, serial, spiffe_id,
                             audience::json, issued_at, expires_at, revoked::int, revoked_at,
                             reason) ORDER BY id), '[]')::text
-                 FROM leases
-                 WHERE ($1::text IS NOT NULL AND task_id = $1)
-                    OR ($2::text IS NOT NULL AND id = $2)
-                    OR ($3::text IS NOT NULL AND spiffe_id = $3 AND revoked AND revoked_at = $4
-                        AND reason = $5)
-                    OR ($6::bigint IS NOT NULL AND (revoked_by = $6 OR task_id IN
-                        (SELECT id FROM tasks WHERE revoked_by = $6)))",
-            )
-            .bind(&event.task_id)
-            .bind(&event.lease_id)
-            .bind(&event.spiffe_id)
-            .bind(event.at)
-            .bind(&event.reason)
-            .bind(event.is_set().then_some(event.seq))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)?;
+                 FROM leases WHERE {}",
+                which.condition(|i| format!("${i}"))
+            ));
+            let query = sqlx::query_scalar(sql);
+            let query = match which {
+                super::EventLeases::Task(id) | super::EventLeases::Lease(id) => query.bind(id),
+                super::EventLeases::Identity {
+                    spiffe_id,
+                    at,
+                    reason,
+                } => query.bind(spiffe_id).bind(at).bind(reason),
+                super::EventLeases::Set(seq) => query.bind(seq),
+            };
+            let json: String = query.fetch_one(&self.pool).await.map_err(unavailable)?;
             leases_from_json(&json)
         })
     }
@@ -974,14 +973,15 @@ impl Store for PostgresStore {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT {TASK_COLUMNS} FROM tasks
                  WHERE ($1::text IS NULL OR spiffe_id = $1)
-                   AND ($2::boolean IS NULL OR (state = 'active') = $2)
-                   AND ($3::text IS NULL OR id > $3)
+                   AND {state}
+                   AND ($3::text IS NULL OR id < $3)
                    AND ($4::text IS NULL OR id = $4)
-                 ORDER BY id LIMIT $5"
+                 ORDER BY id DESC LIMIT $5",
+                state = super::state_condition("state", "$2::text")
             ));
             let query = sqlx::query(sql)
                 .bind(&f.spiffe_id)
-                .bind(f.active)
+                .bind(&f.state)
                 .bind(&f.after)
                 .bind(&f.task_id)
                 .bind(i64::from(f.limit));
@@ -999,18 +999,20 @@ impl Store for PostgresStore {
                 "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
                  WHERE {task}
                    AND ($2::text IS NULL OR l.spiffe_id = $2)
-                   AND ($3::text IS NULL OR l.id > $3)
-                   AND ($4::boolean IS NULL OR
-                        ((NOT l.revoked AND l.expires_at > $5
-                          AND (t.id IS NULL OR t.state = 'active')) = $4))
-                 ORDER BY l.id LIMIT $6",
+                   AND ($3::text IS NULL OR l.id < $3)
+                   AND {state}
+                 ORDER BY l.id DESC LIMIT $6",
                 task = super::task_condition(&f, "$1::text"),
+                state = super::state_condition(
+                    &super::lease_state_sql("$5::bigint", "l.revoked"),
+                    "$4::text"
+                ),
             ));
             sqlx::query(sql)
                 .bind(&f.task_id)
                 .bind(&f.spiffe_id)
                 .bind(&f.after)
-                .bind(f.active)
+                .bind(&f.state)
                 .bind(now)
                 .bind(i64::from(f.limit))
                 .fetch_all(&self.pool)

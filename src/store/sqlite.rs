@@ -401,11 +401,11 @@ fn list_leases_sql(f: &ListFilter) -> String {
         "SELECT {LEASE_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
          WHERE {task}
            AND (?2 IS NULL OR l.spiffe_id = ?2)
-           AND (?3 IS NULL OR l.id > ?3)
-           AND (?4 IS NULL OR
-                ((l.revoked = 0 AND l.expires_at > ?5 AND (t.id IS NULL OR t.state = 'active')) = ?4))
-         ORDER BY l.id LIMIT ?6",
+           AND (?3 IS NULL OR l.id < ?3)
+           AND {state}
+         ORDER BY l.id DESC LIMIT ?6",
         task = super::task_condition(f, "?1"),
+        state = super::state_condition(&super::lease_state_sql("?5", "l.revoked = 1"), "?4"),
     )
 }
 
@@ -952,7 +952,8 @@ impl Store for SqliteStore {
 
     fn locks(&self) -> BoxFuture<'_, Result<Vec<StoredLock>, StoreError>> {
         Box::pin(async move {
-            let sql = sqlx::AssertSqlSafe(format!("SELECT {LOCK_COLUMNS} FROM locks ORDER BY id"));
+            let sql =
+                sqlx::AssertSqlSafe(format!("SELECT {LOCK_COLUMNS} FROM locks ORDER BY id DESC"));
             sqlx::query(sql)
                 .fetch_all(&self.pool)
                 .await
@@ -1091,26 +1092,25 @@ impl Store for SqliteStore {
         let event = event.clone();
         Box::pin(async move {
             // One row of JSON, built inside SQLite (see `leases_from_json`).
-            let json: Option<String> = sqlx::query_scalar(
+            let which = super::EventLeases::of(&event);
+            let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT json_group_array(json_array(id, task_id, kind, serial, spiffe_id,
                             json(audience), issued_at, expires_at, revoked, revoked_at, reason)
                         ORDER BY id)
-                 FROM leases
-                 WHERE (?1 IS NOT NULL AND task_id = ?1) OR (?2 IS NOT NULL AND id = ?2)
-                    OR (?3 IS NOT NULL AND spiffe_id = ?3 AND revoked = 1 AND revoked_at = ?4
-                        AND reason = ?5)
-                    OR (?6 IS NOT NULL AND (revoked_by = ?6 OR task_id IN
-                        (SELECT id FROM tasks WHERE revoked_by = ?6)))",
-            )
-            .bind(&event.task_id)
-            .bind(&event.lease_id)
-            .bind(&event.spiffe_id)
-            .bind(event.at)
-            .bind(&event.reason)
-            .bind(event.is_set().then_some(event.seq))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)?;
+                 FROM leases WHERE {}",
+                which.condition(|i| format!("?{i}"))
+            ));
+            let query = sqlx::query_scalar(sql);
+            let query = match which {
+                super::EventLeases::Task(id) | super::EventLeases::Lease(id) => query.bind(id),
+                super::EventLeases::Identity {
+                    spiffe_id,
+                    at,
+                    reason,
+                } => query.bind(spiffe_id).bind(at).bind(reason),
+                super::EventLeases::Set(seq) => query.bind(seq),
+            };
+            let json: Option<String> = query.fetch_one(&self.pool).await.map_err(unavailable)?;
             leases_from_json(json.as_deref().unwrap_or("[]"))
         })
     }
@@ -1149,14 +1149,15 @@ impl Store for SqliteStore {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT {TASK_COLUMNS} FROM tasks
                  WHERE (?1 IS NULL OR spiffe_id = ?1)
-                   AND (?2 IS NULL OR (state = 'active') = ?2)
-                   AND (?3 IS NULL OR id > ?3)
+                   AND {state}
+                   AND (?3 IS NULL OR id < ?3)
                    AND (?4 IS NULL OR id = ?4)
-                 ORDER BY id LIMIT ?5"
+                 ORDER BY id DESC LIMIT ?5",
+                state = super::state_condition("state", "?2")
             ));
             let query = sqlx::query(sql)
                 .bind(&f.spiffe_id)
-                .bind(f.active)
+                .bind(&f.state)
                 .bind(&f.after)
                 .bind(&f.task_id)
                 .bind(i64::from(f.limit));
@@ -1175,7 +1176,7 @@ impl Store for SqliteStore {
                 .bind(&f.task_id)
                 .bind(&f.spiffe_id)
                 .bind(&f.after)
-                .bind(f.active)
+                .bind(&f.state)
                 .bind(now)
                 .bind(i64::from(f.limit))
                 .fetch_all(&self.pool)
@@ -1386,6 +1387,44 @@ mod tests {
             all.contains("SCAN l USING INDEX sqlite_autoindex_leases_1"),
             "{all}"
         );
+    }
+
+    /// Each kind of revocation event reads its leases through an index, never the whole table.
+    #[tokio::test]
+    async fn revoked_leases_read_an_index_for_every_kind_of_event() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        let event = |task: Option<&str>, lease: Option<&str>, spiffe: Option<&str>| Revocation {
+            seq: 7,
+            at: 100,
+            task_id: task.map(Into::into),
+            lease_id: lease.map(Into::into),
+            spiffe_id: spiffe.map(Into::into),
+            reason: "r".into(),
+        };
+        for e in [
+            event(Some("t"), None, None),
+            event(None, Some("l"), None),
+            event(None, None, Some("spiffe://e.org/a")),
+            event(None, None, None),
+        ] {
+            let which = super::super::EventLeases::of(&e);
+            let sql = format!(
+                "EXPLAIN QUERY PLAN SELECT id FROM leases WHERE {}",
+                which.condition(|i| format!("?{i}"))
+            );
+            let plan = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind("x")
+                .bind(1)
+                .bind("r")
+                .fetch_all(&s.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.try_get::<String, _>("detail").unwrap())
+                .collect::<Vec<_>>()
+                .join("; ");
+            assert!(!plan.contains("SCAN leases"), "{e:?}: {plan}");
+        }
     }
 
     #[tokio::test]
