@@ -580,3 +580,43 @@ async fn revoking_an_identity_revokes_everything_it_holds_in_one_event() {
     assert_eq!(again.credentials_revoked, 0);
     b.running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_admin_token_rotates_without_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = start(&uid_rule()).await;
+    let mut api = AdminClient::new(b.tls_channel().await);
+    let file = b.dir.path().join("admin.token");
+    let with = |token: &str| {
+        let mut r = Request::new(ListTasksRequest::default());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let old = b.admin_token();
+    api.list_tasks(with(&old)).await.unwrap();
+
+    // Rotate: the new token works at once, and the previous one during the overlap.
+    let new = ephemera::api::admin::rotate_token_file(&file, true).unwrap();
+    assert_ne!(new, old);
+    api.list_tasks(with(&new)).await.unwrap();
+    api.list_tasks(with(&old)).await.unwrap();
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // A broken edit is refused and the tokens in force keep working.
+    let rotated = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(rotated, format!("{new}\n{old}\n"));
+    std::fs::write(&file, "short\n").unwrap();
+    api.list_tasks(with(&new)).await.unwrap();
+    api.list_tasks(with(&old)).await.unwrap();
+    std::fs::write(&file, &rotated).unwrap();
+
+    // Finish: only the new token.
+    assert!(ephemera::api::admin::finish_token_rotation(&file).unwrap());
+    api.list_tasks(with(&new)).await.unwrap();
+    let refused = api.list_tasks(with(&old)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(!ephemera::api::admin::finish_token_rotation(&file).unwrap());
+    b.running.shutdown().await.unwrap();
+}

@@ -679,10 +679,16 @@ fn connection_errors_say_what_happened_and_what_to_do() {
     let mut broker = Command::new(BIN)
         .args(["serve", "--config", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
         .spawn()
         .unwrap();
     wait_for(&data.join("endpoints.json"), &mut broker);
+    // `ca init` left the root key in the data directory: serve says to move it.
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(
+        log.contains("the root CA key is in the data directory"),
+        "{log}"
+    );
     let endpoints: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
     let grpc = endpoints["grpc_addr"].as_str().unwrap().to_owned();

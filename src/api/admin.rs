@@ -259,7 +259,8 @@ pub fn create_token_file(path: &Path) -> Result<bool, CaError> {
 
 /// Who may call the Admin API, and the key of its page tokens.
 pub struct AdminAuth {
-    token_hash: Option<[u8; 32]>,
+    /// The accepted tokens' hashes, re-read when the file changes.
+    tokens: std::sync::RwLock<AdminTokens>,
     token_file: PathBuf,
     pages: PageTokens,
     /// SPIFFE IDs whose X.509-SVIDs (from this broker's CA, over mTLS) are admins.
@@ -300,32 +301,56 @@ impl AdminAuth {
                 tracing::warn!(file = %token_file.display(), "no admin token file and no admin.spiffe_ids: the Admin API is disabled");
             }
             return Ok(Self {
-                token_hash: None,
+                tokens: std::sync::RwLock::new(AdminTokens::default()),
                 token_file: token_file.to_owned(),
                 pages: PageTokens::new(page_key),
                 spiffe_ids,
                 svids,
             });
         }
-        crate::ca::keys::check_key_mode(token_file)?;
-        let text = std::fs::read_to_string(token_file).map_err(|source| CaError::Io {
-            path: token_file.to_owned(),
-            source,
-        })?;
-        let token = text.trim();
-        if token.len() < 32 {
-            return Err(CaError::Invalid {
-                path: token_file.to_owned(),
-                reason: "admin token is shorter than 32 characters".into(),
-            });
-        }
+        let tokens = AdminTokens::read(token_file)?;
         Ok(Self {
-            token_hash: Some(sha256(token.as_bytes())),
+            tokens: std::sync::RwLock::new(tokens),
             token_file: token_file.to_owned(),
             pages: PageTokens::new(page_key),
             spiffe_ids,
             svids,
         })
+    }
+
+    /// The accepted token hashes, re-read first if the file changed (a rotation takes effect
+    /// on the next admin call, without a restart). A changed file that is not valid is refused
+    /// with a logged error, and the tokens in force keep working.
+    fn token_hashes(&self) -> Vec<[u8; 32]> {
+        let stamp = file_stamp(&self.token_file);
+        let current = self
+            .tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if stamp == current.stamp || stamp.is_none() && current.hashes.is_empty() {
+            return current.hashes;
+        }
+        match AdminTokens::read(&self.token_file) {
+            Ok(fresh) => {
+                tracing::info!(file = %self.token_file.display(), tokens = fresh.hashes.len(), "admin token file re-read");
+                let hashes = fresh.hashes.clone();
+                *self
+                    .tokens
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                hashes
+            }
+            Err(e) => {
+                tracing::error!(file = %self.token_file.display(), error = %e, "admin token file changed but is not valid; the tokens in force keep working");
+                let mut tokens = self
+                    .tokens
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                tokens.stamp = stamp;
+                tokens.hashes.clone()
+            }
+        }
     }
 
     /// The admin SPIFFE ID of an mTLS client certificate, if it is one.
@@ -348,7 +373,7 @@ impl AdminAuth {
 
     /// Whether the Admin API can be used at all.
     pub fn enabled(&self) -> bool {
-        self.token_hash.is_some() || !self.spiffe_ids.is_empty()
+        !self.token_hashes().is_empty() || !self.spiffe_ids.is_empty()
     }
 
     /// The admin identity of a request (`admin-token` or the admin's SPIFFE ID), or
@@ -358,7 +383,8 @@ impl AdminAuth {
         if let Some(id) = self.svid_admin(request) {
             return Ok(id);
         }
-        let Some(expected) = self.token_hash else {
+        let accepted = self.token_hashes();
+        if accepted.is_empty() {
             let reason = if self.enabled() {
                 "no admin credential"
             } else {
@@ -373,21 +399,143 @@ impl AdminAuth {
                     self.token_file.display()
                 )
             }));
-        };
+        }
         let presented = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|t| sha256(t.trim().as_bytes()));
-        // Hashes are compared, so timing reveals nothing about the token.
-        if presented == Some(expected) {
-            Ok("admin-token".to_owned())
-        } else {
-            tracing::info!(target: "ephemera::audit", action, decision = "deny", reason = "no admin credential", source = source.as_deref(), "admin action");
-            Err(Status::permission_denied("admin credential required"))
+        // Hashes are compared, so timing reveals nothing about the tokens.
+        match presented.and_then(|p| accepted.iter().position(|a| *a == p)) {
+            Some(0) => Ok("admin-token".to_owned()),
+            Some(_) => Ok("admin-token (previous)".to_owned()),
+            None => {
+                tracing::info!(target: "ephemera::audit", action, decision = "deny", reason = "no admin credential", source = source.as_deref(), "admin action");
+                Err(Status::permission_denied("admin credential required"))
+            }
         }
     }
+}
+
+/// Modification time, size and inode of a file, to notice it was replaced.
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// The admin tokens accepted: the file's first line, and during a rotation's overlap the
+/// previous token on its second line.
+#[derive(Debug, Clone, Default)]
+struct AdminTokens {
+    stamp: Option<(std::time::SystemTime, u64, u64)>,
+    hashes: Vec<[u8; 32]>,
+}
+
+impl AdminTokens {
+    /// Reads the token file: mode 0600, one or two tokens of at least 32 characters.
+    fn read(path: &Path) -> Result<Self, CaError> {
+        let stamp = file_stamp(path);
+        crate::ca::keys::check_key_mode(path)?;
+        let text = std::fs::read_to_string(path).map_err(|source| CaError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let tokens = admin_tokens(&text);
+        let invalid = |reason: &str| CaError::Invalid {
+            path: path.to_owned(),
+            reason: reason.into(),
+        };
+        if tokens.is_empty() || tokens.len() > 2 {
+            return Err(invalid(
+                "the admin token file must hold one token, or two during a rotation (the new one first)",
+            ));
+        }
+        if tokens.iter().any(|t| t.len() < 32) {
+            return Err(invalid("admin token is shorter than 32 characters"));
+        }
+        Ok(Self {
+            stamp,
+            hashes: tokens.iter().map(|t| sha256(t.as_bytes())).collect(),
+        })
+    }
+}
+
+/// The tokens of an admin token file's text: its non-empty lines, trimmed.
+pub fn admin_tokens(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Ends a rotation's overlap: keeps only the file's first (new) token. Returns whether a
+/// previous token was dropped.
+pub fn finish_token_rotation(path: &Path) -> Result<bool, CaError> {
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let tokens = admin_tokens(&text);
+    let Some(current) = tokens.first() else {
+        return Err(CaError::Invalid {
+            path: path.to_owned(),
+            reason: "the admin token file is empty".into(),
+        });
+    };
+    if tokens.len() == 1 {
+        return Ok(false);
+    }
+    write_secret(path, &format!("{current}\n"))?;
+    Ok(true)
+}
+
+/// Replaces a secret file atomically (mode 0600).
+fn write_secret(path: &Path, text: &str) -> Result<(), CaError> {
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Writes a new admin token to `path` (replacing the file atomically, mode 0600), keeping the
+/// current one as the second line when `keep_previous`, so clients holding it keep working
+/// until the next rotation. Returns the new token.
+pub fn rotate_token_file(path: &Path, keep_previous: bool) -> Result<String, CaError> {
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let previous = match std::fs::read_to_string(path) {
+        Ok(text) => admin_tokens(&text).first().map(|t| (*t).to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(e)),
+    };
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CaError::Generate("random number generator failed".into()))?;
+    let token = format!("eat_{}", URL_SAFE_NO_PAD.encode(bytes));
+    let mut text = format!("{token}\n");
+    if keep_previous && let Some(p) = previous {
+        text.push_str(&p);
+        text.push('\n');
+    }
+    write_secret(path, &text)?;
+    Ok(token)
 }
 
 /// The `Admin` gRPC service.

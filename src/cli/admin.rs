@@ -271,7 +271,16 @@ impl AdminArgs {
                 )
             })
             .map_err(|e| Failure::new(EXIT_USAGE, e))?;
-        Ok(token.trim().to_owned())
+        // During a rotation the file holds the new token first and the previous one after it.
+        crate::api::admin::admin_tokens(&token)
+            .first()
+            .map(|t| (*t).to_owned())
+            .ok_or_else(|| {
+                Failure::new(
+                    EXIT_USAGE,
+                    anyhow::anyhow!("the admin token file {} is empty", path.display()),
+                )
+            })
     }
 
     fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {

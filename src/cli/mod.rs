@@ -13,6 +13,8 @@ mod token;
 
 use std::path::PathBuf;
 
+use std::io::Write as _;
+
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
@@ -193,6 +195,19 @@ pub enum Command {
 pub enum CaCommand {
     /// Create a root CA, an intermediate CA and a JWT signing key in a data directory.
     Init(server::CaInitArgs),
+    /// Write a new admin token; the previous one stays accepted until `--finish`. Running
+    /// brokers pick the change up on their next admin call, no restart needed.
+    RotateAdminToken {
+        /// The data directory holding admin.token (replicas share it).
+        #[arg(long, env = "EPHEMERA_DATA_DIR", default_value = ".ephemera")]
+        data_dir: PathBuf,
+        /// The admin token file, if not `<data-dir>/admin.token`.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
+        /// End the overlap: drop the previous token (run once every client has the new one).
+        #[arg(long)]
+        finish: bool,
+    },
 }
 
 /// `ephemera config ...`
@@ -338,6 +353,43 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Ca {
             command: CaCommand::Init(args),
         } => server::ca_init(&args),
+        Command::Ca {
+            command:
+                CaCommand::RotateAdminToken {
+                    data_dir,
+                    admin_token_file,
+                    finish,
+                },
+        } => {
+            let path = admin_token_file
+                .unwrap_or_else(|| crate::datadir::DataDir::new(&data_dir).admin_token());
+            let mut out = std::io::stdout().lock();
+            if finish {
+                let dropped = crate::api::admin::finish_token_rotation(&path)
+                    .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+                writeln!(
+                    out,
+                    "{}: {}",
+                    path.display(),
+                    if dropped {
+                        "previous admin token dropped; only the current one is accepted"
+                    } else {
+                        "holds one token; nothing to drop"
+                    }
+                )
+            } else {
+                crate::api::admin::rotate_token_file(&path, true)
+                    .map_err(|e| Failure::new(EXIT_USAGE, e))?;
+                writeln!(
+                    out,
+                    "{}: new admin token written (first line); the previous one is accepted \
+                     until `ephemera ca rotate-admin-token --finish`",
+                    path.display()
+                )
+            }
+            .context("writing to stdout")?;
+            Ok(())
+        }
         Command::Config {
             command:
                 ConfigCommand::Check {

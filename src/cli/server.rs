@@ -155,6 +155,13 @@ async fn run_until_signal(
 pub async fn serve(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path).map_err(|e| Failure::new(EXIT_USAGE, e))?;
     init_logging(&config.log.level, config.log.format);
+    let root_key = crate::datadir::DataDir::new(&config.data_dir).root_key();
+    if root_key.exists() {
+        tracing::warn!(
+            file = %root_key.display(),
+            "the root CA key is in the data directory: the broker does not need it; move it offline (anyone who reads it can make a trust anchor's worth of intermediates)"
+        );
+    }
     let running = app::start(config, Arc::new(SystemClock))
         .await
         .map_err(start_failure)?;
