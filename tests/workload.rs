@@ -541,3 +541,51 @@ async fn an_open_stream_keeps_its_task_alive_past_heartbeat_and_grace() {
     );
     b.running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_lock_withdraws_the_workloads_open_stream_and_refuses_new_ones() {
+    let b = start(&uid_rule()).await;
+    let mut raw = raw_client(&b).await;
+    let mut stream = open_x509_stream(&mut raw).await;
+    let first = stream.message().await.unwrap().expect("the first SVIDs");
+    assert!(!first.svids.is_empty());
+    b.running
+        .broker
+        .create_lock(
+            ephemera::broker::trust::LockTarget::parse(&format!("claim:uid={}", my_uid())).unwrap(),
+            "node quarantined",
+            None,
+            "test",
+        )
+        .await
+        .unwrap();
+    // The open stream is withdrawn, saying why...
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within 5s");
+    let status = ended.expect_err("withdrawn with an error");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("locked: node quarantined"),
+        "{status:?}"
+    );
+    // ...and a new one is refused before policy, with the lock's reason.
+    let refused = raw
+        .fetch_x509svid(with_header(ephemera::api::pb::workload::X509svidRequest {}))
+        .await
+        .map(|r| r.into_inner());
+    let status = match refused {
+        Err(s) => s,
+        Ok(mut s) => s.message().await.unwrap_err(),
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "locked: node quarantined");
+    b.running.shutdown().await.unwrap();
+}

@@ -9,9 +9,9 @@
 //!   address; never evidence) is stored once, by a hash of all of it, and named by its tasks
 //!   and leases, so a decision can be made again without fresh evidence.
 //!
-//! Re-decision costs one grouped read of the live leases (one row per distinct principal,
-//! identity, kind, audience and task) plus one policy decision per group: it grows with
-//! distinct grants, not with leases.
+//! Re-decision reads the live leases grouped (one row per distinct principal, identity, kind,
+//! audience and task), a page of tasks at a time, and makes one policy decision per group and
+//! per task: it grows with distinct grants, not with leases, in memory bounded by the page.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -40,6 +40,19 @@ const PRINCIPAL_CACHE: usize = 65_536;
 /// How often every replica re-reads the locks (creations also arrive at once through the
 /// revocation feed; deletions and expiries are taken from here).
 pub const LOCK_REFRESH: Duration = Duration::from_secs(2);
+
+/// Active tasks per page when everything live is walked (and grants per page of standalone
+/// credentials).
+const LIVE_PAGE: u32 = 1000;
+
+/// Most principals kept in memory while everything live is walked.
+const PRINCIPALS_KEPT: usize = 10_000;
+
+/// One page of what is live: active tasks with their grants, or standalone grants.
+struct LivePage {
+    tasks: Vec<Task>,
+    grants: Vec<Grant>,
+}
 
 /// The reason prefix of a lock's revocation events, which tell every replica to re-read locks.
 pub const LOCKED: &str = "locked: ";
@@ -473,21 +486,23 @@ impl Broker {
         let now = self.clock.unix_now();
         let live: Vec<&Lock> = locks.iter().filter(|l| l.live(now)).collect();
         let matched = |who: &Who<'_>| live.iter().any(|l| l.target.matches(who));
-        let (tasks, grants, principals) = self.live_state().await?;
         let mut set = RevokeSet::default();
-        for t in &tasks {
-            let principal = t.principal.as_ref().and_then(|p| principals.get(p));
-            if matched(&task_who(t, principal)) {
-                set.tasks.push(t.id.clone());
+        self.walk_live(|page, principals| {
+            for t in &page.tasks {
+                let principal = t.principal.as_ref().and_then(|p| principals.get(p));
+                if matched(&task_who(t, principal)) {
+                    set.tasks.push(t.id.clone());
+                }
             }
-        }
-        for g in grants {
-            if let Some(p) = principals.get(&g.principal)
-                && matched(&principal_who(&g.spiffe_id, p))
-            {
-                set.grants.push(g);
+            for g in &page.grants {
+                if let Some(p) = principals.get(&g.principal)
+                    && matched(&principal_who(&g.spiffe_id, p))
+                {
+                    set.grants.push(g.clone());
+                }
             }
-        }
+        })
+        .await?;
         set.announce = announce;
         let reason = format!("{LOCKED}{}", first.stored.reason);
         let revoked = self.store.revoke_set(set, &reason, now).await?;
@@ -499,33 +514,76 @@ impl Broker {
         Ok(revoked)
     }
 
-    /// Active tasks, live grants and the principals they name.
-    async fn live_state(
+    /// Walks everything live a page at a time, so memory stays bounded whatever the number of
+    /// tasks and leases: each page of active tasks with those tasks' grants, then the
+    /// standalone grants. `visit` gets each page and the principals it names (read once each,
+    /// kept while there are fewer than [`PRINCIPALS_KEPT`]).
+    async fn walk_live(
         &self,
-    ) -> Result<(Vec<Task>, Vec<Grant>, HashMap<String, StoredPrincipal>), BrokerError> {
-        let mut tasks = Vec::new();
+        mut visit: impl FnMut(&LivePage, &HashMap<String, StoredPrincipal>),
+    ) -> Result<(), BrokerError> {
+        let mut principals: HashMap<String, StoredPrincipal> = HashMap::new();
         let mut after = None;
         loop {
-            let page = self.store.active_tasks(after.clone(), 1000).await?;
-            let Some(last) = page.last() else { break };
+            let tasks = self.store.active_tasks(after.clone(), LIVE_PAGE).await?;
+            let Some(last) = tasks.last() else { break };
             after = Some(last.id.clone());
-            tasks.extend(page);
+            let ids = tasks.iter().map(|t| t.id.clone()).collect();
+            let grants = self
+                .store
+                .live_grants(self.clock.unix_now(), Some(ids))
+                .await?;
+            let page = LivePage { tasks, grants };
+            self.read_principals(&page, &mut principals).await?;
+            visit(&page, &principals);
         }
-        let grants = self.store.live_grants(self.clock.unix_now()).await?;
-        let mut ids: Vec<String> = grants
+        let grants = self.store.live_grants(self.clock.unix_now(), None).await?;
+        for chunk in grants.chunks(LIVE_PAGE as usize) {
+            let page = LivePage {
+                tasks: Vec::new(),
+                grants: chunk.to_vec(),
+            };
+            self.read_principals(&page, &mut principals).await?;
+            visit(&page, &principals);
+        }
+        Ok(())
+    }
+
+    /// Reads the principals a page names that `known` lacks.
+    async fn read_principals(
+        &self,
+        page: &LivePage,
+        known: &mut HashMap<String, StoredPrincipal>,
+    ) -> Result<(), BrokerError> {
+        let mut missing: Vec<String> = page
+            .grants
             .iter()
-            .map(|g| g.principal.clone())
-            .chain(tasks.iter().filter_map(|t| t.principal.clone()))
+            .map(|g| &g.principal)
+            .chain(page.tasks.iter().filter_map(|t| t.principal.as_ref()))
+            .filter(|id| !known.contains_key(*id))
+            .cloned()
             .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut principals = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(1000) {
-            for p in self.store.principals(chunk.to_vec()).await? {
-                principals.insert(p.id.clone(), p);
-            }
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
         }
-        Ok((tasks, grants, principals))
+        if known.len() + missing.len() > PRINCIPALS_KEPT {
+            known.clear();
+            // The page's own principals are read again below.
+            missing = page
+                .grants
+                .iter()
+                .map(|g| g.principal.clone())
+                .chain(page.tasks.iter().filter_map(|t| t.principal.clone()))
+                .collect();
+            missing.sort_unstable();
+            missing.dedup();
+        }
+        for p in self.store.principals(missing).await? {
+            known.insert(p.id.clone(), p);
+        }
+        Ok(())
     }
 
     /// [`Self::redecide`] once per policy generation, whoever asks first (the reloader, an
@@ -556,48 +614,45 @@ impl Broker {
     /// for tasks and as 0 for credentials (a credential does not record it).
     async fn redecide(&self) -> Result<Redecision, BrokerError> {
         let started = Instant::now();
-        let (tasks, grants, principals) = self.live_state().await?;
         let now = self.clock.unix_now();
         let mapper = self.mapper();
-        let mut out = Redecision {
-            tasks_decided: tasks.len() as u64,
-            grants_decided: grants.len() as u64,
-            leases_decided: grants.iter().map(|g| g.leases).sum(),
-            ..Redecision::default()
-        };
+        let mut out = Redecision::default();
         let mut set = RevokeSet::default();
-        let active: HashMap<&str, &Task> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
-        for t in &tasks {
-            if !self.still_permits_task(
-                t,
-                principals.get(t.principal.as_deref().unwrap_or("")),
-                &mapper,
-                now,
-            ) {
-                tracing::info!(target: "ephemera::audit", action = "ReevaluateTask", task_id = %t.id, spiffe_id = %t.spiffe_id, decision = "deny", reason = "policy no longer permits the task", "decision");
-                set.tasks.push(t.id.clone());
+        self.walk_live(|page, principals| {
+            out.tasks_decided += page.tasks.len() as u64;
+            let mut denied = HashSet::new();
+            for t in &page.tasks {
+                let principal = principals.get(t.principal.as_deref().unwrap_or(""));
+                if !self.still_permits_task(t, principal, &mapper, now) {
+                    tracing::info!(target: "ephemera::audit", action = "ReevaluateTask", task_id = %t.id, spiffe_id = %t.spiffe_id, decision = "deny", reason = "policy no longer permits the task", "decision");
+                    set.tasks.push(t.id.clone());
+                    denied.insert(t.id.as_str());
+                }
             }
-        }
-        for g in grants {
-            let task = match &g.task_id {
-                Some(id) => match active.get(id.as_str()) {
-                    Some(t) => Some(*t),
-                    // Its task is ending with this set, or ended since the read.
-                    None => continue,
-                },
-                None => None,
-            };
-            if set.tasks.iter().any(|t| Some(t) == g.task_id.as_ref()) {
-                continue;
+            let tasks: HashMap<&str, &Task> =
+                page.tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+            for g in &page.grants {
+                out.grants_decided += 1;
+                out.leases_decided += g.leases;
+                let task = match g.task_id.as_deref() {
+                    // Ending with its task in this set.
+                    Some(id) if denied.contains(id) => continue,
+                    Some(id) => match tasks.get(id) {
+                        Some(t) => Some(*t),
+                        None => continue,
+                    },
+                    None => None,
+                };
+                let permitted = principals
+                    .get(&g.principal)
+                    .is_some_and(|p| self.still_permits_grant(g, p, task, &mapper, now));
+                if !permitted {
+                    tracing::info!(target: "ephemera::audit", action = "ReevaluateCredentials", spiffe_id = %g.spiffe_id, kind = g.kind.as_str(), credentials = g.leases, task_id = g.task_id.as_deref(), decision = "deny", reason = "policy no longer permits the credentials", "decision");
+                    set.grants.push(g.clone());
+                }
             }
-            let permitted = principals
-                .get(&g.principal)
-                .is_some_and(|p| self.still_permits_grant(&g, p, task, &mapper, now));
-            if !permitted {
-                tracing::info!(target: "ephemera::audit", action = "ReevaluateCredentials", spiffe_id = %g.spiffe_id, kind = g.kind.as_str(), credentials = g.leases, task_id = g.task_id.as_deref(), decision = "deny", reason = "policy no longer permits the credentials", "decision");
-                set.grants.push(g);
-            }
-        }
+        })
+        .await?;
         if !set.is_empty() {
             out.revoked = self.store.revoke_set(set, "policy", now).await?;
             if let Some(r) = &out.revoked {

@@ -575,7 +575,13 @@ pub async fn principals_sets_and_locks(store: std::sync::Arc<dyn Store>) {
     ] {
         store.insert_lease(l).await.unwrap();
     }
-    let mut grants = store.live_grants(1_000).await.unwrap();
+    let mut grants = store.live_grants(1_000, None).await.unwrap();
+    grants.extend(
+        store
+            .live_grants(1_000, Some(vec!["tp".into(), "tq".into()]))
+            .await
+            .unwrap(),
+    );
     grants.sort_by(|a, b| {
         (&a.principal, &a.task_id, a.kind.as_str()).cmp(&(
             &b.principal,

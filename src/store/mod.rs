@@ -602,8 +602,13 @@ pub trait Store: Send + Sync {
         ids: Vec<String>,
     ) -> BoxFuture<'_, Result<Vec<StoredPrincipal>, StoreError>>;
 
-    /// Every live credential that names a principal, grouped into [`Grant`]s.
-    fn live_grants(&self, now: i64) -> BoxFuture<'_, Result<Vec<Grant>, StoreError>>;
+    /// Live credentials that name a principal, grouped into [`Grant`]s: the standalone ones
+    /// (`tasks` is `None`), or those of these tasks (if active).
+    fn live_grants(
+        &self,
+        now: i64,
+        tasks: Option<Vec<String>>,
+    ) -> BoxFuture<'_, Result<Vec<Grant>, StoreError>>;
 
     /// Ends the set's active tasks and revokes its grants' live leases, in one transaction
     /// and one event ([`Revocation::is_set`]). `None` when nothing was live (unless the set

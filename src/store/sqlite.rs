@@ -843,16 +843,30 @@ impl Store for SqliteStore {
         })
     }
 
-    fn live_grants(&self, now: i64) -> BoxFuture<'_, Result<Vec<Grant>, StoreError>> {
+    fn live_grants(
+        &self,
+        now: i64,
+        tasks: Option<Vec<String>>,
+    ) -> BoxFuture<'_, Result<Vec<Grant>, StoreError>> {
         Box::pin(async move {
+            let scope = match &tasks {
+                None => "l.task_id IS NULL",
+                Some(_) => {
+                    "l.task_id IN (SELECT value FROM json_each(?2))
+                     AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = l.task_id AND t.state = 'active')"
+                }
+            };
             let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {GRANT_COLUMNS} FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
-                 WHERE l.principal IS NOT NULL AND l.revoked = 0 AND l.expires_at > ?
-                   AND (l.task_id IS NULL OR t.state = 'active')
+                "SELECT {GRANT_COLUMNS} FROM leases l
+                 WHERE {scope} AND l.principal IS NOT NULL AND l.revoked = 0 AND l.expires_at > ?1
                  GROUP BY {GRANT_GROUP}"
             ));
-            sqlx::query(sql)
-                .bind(now)
+            let query = sqlx::query(sql).bind(now);
+            let query = match tasks {
+                None => query,
+                Some(ids) => query.bind(serde_json::Value::from(ids).to_string()),
+            };
+            query
                 .fetch_all(&self.pool)
                 .await
                 .map_err(unavailable)?
