@@ -210,6 +210,41 @@ fn dev_tour_token_svid_and_clean_shutdown() {
         "{}",
         text(&out.stdout)
     );
+    // Machine output: one JSON object per line, RFC 3339 times, every shown state a filter.
+    let out = run(&["admin", "revoke", "lease", jti, "--json"], work.path());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (doc["lease"].as_str(), doc["revoked"].as_bool()),
+        (Some(jti), Some(false))
+    );
+    let out = run(
+        &["admin", "leases", "list", "--state", "revoked", "--json"],
+        work.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["id"], jti);
+    assert_eq!(rows[0]["state"], "revoked");
+    for key in ["issued_at", "expires_at", "revoked_at"] {
+        let t = rows[0][key].as_str().unwrap();
+        assert!(t.len() == 20 && t.ends_with('Z'), "{key}: {t}");
+    }
+    let out = run(&["admin", "leases", "list", "--state", "gone"], work.path());
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("task_revoked"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["svid", "--out", "svid2", "--json"], work.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(doc["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert!(doc["key"].as_str().unwrap().ends_with("svid2/svid.key"));
     let out = run(&["admin", "tasks", "list"], work.path());
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -217,12 +252,31 @@ fn dev_tour_token_svid_and_clean_shutdown() {
         "{}",
         text(&out.stdout)
     );
-    // Without the admin token, the Admin API refuses (exit 77).
+    // With a wrong admin token, the Admin API refuses (exit 77); an empty token file is a
+    // usage error caught before any call (exit 64).
+    let wrong = work.path().join("wrong.token");
+    std::fs::write(&wrong, "eat_not-the-token-of-this-broker-at-all\n").unwrap();
+    let out = run(
+        &[
+            "admin",
+            "tasks",
+            "list",
+            "--admin-token-file",
+            wrong.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
     let out = run(
         &["admin", "tasks", "list", "--admin-token-file", "/dev/null"],
         work.path(),
     );
-    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/dev/null is empty"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // SIGTERM: clean exit, socket and endpoints.json removed, keys kept.
     sigterm(&dev);

@@ -402,8 +402,8 @@ pub async fn dev(args: DevArgs) -> Result<(), Failure> {
          gRPC (TLS)   {grpc}   trust anchors: {bundle}\n  \
          gRPC socket  {sock}\n  \
          SPIFFE Workload API  SPIFFE_ENDPOINT_SOCKET=unix://{workload}\n  \
-         HTTP         {http}   (/bundle /keys /.well-known/openid-configuration /crl\n  \
-                      /introspect /metrics /livez /readyz)\n  \
+         HTTP         {http}   (/bundle /keys /.well-known/openid-configuration /crl\n               \
+         /introspect /metrics /livez /readyz)\n  \
          Your identity on the socket: spiffe://{td}/uid/{uid}\n\n\
          Try it from another terminal in this directory:\n  \
          {run} token --audience demo{data_flag}\n  \
