@@ -493,6 +493,20 @@ impl<'a> EventLeases<'a> {
     }
 }
 
+/// What [`Store::prune`] deletes, in order, each statement bound to the cutoff time (written
+/// `{before}`, replaced by each backend's placeholder): leases expired before it, tasks ended
+/// before it that no lease names, revocation events older than it, and locks expired before
+/// it. Each backend then deletes the principals last seen before it that nothing names, in the
+/// form its planner runs in one pass (SQLite: `NOT IN`, which it reads into a temporary index;
+/// PostgreSQL: `NOT EXISTS`, an anti-join).
+pub(crate) const PRUNE: &[&str] = &[
+    "DELETE FROM leases WHERE expires_at < {before}",
+    "DELETE FROM tasks WHERE state <> 'active' AND ended_at < {before}
+       AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.task_id = tasks.id)",
+    "DELETE FROM revocations WHERE at < {before}",
+    "DELETE FROM locks WHERE expires_at < {before}",
+];
+
 /// Why the reaper ends a task at `now`.
 pub fn reap_reason(deadline: i64, now: i64) -> &'static str {
     if deadline <= now {

@@ -1057,45 +1057,21 @@ impl Store for PostgresStore {
     fn prune(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await.map_err(unavailable)?;
-            let leases = sqlx::query("DELETE FROM leases WHERE expires_at < $1")
-                .bind(before)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?
-                .rows_affected();
-            let tasks = sqlx::query(
-                "DELETE FROM tasks WHERE state != 'active' AND ended_at < $1
-                   AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.task_id = tasks.id)",
-            )
-            .bind(before)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            let events = sqlx::query("DELETE FROM revocations WHERE at < $1")
-                .bind(before)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?
-                .rows_affected();
-            let principals = sqlx::query(
-                "DELETE FROM principals p WHERE seen_at < $1
-                   AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.principal = p.id)
-                   AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.principal = p.id)",
-            )
-            .bind(before)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            let locks = sqlx::query("DELETE FROM locks WHERE expires_at < $1")
-                .bind(before)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?
-                .rows_affected();
+            let mut deleted = 0;
+            let principals = "DELETE FROM principals p WHERE seen_at < {before}
+                 AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.principal = p.id)
+                 AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.principal = p.id)";
+            for statement in super::PRUNE.iter().chain([&principals]) {
+                let sql = sqlx::AssertSqlSafe(statement.replace("{before}", "$1"));
+                deleted += sqlx::query(sql)
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?
+                    .rows_affected();
+            }
             tx.commit().await.map_err(unavailable)?;
-            Ok(leases + tasks + events + principals + locks)
+            Ok(deleted)
         })
     }
 

@@ -1220,45 +1220,21 @@ impl Store for SqliteStore {
     fn prune(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let mut tx = WriteTx::begin(&self.writer).await?;
-            let leases = sqlx::query("DELETE FROM leases WHERE expires_at < ?")
-                .bind(before)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?
-                .rows_affected();
-            let tasks = sqlx::query(
-                "DELETE FROM tasks WHERE state != 'active' AND ended_at < ?
-                   AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.task_id = tasks.id)",
-            )
-            .bind(before)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            let events = sqlx::query("DELETE FROM revocations WHERE at < ?")
-                .bind(before)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?
-                .rows_affected();
-            let principals = sqlx::query(
-                "DELETE FROM principals WHERE seen_at < ?
-                   AND id NOT IN (SELECT principal FROM leases WHERE principal IS NOT NULL)
-                   AND id NOT IN (SELECT principal FROM tasks WHERE principal IS NOT NULL)",
-            )
-            .bind(before)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            let locks = sqlx::query("DELETE FROM locks WHERE expires_at < ?")
-                .bind(before)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?
-                .rows_affected();
+            let mut deleted = 0;
+            let principals = "DELETE FROM principals WHERE seen_at < {before}
+                 AND id NOT IN (SELECT principal FROM leases WHERE principal IS NOT NULL)
+                 AND id NOT IN (SELECT principal FROM tasks WHERE principal IS NOT NULL)";
+            for statement in super::PRUNE.iter().chain([&principals]) {
+                let sql = sqlx::AssertSqlSafe(statement.replace("{before}", "?"));
+                deleted += sqlx::query(sql)
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?
+                    .rows_affected();
+            }
             tx.commit().await?;
-            Ok(leases + tasks + events + principals + locks)
+            Ok(deleted)
         })
     }
 
