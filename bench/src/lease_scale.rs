@@ -43,6 +43,7 @@ pub(crate) async fn fill(
                     .cloned()
                     .unwrap_or_default(),
                     labels: Default::default(),
+                    scopes: Vec::new(),
                     source_ip: None,
                     evidence_age_secs: 0,
                     created_at: now,

@@ -74,6 +74,7 @@ fn begin_task_request(req: BeginTaskRequest) -> Result<core::BeginTaskRequest, B
     Ok(core::BeginTaskRequest {
         max_duration: max_duration.map(Ttl::duration),
         labels: req.labels.into_iter().collect(),
+        scopes: scopes(req.scopes)?,
         spiffe_id: spiffe_id(&req.spiffe_id)?,
     })
 }
@@ -111,6 +112,39 @@ fn jwt_request(req: MintJwtSvidRequest) -> Result<JwtRequest, BrokerError> {
 
 fn ttl(secs: Option<u64>) -> Result<Option<Ttl>, BrokerError> {
     core::parse_ttl("ttl_seconds", secs)
+}
+
+/// Most scopes a task may declare.
+const MAX_SCOPES: usize = 32;
+/// Longest scope accepted.
+const MAX_SCOPE: usize = 128;
+
+/// A task's declared scopes, sorted and unique: each an RFC 6749 scope token (printable ASCII
+/// without space, `"` or `\`), at most [`MAX_SCOPE`] bytes, at most [`MAX_SCOPES`] of them.
+fn scopes(requested: Vec<String>) -> Result<Vec<String>, BrokerError> {
+    let bad = |reason: String| BrokerError::BadRequest {
+        field: "scopes",
+        reason,
+    };
+    if requested.len() > MAX_SCOPES {
+        return Err(bad(format!("at most {MAX_SCOPES} scopes")));
+    }
+    for s in &requested {
+        let token = !s.is_empty()
+            && s.len() <= MAX_SCOPE
+            && s.bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        if !token {
+            return Err(bad(format!(
+                "invalid scope {:?}: 1 to {MAX_SCOPE} printable characters, no spaces, quotes or backslashes",
+                shown(s)
+            )));
+        }
+    }
+    let mut scopes = requested;
+    scopes.sort_unstable();
+    scopes.dedup();
+    Ok(scopes)
 }
 
 /// Longest task id accepted (a UUID is 36).

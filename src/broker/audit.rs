@@ -42,6 +42,8 @@ pub(super) struct Audit {
     pub(super) policies: Vec<String>,
     pub(super) task_id: Option<String>,
     pub(super) lease_id: Option<String>,
+    /// A task's declared scopes (validated: scope tokens of bounded length).
+    pub(super) scopes: Vec<String>,
     outcome: Outcome,
 }
 
@@ -66,6 +68,7 @@ impl Audit {
             policies: Vec::new(),
             task_id: None,
             lease_id: None,
+            scopes: Vec::new(),
             outcome: Outcome::Pending,
         }
     }
@@ -128,6 +131,7 @@ impl Drop for Audit {
         let subject = self.subject.as_deref().unwrap_or("-");
         let source = self.source.map(|s| s.to_string());
         let policies = self.policies.join(",");
+        let scopes = (!self.scopes.is_empty()).then(|| self.scopes.join(" "));
         match reason {
             None => tracing::info!(
                 target: "ephemera::audit",
@@ -143,6 +147,7 @@ impl Drop for Audit {
                 policies = %policies,
                 task_id = self.task_id.as_deref(),
                 lease_id = self.lease_id.as_deref(),
+                scopes = scopes.as_deref(),
                 source = source.as_deref(),
                 "decision"
             ),
@@ -159,6 +164,7 @@ impl Drop for Audit {
                 resource = %self.resource,
                 requested_ttl_secs = self.requested_ttl_secs,
                 task_id = self.task_id.as_deref(),
+                scopes = scopes.as_deref(),
                 source = source.as_deref(),
                 "decision"
             ),

@@ -359,6 +359,7 @@ mod tests {
             principal: None,
             claims: serde_json::Map::new(),
             labels: std::collections::BTreeMap::new(),
+            scopes: Vec::new(),
             source_ip: None,
             evidence_age_secs: 0,
             created_at: 0,

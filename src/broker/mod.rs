@@ -357,6 +357,7 @@ fn task_context(t: &Task, now: i64) -> TaskContext {
     TaskContext {
         id: t.id.clone(),
         labels: t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        scopes: t.scopes.clone(),
         age_secs: u64::try_from(now - t.created_at).unwrap_or(0),
     }
 }

@@ -50,6 +50,8 @@ pub struct BeginTaskRequest {
     pub max_duration: Option<Duration>,
     /// Labels.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The declared intent: scopes (sorted, unique; validated by the caller).
+    pub scopes: Vec<String>,
     /// Which of the caller's identities owns the task; `None` for the first.
     pub spiffe_id: Option<SpiffeId>,
 }
@@ -86,18 +88,24 @@ impl Broker {
             Some(duration.as_secs()),
         );
         let result = async {
-            let caller = call
-                .authorized(
-                    req.spiffe_id.as_ref(),
-                    None,
-                    Action::BeginTask,
-                    &[Resource::Target("task".to_owned())],
-                    duration.as_secs(),
-                )
-                .await?;
+            // Policy decides on the task as it would be: its labels and declared scopes are in
+            // `context.task`, as they are when the task is decided again after a reload.
+            let mut caller = call.caller(req.spiffe_id.as_ref(), None).await?;
+            self.admit(&caller)?;
             let task = self
-                .start_task(evidence, &caller, duration, req.labels)
+                .new_task(evidence, &caller, duration, req.labels, req.scopes)
                 .await?;
+            caller.task = Some(Arc::new(task.clone()));
+            call.audit.scopes = task.scopes.clone();
+            let behaviour = self.behaviour_of(&caller).await?;
+            call.authorize(
+                &caller,
+                Action::BeginTask,
+                &[Resource::Target("task".to_owned())],
+                duration.as_secs(),
+                behaviour,
+            )?;
+            self.record_task(&caller, task.clone()).await?;
             self.consume_single_use(&caller.identity).await?;
             call.audit.task_id = Some(task.id.clone());
             call.audit.granted_ttl_secs = Some(duration.as_secs());
@@ -107,7 +115,7 @@ impl Broker {
         call.finish(result)
     }
 
-    /// Records a new active task owned by `caller`.
+    /// Records a new active task owned by `caller` (no declared scopes).
     pub(super) async fn start_task(
         &self,
         evidence: &Evidence,
@@ -115,7 +123,15 @@ impl Broker {
         duration: Duration,
         labels: std::collections::BTreeMap<String, String>,
     ) -> Result<Task, BrokerError> {
-        let settings = self.limits.tasks;
+        let task = self
+            .new_task(evidence, caller, duration, labels, Vec::new())
+            .await?;
+        self.record_task(caller, task.clone()).await?;
+        Ok(task)
+    }
+
+    /// Stores a new task, within the owner's task quota.
+    async fn record_task(&self, caller: &Caller, task: Task) -> Result<(), BrokerError> {
         if self.quotas.settings().max_active_tasks_per_identity > 0 {
             let active = self
                 .store
@@ -123,6 +139,20 @@ impl Broker {
                 .await?;
             self.quotas.check_tasks(active)?;
         }
+        self.store.insert_task(task).await?;
+        Ok(())
+    }
+
+    /// A new active task owned by `caller`, not yet stored (its principal is).
+    async fn new_task(
+        &self,
+        evidence: &Evidence,
+        caller: &Caller,
+        duration: Duration,
+        labels: std::collections::BTreeMap<String, String>,
+        scopes: Vec<String>,
+    ) -> Result<Task, BrokerError> {
+        let settings = self.limits.tasks;
         let principal = self.principal_id(&caller.identity, evidence).await?;
         let now = self.clock.unix_now();
         let deadline = now + secs(duration);
@@ -133,6 +163,7 @@ impl Broker {
             principal: Some(principal),
             claims: caller.identity.claims.clone(),
             labels,
+            scopes,
             source_ip: evidence.source.map(|a| a.ip().to_string()),
             evidence_age_secs: caller
                 .identity
@@ -148,7 +179,6 @@ impl Broker {
             ended_at: None,
             reason: None,
         };
-        self.store.insert_task(task.clone()).await?;
         Ok(task)
     }
 

@@ -117,6 +117,8 @@ struct ExplainTask {
     #[serde(default)]
     labels: Vec<String>,
     #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
     age_secs: u64,
 }
 
@@ -282,6 +284,7 @@ pub fn run(cmd: PolicyCommand) -> Result<(), Failure> {
                 task: req.context.task.map(|t| TaskContext {
                     id: t.id,
                     labels: t.labels,
+                    scopes: t.scopes,
                     age_secs: t.age_secs,
                 }),
                 behaviour: req.context.behaviour.map(|b| BehaviourContext {

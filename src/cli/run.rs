@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// A task label, key=value, for policy and listing; repeat for several.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// A scope of the task's declared intent (e.g. tickets:read); repeat for several. Policy
+    /// sees them as context.task.scopes.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    pub scopes: Vec<String>,
     /// Which of your SPIFFE IDs owns the task when you have several.
     #[arg(long)]
     pub spiffe_id: Option<String>,
@@ -180,6 +184,7 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
             max_duration_seconds: max_duration,
             labels,
             spiffe_id: args.spiffe_id.clone().unwrap_or_default(),
+            scopes: args.scopes.clone(),
         }))
         .await?
         .into_inner();

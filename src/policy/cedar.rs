@@ -119,6 +119,8 @@ pub struct TaskContext {
     pub id: String,
     /// `key=value` labels.
     pub labels: Vec<String>,
+    /// The task's declared scopes.
+    pub scopes: Vec<String>,
     /// Seconds since the task began.
     pub age_secs: u64,
 }
@@ -666,6 +668,14 @@ impl PolicyEngine {
                                 .map(|l| RestrictedExpression::new_string(l.clone())),
                         ),
                     ),
+                    (
+                        "scopes".to_owned(),
+                        RestrictedExpression::new_set(
+                            task.scopes
+                                .iter()
+                                .map(|s| RestrictedExpression::new_string(s.clone())),
+                        ),
+                    ),
                     ("age_secs".to_owned(), long(task.age_secs)),
                 ])
                 .map_err(|e| PolicyError::Request(e.to_string()))?,
@@ -720,7 +730,7 @@ impl Contexts {
         ctx.evidence_age_secs.hash(&mut h);
         ctx.source_ip.hash(&mut h);
         if let Some(t) = &ctx.task {
-            (&t.id, &t.labels, t.age_secs).hash(&mut h);
+            (&t.id, &t.labels, &t.scopes, t.age_secs).hash(&mut h);
         }
         ctx.behaviour.hash(&mut h);
         let key = h.finish();
@@ -1103,6 +1113,7 @@ when { context.now.toDate() == datetime("2026-09-21T00:00:00Z") };
         let task = TaskContext {
             id: "t-1".into(),
             labels: vec!["env=prod".into()],
+            scopes: vec!["deploy:staging".into()],
             age_secs: 3,
         };
         for (action, resource) in [

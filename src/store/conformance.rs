@@ -24,6 +24,7 @@ pub fn task(id: &str, spiffe_id: &str, deadline: i64, due_at: i64) -> Task {
         principal: None,
         claims: serde_json::Map::new(),
         labels: [("env".to_owned(), "test".to_owned())].into(),
+        scopes: vec!["deploy:staging".into(), "tickets:read".into()],
         source_ip: Some("10.1.2.3".into()),
         evidence_age_secs: 5,
         created_at: 100,

@@ -135,6 +135,8 @@ pub struct Task {
     pub principal: Option<String>,
     /// Labels.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The declared intent: scopes no credential of the task may exceed (sorted, unique).
+    pub scopes: Vec<String>,
     /// The owner's address at begin time (absent on the Unix socket), for re-evaluation.
     pub source_ip: Option<String>,
     /// The age of the owner's evidence at begin time, for re-evaluation.

@@ -158,6 +158,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
             expires_at BIGINT
         );",
     ),
+    (
+        6,
+        "ALTER TABLE tasks ADD COLUMN scopes TEXT NOT NULL DEFAULT '[]';",
+    ),
 ];
 
 fn unavailable(e: sqlx::Error) -> StoreError {

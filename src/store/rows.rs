@@ -10,16 +10,16 @@ use super::{
 };
 
 /// The columns [`task_row`] reads.
-pub(super) const TASK_COLUMNS: &str = "id, spiffe_id, attestor, principal, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
+pub(super) const TASK_COLUMNS: &str = "id, spiffe_id, attestor, principal, claims, labels, scopes, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
 
 /// The columns [`lease_row`] reads: `l` the lease, `t` its task (left-joined).
 pub(super) const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.principal, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
 
 /// The columns a new task is inserted with, in [`bind_task`]'s order.
-pub(super) const TASK_INSERT_COLUMNS: &str = "id, spiffe_id, attestor, principal, claims, labels, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state";
+pub(super) const TASK_INSERT_COLUMNS: &str = "id, spiffe_id, attestor, principal, claims, labels, scopes, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state";
 
 /// How many values [`bind_task`] binds.
-pub(super) const TASK_INSERT_VALUES: usize = 14;
+pub(super) const TASK_INSERT_VALUES: usize = 15;
 
 /// Reads a column of a backend's row.
 pub(super) trait Columns {
@@ -87,6 +87,7 @@ pub(super) fn task_row(row: &impl Columns) -> Result<Task, StoreError> {
         source_ip: row.opt_text("source_ip")?,
         evidence_age_secs: row.int("evidence_age_secs")?,
         labels: serde_json::from_str(&row.text("labels")?).map_err(corrupt)?,
+        scopes: serde_json::from_str(&row.text("scopes")?).map_err(corrupt)?,
         created_at: row.int("created_at")?,
         deadline: row.int("deadline")?,
         heartbeat_secs: row.int("heartbeat_secs")?,
@@ -157,6 +158,7 @@ where
         .bind(t.principal.clone())
         .bind(claims)
         .bind(labels)
+        .bind(serde_json::to_string(&t.scopes).map_err(corrupt)?)
         .bind(t.source_ip.clone())
         .bind(t.evidence_age_secs)
         .bind(t.created_at)

@@ -115,6 +115,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
             expires_at INTEGER
         );",
     ),
+    (
+        6,
+        "ALTER TABLE tasks ADD COLUMN scopes TEXT NOT NULL DEFAULT '[]';",
+    ),
 ];
 
 /// Most leases committed in one transaction.
