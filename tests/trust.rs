@@ -368,3 +368,67 @@ async fn locks_refuse_bad_requests_clearly() {
     );
     b.running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_credential_committed_just_after_a_lock_is_swept_again() {
+    use ephemera::store::{Lease, LeaseKind};
+    let b = start(&uid_rule()).await;
+    let mut client = b.unix_client().await;
+    let before = client
+        .mint_jwt_svid(jwt("deploy"))
+        .await
+        .unwrap()
+        .into_inner();
+    let store = b.running.broker.store();
+    let principal = store
+        .lease(&before.jti)
+        .await
+        .unwrap()
+        .unwrap()
+        .lease
+        .principal
+        .expect("a lease names its principal");
+    b.running
+        .broker
+        .create_lock(
+            ephemera::broker::trust::LockTarget::parse(&format!("claim:uid={}", my_uid())).unwrap(),
+            "incident 51",
+            None,
+            "test",
+        )
+        .await
+        .unwrap();
+    // A mint that passed the lock check just before the lock, committing after the sweep.
+    let now = b.clock.unix_now();
+    store
+        .insert_lease(Lease {
+            id: "racing-lease".into(),
+            task_id: None,
+            kind: LeaseKind::Jwt,
+            serial: None,
+            spiffe_id: format!("spiffe://{TD}/uid/{}", my_uid()),
+            principal: Some(principal),
+            audience: vec!["deploy".into()],
+            issued_at: now,
+            expires_at: now + 600,
+            revoked: false,
+            revoked_at: None,
+            reason: None,
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = store.lease("racing-lease").await.unwrap().unwrap();
+        if l.lease.revoked {
+            assert_eq!(l.lease.reason.as_deref(), Some("locked: incident 51"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second sweep did not revoke it within 10s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.running.shutdown().await.unwrap();
+}

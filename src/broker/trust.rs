@@ -54,6 +54,11 @@ struct LivePage {
     grants: Vec<Grant>,
 }
 
+/// How long after its first sweep a lock is swept again on each replica: a request that passed
+/// the lock check just before the lock arrived may commit its credential after the first
+/// sweep read what was live; the second sweep revokes it.
+pub const RESWEEP_AFTER: Duration = Duration::from_secs(3);
+
 /// The reason prefix of a lock's revocation events, which tell every replica to re-read locks.
 pub const LOCKED: &str = "locked: ";
 
@@ -288,11 +293,30 @@ impl Lock {
     }
 }
 
-/// The locks this replica enforces, re-read from the store.
+/// The locks this replica enforces, re-read from the store, and the locks created here whose
+/// second sweep is still to come.
 #[derive(Default)]
-pub(super) struct Locks(RwLock<Arc<Vec<Lock>>>);
+pub(super) struct Locks(RwLock<Arc<Vec<Lock>>>, Mutex<Vec<Lock>>);
 
 impl Locks {
+    /// Asks the lock keeper to sweep `lock` again after [`RESWEEP_AFTER`].
+    fn resweep_later(&self, lock: Lock) {
+        self.1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(lock);
+    }
+
+    /// The locks to sweep again, handed to the keeper.
+    fn take_resweeps(&self) -> Vec<Lock> {
+        std::mem::take(
+            &mut *self
+                .1
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
     fn current(&self) -> Arc<Vec<Lock>> {
         self.0
             .read()
@@ -438,9 +462,10 @@ impl Broker {
         all.push(lock.clone());
         self.locks.replace(all);
         let revoked = self
-            .sweep(&[lock], true)
+            .sweep(&lock, true)
             .await?
             .ok_or_else(|| StoreError::Unavailable("the lock's event was not recorded".into()))?;
+        self.locks.resweep_later(lock);
         Ok(LockCreated {
             lock: stored,
             revoked,
@@ -477,15 +502,14 @@ impl Broker {
         Ok(self.locks.replace(locks))
     }
 
-    /// Revokes everything live that `locks` match, in one event with the first lock's reason;
-    /// with `announce`, the event is recorded even when nothing matched.
-    async fn sweep(&self, locks: &[Lock], announce: bool) -> Result<Option<Revoked>, BrokerError> {
-        let Some(first) = locks.first() else {
-            return Ok(None);
-        };
+    /// Revokes everything live that `lock` matches, in one event with its reason; with
+    /// `announce`, the event is recorded even when nothing matched.
+    async fn sweep(&self, lock: &Lock, announce: bool) -> Result<Option<Revoked>, BrokerError> {
         let now = self.clock.unix_now();
-        let live: Vec<&Lock> = locks.iter().filter(|l| l.live(now)).collect();
-        let matched = |who: &Who<'_>| live.iter().any(|l| l.target.matches(who));
+        if !lock.live(now) && !announce {
+            return Ok(None);
+        }
+        let matched = |who: &Who<'_>| lock.target.matches(who);
         let mut set = RevokeSet::default();
         self.walk_live(|page, principals| {
             for t in &page.tasks {
@@ -504,12 +528,12 @@ impl Broker {
         })
         .await?;
         set.announce = announce;
-        let reason = format!("{LOCKED}{}", first.stored.reason);
+        let reason = format!("{LOCKED}{}", lock.stored.reason);
         let revoked = self.store.revoke_set(set, &reason, now).await?;
         if let Some(r) = &revoked {
             crate::telemetry::revoked("locked");
             self.bus.publish(r.event.clone());
-            tracing::info!(target: "ephemera::audit", action = "Lock", lock_id = %first.stored.id, tasks = r.task_ids.len(), credentials = r.leases, reason = %reason, "locked: live credentials revoked");
+            tracing::info!(target: "ephemera::audit", action = "Lock", lock_id = %lock.stored.id, tasks = r.task_ids.len(), credentials = r.leases, reason = %reason, "locked: live credentials revoked");
         }
         Ok(revoked)
     }
@@ -820,6 +844,11 @@ impl LockKeeper {
             let mut events = broker.bus.subscribe();
             let mut tick = tokio::time::interval(LOCK_REFRESH);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Locks new to this replica whose sweep has not succeeded yet (they are enforced
+            // meanwhile; the sweep is retried at each refresh).
+            let mut unswept: Vec<Lock> = Vec::new();
+            // Locks swept once, to be swept again when their time comes.
+            let mut again: Vec<(tokio::time::Instant, Lock)> = Vec::new();
             loop {
                 tokio::select! {
                     () = shutdown.wait() => return,
@@ -832,22 +861,41 @@ impl LockKeeper {
                     },
                 }
                 match broker.refresh_locks().await {
-                    Ok(new) if !new.is_empty() => {
-                        if let Err(e) = broker.sweep(&new, false).await {
-                            tracing::warn!(error = %e, "cannot revoke what a new lock matches; retrying");
-                            // Forget them, so the next refresh sweeps again.
-                            let keep: Vec<Lock> = broker
-                                .locks
-                                .current()
-                                .iter()
-                                .filter(|l| !new.iter().any(|n| n.stored.id == l.stored.id))
-                                .cloned()
-                                .collect();
-                            broker.locks.replace(keep);
+                    Ok(new) => unswept.extend(new),
+                    Err(e) => tracing::warn!(error = %e, "cannot re-read locks"),
+                }
+                let now = tokio::time::Instant::now();
+                again.extend(
+                    broker
+                        .locks
+                        .take_resweeps()
+                        .into_iter()
+                        .map(|l| (now + RESWEEP_AFTER, l)),
+                );
+                let mut failed = Vec::new();
+                for lock in unswept.drain(..) {
+                    match broker.sweep(&lock, false).await {
+                        Ok(_) => again.push((now + RESWEEP_AFTER, lock)),
+                        Err(e) => {
+                            tracing::warn!(lock_id = %lock.stored.id, error = %e, "cannot revoke what a new lock matches; retrying");
+                            failed.push(lock);
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot re-read locks"),
+                }
+                unswept = failed;
+                let (due, later): (Vec<_>, Vec<_>) =
+                    again.drain(..).partition(|(at, _)| *at <= now);
+                again = later;
+                let enforced = broker.locks.current();
+                for (_, lock) in due {
+                    // Deleted since: nothing more to revoke for it.
+                    if !enforced.iter().any(|l| l.stored.id == lock.stored.id) {
+                        continue;
+                    }
+                    if let Err(e) = broker.sweep(&lock, false).await {
+                        tracing::warn!(lock_id = %lock.stored.id, error = %e, "cannot sweep a lock again; retrying");
+                        again.push((now + LOCK_REFRESH, lock));
+                    }
                 }
             }
         })
