@@ -461,11 +461,12 @@ impl Broker {
         let mut all: Vec<Lock> = self.locks.current().iter().cloned().collect();
         all.push(lock.clone());
         self.locks.replace(all);
-        let revoked = self
-            .sweep(&lock, true)
-            .await?
-            .ok_or_else(|| StoreError::Unavailable("the lock's event was not recorded".into()))?;
+        // The lock is stored and enforced from here on; if its sweep fails, the keeper sweeps it
+        // again shortly (and other replicas sweep it when they read it).
+        let swept = self.sweep(&lock, true).await;
         self.locks.resweep_later(lock);
+        let revoked = swept?
+            .ok_or_else(|| StoreError::Unavailable("the lock's event was not recorded".into()))?;
         Ok(LockCreated {
             lock: stored,
             revoked,
