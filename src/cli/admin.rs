@@ -642,7 +642,7 @@ pub async fn run(cmd: AdminCommand) -> Result<(), Failure> {
                     "id": resp.id,
                     "expires_at": rfc3339(resp.expires_at),
                 });
-                writeln!(out, "{doc:#}")
+                writeln!(out, "{doc}")
             } else {
                 writeln!(out, "{}", resp.token)
             }

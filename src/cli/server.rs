@@ -236,12 +236,7 @@ async fn startup_problems(config: &Config, connect: bool) -> Vec<String> {
         "http://config-check.invalid",
         config.jwt_issuer.clone(),
     ) {
-        problems.push(format!(
-            "CA in {}: {e} (create one with `ephemera ca init --data-dir {} --trust-domain {}`)",
-            config.data_dir.display(),
-            config.data_dir.display(),
-            config.trust_domain
-        ));
+        problems.push(format!("CA in {}: {e}", config.data_dir.display()));
     }
     if !config.x509pop_ca_bundles.is_empty()
         && let Err(e) = crate::attest::x509pop::ClientCas::load(&config.x509pop_ca_bundles)
@@ -249,6 +244,10 @@ async fn startup_problems(config: &Config, connect: bool) -> Vec<String> {
         problems.push(format!("x509pop.ca_bundles: {e}"));
     }
     match crate::policy::PolicyEngine::load(&config.policy_dir) {
+        _ if !config.policy_dir.is_dir() => problems.push(format!(
+            "policy: {} does not exist (create it with your *.cedar policies)",
+            config.policy_dir.display()
+        )),
         Err(list) => {
             for p in list {
                 problems.push(format!("policy: {p}"));

@@ -64,11 +64,7 @@ pub async fn run(args: TokenArgs) -> Result<(), Failure> {
             "header": decode_part(&resp.token, 0),
             "claims": decode_part(&resp.token, 1),
         });
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&doc).context("encoding json")?
-        )
+        writeln!(out, "{doc}")
     } else {
         writeln!(out, "{}", resp.token)
     }
