@@ -127,6 +127,8 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
         Err(e) => tracing::warn!(error = %e, "cannot sample task and lease counts"),
     }
     ::metrics::gauge!(crate::telemetry::CRL_BYTES).set(s.broker.crl().current().len() as f64);
+    ::metrics::gauge!(crate::telemetry::INTERMEDIATE_COVERAGE_SECONDS)
+        .set(s.broker.intermediate_coverage_secs() as f64);
     let body = crate::telemetry::handle()
         .map(|h| h.render())
         .unwrap_or_default();
@@ -134,6 +136,13 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
 }
 
 /// Ready when the store answers: a broker that cannot record leases must not get traffic.
+/// Below this much intermediate coverage, `/readyz` says so (it stays ready).
+const INTERMEDIATE_WARNING: i64 = 30 * 86_400;
+
+fn secs_of(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
 /// How long `/readyz` waits for the store.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -145,7 +154,28 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
                 "no answer within 2s".into(),
             ))
         });
+    let coverage = s.broker.intermediate_coverage_secs();
+    let max_ttl = secs_of(s.broker.limits().x509.max_ttl.duration());
+    if coverage + max_ttl <= 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the intermediate CA has expired; X.509-SVIDs cannot be minted (replace it: docs/key-lifecycle.md)\n"
+                .to_owned(),
+        );
+    }
     match ping {
+        Ok(()) if coverage < INTERMEDIATE_WARNING => (
+            StatusCode::OK,
+            format!(
+                "ready; warning: the intermediate CA ends in {} days and covers the longest X.509-SVID lifetime for {} more (replace it: docs/key-lifecycle.md)\n",
+                (coverage + max_ttl) / 86_400,
+                if coverage > 0 {
+                    format!("{} days", coverage / 86_400)
+                } else {
+                    "no days: new certificates are cut short".to_owned()
+                }
+            ),
+        ),
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");

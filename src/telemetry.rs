@@ -29,6 +29,11 @@ pub const ACTIVE_LEASES: &str = "ephemera_active_leases";
 /// above `workload_api.crl_max_bytes`.
 pub const CRL_BYTES: &str = "ephemera_crl_bytes";
 
+/// Seconds until the intermediate CA can no longer cover the longest X.509-SVID lifetime
+/// (its notAfter minus now minus `x509_svid.max_ttl`), sampled at scrape time: below zero,
+/// new certificates are cut short; alert well before.
+pub const INTERMEDIATE_COVERAGE_SECONDS: &str = "ephemera_intermediate_coverage_seconds";
+
 /// Locks this replica enforces (expired ones until pruned).
 pub const LOCKS: &str = "ephemera_locks";
 

@@ -256,6 +256,31 @@ async fn ttl_is_clamped_to_the_maximum_and_the_ca_expiry() {
         .unwrap()
         .into_inner();
     assert_eq!(j.expires_at, now + 600, "clamped to jwt_svid.max_ttl");
+    // Operators see it coming: /readyz says so (still ready), /metrics has the coverage.
+    let (status, body) = b.http_get("/readyz").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with("ready; warning: the intermediate CA ends in 0 days"),
+        "{body}"
+    );
+    assert!(body.contains("new certificates are cut short"), "{body}");
+    let (_, metrics) = b.http_get("/metrics").await;
+    let coverage: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ephemera_intermediate_coverage_seconds "))
+        .expect("the coverage gauge")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (-24.0 * 3600.0..-20.0 * 3600.0).contains(&coverage),
+        "{coverage}"
+    );
+    // Past its end, the broker is not ready: it cannot mint X.509-SVIDs.
+    b.clock.advance(Duration::from_secs(7300));
+    let (status, body) = b.http_get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the intermediate CA has expired"), "{body}");
     b.running.shutdown().await.unwrap();
 }
 

@@ -299,6 +299,11 @@ impl Broker {
         &self.bus
     }
 
+    /// Lifetime limits and task timing.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// Task timing.
     pub fn task_settings(&self) -> TaskSettings {
         self.limits.tasks
@@ -343,6 +348,15 @@ impl Broker {
     /// The broker's clock.
     pub fn clock(&self) -> &dyn Clock {
         self.clock.as_ref()
+    }
+
+    /// Seconds until the intermediate CA can no longer cover the longest X.509-SVID lifetime:
+    /// its notAfter, minus now, minus `x509_svid.max_ttl`. Below zero, new certificates are cut
+    /// short to the intermediate's end; at its end, X.509 minting fails.
+    pub fn intermediate_coverage_secs(&self) -> i64 {
+        unix_secs(self.ca.x509.ca_not_after())
+            - self.clock.unix_now()
+            - secs(self.limits.x509.max_ttl.duration())
     }
 }
 
