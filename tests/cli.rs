@@ -32,6 +32,28 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `ephemera ca init` for example.org in `data`, with a policy permitting everything.
+fn init_data_dir(data: &Path, cwd: &Path) {
+    let out = run(
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+        ],
+        cwd,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::create_dir_all(data.join("policies")).unwrap();
+    std::fs::write(
+        data.join("policies/all.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .unwrap();
+}
+
 /// Waits (bounded) for a file to appear; the broker writes endpoints.json once it serves.
 fn wait_for(path: &Path, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -515,24 +537,7 @@ fn config_check_runs_what_serve_checks_before_it_binds() {
     assert!(err.contains("ephemera ca init"), "{err}");
     assert!(err.contains("policy:"), "{err}");
 
-    let out = run(
-        &[
-            "ca",
-            "init",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--trust-domain",
-            "example.org",
-        ],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    std::fs::create_dir_all(data.join("policies")).unwrap();
-    std::fs::write(
-        data.join("policies/all.cedar"),
-        "permit (principal, action, resource);\n",
-    )
-    .unwrap();
+    init_data_dir(&data, dir.path());
     let out = check(&cfg);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -701,24 +706,7 @@ fn version_completions_closed_pipes_and_policy_checks_that_check() {
 fn connection_errors_say_what_happened_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let out = run(
-        &[
-            "ca",
-            "init",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--trust-domain",
-            "example.org",
-        ],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    std::fs::create_dir_all(data.join("policies")).unwrap();
-    std::fs::write(
-        data.join("policies/all.cedar"),
-        "permit (principal, action, resource);\n",
-    )
-    .unwrap();
+    init_data_dir(&data, dir.path());
     let cfg = dir.path().join("ephemera.toml");
     std::fs::write(
         &cfg,
