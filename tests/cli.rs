@@ -538,6 +538,45 @@ fn config_check_runs_what_serve_checks_before_it_binds() {
     assert!(err.contains("policy:"), "{err}");
 
     init_data_dir(&data, dir.path());
+    // `ca status` lists the keys, checked against the certificate itself.
+    let out = run(
+        &[
+            "ca",
+            "status",
+            "--json",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let keys: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = keys.iter().map(|k| k["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["x509-root", "x509-intermediate", "jwt"]);
+    let pem = std::fs::read(data.join("intermediate-ca.pem")).unwrap();
+    let der = pem::parse(pem).unwrap().into_contents();
+    let (_, inter) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert_eq!(keys[1]["id"], hex(inter.raw_serial()));
+    assert_eq!(keys[1]["state"], "active");
+    let days = keys[1]["days_left"].as_i64().unwrap();
+    assert!((364..=365).contains(&days), "{days}");
+    assert_eq!(
+        keys[0]["key_in_data_dir"], true,
+        "ca init leaves the root key here"
+    );
+    assert_eq!(keys[2]["not_after"], serde_json::Value::Null);
+    let out = run(
+        &["ca", "status", "--data-dir", data.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(
+        text(&out.stdout).contains("move it offline"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = check(&cfg);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(

@@ -127,6 +127,65 @@ pub struct CaMaterial {
     pub jwt_pkcs8: Secret<Vec<u8>>,
 }
 
+/// One signing key or trust anchor of a data directory, as `ephemera ca status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// `x509-root`, `x509-intermediate` or `jwt`.
+    pub kind: &'static str,
+    /// The certificate's serial (lowercase hex), or the JWT key's `kid`.
+    pub id: String,
+    /// Validity, Unix seconds (`None` for a key without one: the JWT key).
+    pub not_before: Option<i64>,
+    /// End of validity, Unix seconds.
+    pub not_after: Option<i64>,
+    /// Whether the private key is in the directory (the root's should not be).
+    pub key_present: bool,
+}
+
+/// The CA's keys in `dir`: the root, the intermediate and the JWT key, read from their files
+/// (the private keys are only parsed to name the JWT key).
+pub fn status(dir: &Path) -> Result<Vec<KeyStatus>, CaError> {
+    if !exists(dir) {
+        return Err(CaError::NotInitialized {
+            dir: dir.to_owned(),
+        });
+    }
+    let mut out = Vec::new();
+    for (kind, cert, key) in [
+        ("x509-root", ROOT_CERT, ROOT_KEY),
+        ("x509-intermediate", INTERMEDIATE_CERT, INTERMEDIATE_KEY),
+    ] {
+        let path = dir.join(cert);
+        let der = read_pem(&path, "CERTIFICATE")?;
+        let (_, c) = x509_parser::parse_x509_certificate(&der).map_err(|e| CaError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        out.push(KeyStatus {
+            kind,
+            id: c.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+            not_before: Some(c.validity().not_before.timestamp()),
+            not_after: Some(c.validity().not_after.timestamp()),
+            key_present: dir.join(key).exists(),
+        });
+    }
+    let jwt_path = dir.join(JWT_KEY);
+    check_key_mode(&jwt_path)?;
+    let signer = crate::ca::jwt::JwtSigner::from_pkcs8(&read_pem(&jwt_path, "PRIVATE KEY")?, None)
+        .map_err(|e| CaError::Invalid {
+            path: jwt_path.clone(),
+            reason: e.to_string(),
+        })?;
+    out.push(KeyStatus {
+        kind: "jwt",
+        id: signer.kid().to_owned(),
+        not_before: None,
+        not_after: None,
+        key_present: true,
+    });
+    Ok(out)
+}
+
 /// Whether `dir` holds a CA (its intermediate certificate).
 pub fn exists(dir: &Path) -> bool {
     dir.join(INTERMEDIATE_CERT).exists()

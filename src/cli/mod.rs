@@ -195,6 +195,15 @@ pub enum Command {
 pub enum CaCommand {
     /// Create a root CA, an intermediate CA and a JWT signing key in a data directory.
     Init(server::CaInitArgs),
+    /// Show the CA's keys: the root, the intermediate and the JWT key, with their validity.
+    Status {
+        /// The data directory holding the CA.
+        #[arg(long, env = "EPHEMERA_DATA_DIR", default_value = ".ephemera")]
+        data_dir: PathBuf,
+        /// Print JSON lines, one per key.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a new admin token; the previous one stays accepted until `--finish`. Running
     /// brokers pick the change up on their next admin call, no restart needed.
     RotateAdminToken {
@@ -353,6 +362,9 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Ca {
             command: CaCommand::Init(args),
         } => server::ca_init(&args),
+        Command::Ca {
+            command: CaCommand::Status { data_dir, json },
+        } => server::ca_status(&data_dir, json),
         Command::Ca {
             command:
                 CaCommand::RotateAdminToken {

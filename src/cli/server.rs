@@ -297,6 +297,55 @@ async fn startup_problems(config: &Config, connect: bool) -> Vec<String> {
     problems
 }
 
+/// `ephemera ca status`.
+pub fn ca_status(data_dir: &Path, json: bool) -> Result<(), Failure> {
+    let keys = keys::status(data_dir).map_err(|e| Failure::new(EXIT_USAGE, e))?;
+    let now = crate::clock::unix_secs(SystemTime::now());
+    let mut out = std::io::stdout().lock();
+    let time = |t: Option<i64>| t.map(super::rfc3339);
+    for k in &keys {
+        let state = match k.not_after {
+            Some(end) if end <= now => "expired",
+            _ => "active",
+        };
+        if json {
+            let doc = serde_json::json!({
+                "kind": k.kind,
+                "id": k.id,
+                "state": state,
+                "not_before": time(k.not_before),
+                "not_after": time(k.not_after),
+                "days_left": k.not_after.map(|end| (end - now).max(0) / 86_400),
+                "key_in_data_dir": k.key_present,
+            });
+            writeln!(out, "{doc}")
+        } else {
+            writeln!(
+                out,
+                "{:<18} {:<8} {:<45} {} (key {})",
+                k.kind,
+                state,
+                k.id,
+                match (time(k.not_before), time(k.not_after)) {
+                    (Some(a), Some(b)) => format!(
+                        "{a} to {b}, {} days left",
+                        k.not_after.map_or(0, |end| (end - now).max(0) / 86_400)
+                    ),
+                    _ => "no expiry".to_owned(),
+                },
+                match (k.kind, k.key_present) {
+                    ("x509-root", true) => "in the data directory: move it offline",
+                    ("x509-root", false) => "offline",
+                    (_, true) => "present",
+                    (_, false) => "missing",
+                }
+            )
+        }
+        .context("writing to stdout")?;
+    }
+    Ok(())
+}
+
 /// `ephemera ca init`.
 pub fn ca_init(args: &CaInitArgs) -> Result<(), Failure> {
     let usage = |e: String| Failure::new(EXIT_USAGE, anyhow::anyhow!(e));
