@@ -695,21 +695,24 @@ fn version_completions_closed_pipes_and_policy_checks_that_check() {
         work.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let check_json = || {
+        run(
+            &[
+                "policy",
+                "check",
+                "--json",
+                "--dir",
+                empty.to_str().unwrap(),
+            ],
+            work.path(),
+        )
+    };
     std::fs::write(
         empty.join("p.cedar"),
         "permit (principal, action, resource);\n",
     )
     .unwrap();
-    let out = run(
-        &[
-            "policy",
-            "check",
-            "--json",
-            "--dir",
-            empty.to_str().unwrap(),
-        ],
-        work.path(),
-    );
+    let out = check_json();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["valid"], true);
@@ -719,16 +722,7 @@ fn version_completions_closed_pipes_and_policy_checks_that_check() {
         "permit (principal, action, resource)\n",
     )
     .unwrap();
-    let out = run(
-        &[
-            "policy",
-            "check",
-            "--json",
-            "--dir",
-            empty.to_str().unwrap(),
-        ],
-        work.path(),
-    );
+    let out = check_json();
     assert_eq!(out.status.code(), Some(64));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["valid"], false);
