@@ -37,7 +37,7 @@ use crate::broker::reload::{MappingLoader, Reloader};
 use crate::broker::trust::LockKeeper;
 use crate::broker::workload::WorkloadStreams;
 use crate::broker::{Broker, BrokerParts, Limits};
-use crate::ca::{Ca, CaError, keys};
+use crate::ca::{CaError, keys};
 use crate::clock::Clock;
 use crate::config::{Config, ServerName, StoreConfig};
 use crate::endpoints::Endpoints;
@@ -46,6 +46,7 @@ use crate::lease::Reaper;
 use crate::lease::RevocationBus;
 use crate::lease::crl::CrlSource;
 use crate::lease::feed::RevocationFeed;
+use crate::lease::keys::KeyRing;
 use crate::policy::cedar::PolicyProblem;
 use crate::policy::{Mapper, PolicyEngine};
 use crate::shutdown::Shutdown;
@@ -96,6 +97,9 @@ pub enum StartError {
     /// TLS or server setup failed.
     #[error("server setup failed: {0}")]
     Setup(String),
+    /// The signing keys could not be brought into the store or used.
+    #[error("signing keys: {0}")]
+    Keys(crate::lease::keys::KeyError),
 }
 
 impl StartError {
@@ -252,7 +256,7 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
 /// `grpc.server_names`, and client certificates requested when `x509pop` is configured.
 fn tls_config(
     config: &Config,
-    ca: &Ca,
+    ca: &KeyRing,
     clock: &dyn Clock,
     client_ca_subjects: Option<Vec<Vec<u8>>>,
 ) -> Result<rustls::ServerConfig, StartError> {
@@ -276,8 +280,20 @@ fn tls_config(
         &config.trust_domain,
     )
     .map_err(|e| StartError::Setup(e.to_string()))?;
-    let serving = ca
-        .x509
+    let keys = ca.keys();
+    let serving = keys
+        .x509()
+        .map_err(|e| {
+            StartError::Setup(format!(
+                "serving certificate: {}",
+                if keys.problems.is_empty() {
+                    e.to_string()
+                } else {
+                    keys.problems.join("; ")
+                }
+            ))
+        })?
+        .1
         .serving_identity(&broker_id, &dns, &ips, clock.now(), SERVING_CERT_TTL)
         .map_err(|e| StartError::Setup(format!("serving certificate: {e}")))?;
     let chain = serving.chain.into_iter().map(Into::into).collect();
@@ -342,12 +358,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .clone()
         .unwrap_or_else(|| format!("http://{http_addr}"));
 
-    let ca = Arc::new(Ca::load(
-        &config.data_dir,
-        &config.trust_domain,
-        &public_url,
-        config.jwt_issuer.clone(),
-    )?);
     let client_cas = if config.x509pop_ca_bundles.is_empty() {
         None
     } else {
@@ -356,12 +366,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     // Client certificates are requested when someone may present one: x509pop workloads, or
     // admins with an SVID of this broker's CA.
     let mut client_cas_subjects = client_cas.as_ref().map(|c| c.subjects.clone());
-    if !config.admin_spiffe_ids.is_empty() {
-        let own = ClientCas::from_der(ca.x509.roots()).map_err(StartError::ClientCa)?;
-        client_cas_subjects
-            .get_or_insert_with(Vec::new)
-            .extend(own.subjects);
-    }
     let policy = Arc::new(PolicyEngine::load(&config.policy_dir).map_err(|problems| {
         StartError::Policy {
             dir: config.policy_dir.clone(),
@@ -384,11 +388,34 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             (Arc::new(s.clone()), Some(s))
         }
     };
+    // The CA's keys live in the store (brought in from the data directory the first time).
+    crate::ca::keys::load(&config.data_dir, &config.trust_domain)?;
+    let ca = Arc::new(
+        KeyRing::open(
+            crate::lease::keys::CaOptions {
+                data_dir: &config.data_dir,
+                trust_domain: &config.trust_domain,
+                public_url: &public_url,
+                jwt_issuer: config.jwt_issuer.clone(),
+                settings: config.ca,
+            },
+            store.clone(),
+            clock.clone(),
+        )
+        .await
+        .map_err(StartError::Keys)?,
+    );
+    if !config.admin_spiffe_ids.is_empty() {
+        let own = ClientCas::from_der(&ca.keys().roots).map_err(StartError::ClientCa)?;
+        client_cas_subjects
+            .get_or_insert_with(Vec::new)
+            .extend(own.subjects);
+    }
     let admin_auth = Arc::new(AdminAuth::load(
         &config.admin_token_file,
         &crate::datadir::DataDir::new(&config.data_dir).admin_pages_key(),
         config.admin_spiffe_ids.clone(),
-        ca.x509.roots(),
+        &ca.keys().roots,
         clock.clone(),
     )?);
     // After a restart every live task gets one fresh grace period to reconnect its keep-alive;
@@ -509,6 +536,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .map_err(|e| StartError::Setup(format!("reading locks: {e}")))?;
     workers.push(
         LockKeeper {
+            broker: broker.clone(),
+        }
+        .start(shutdown.signal()),
+    );
+    workers.push(
+        crate::broker::keys::KeyKeeper {
             broker: broker.clone(),
         }
         .start(shutdown.signal()),

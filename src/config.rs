@@ -65,6 +65,21 @@ pub struct RawConfig {
     pub store: RawStore,
     /// Identity-mapping rules, tried in order.
     pub mapping: Vec<RawMapping>,
+    /// The CA's signing keys.
+    pub ca: RawCa,
+}
+
+/// `[ca]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawCa {
+    /// `"offline"` (default): an operator signs the next intermediates on the root's machine;
+    /// `"online"`: the broker holds `root-ca.key` and signs them itself.
+    pub root_key: Option<String>,
+    /// Lifetime of each intermediate the broker signs (default "365d").
+    pub intermediate_ttl: Option<String>,
+    /// Lifetime of each JWT signing key (default "30d").
+    pub jwt_key_ttl: Option<String>,
 }
 
 /// `[limits]` as written.
@@ -343,6 +358,8 @@ pub struct Config {
     pub tasks: TaskSettings,
     /// Per-identity quotas.
     pub quotas: crate::quota::QuotaSettings,
+    /// The signing-key schedule.
+    pub ca: crate::ca::CaSettings,
 }
 
 /// gRPC listener settings.
@@ -778,6 +795,7 @@ impl Config {
         };
 
         let tasks = task_settings(&mut p, &raw.tasks);
+        let ca = ca_settings(&mut p, &raw.ca, x509_svid, jwt_svid);
         let postgres = store_settings(&mut p, &raw.store, base);
         let quotas = quota_settings(&mut p, &raw.limits);
         let mut admin_spiffe_ids = Vec::new();
@@ -921,6 +939,7 @@ impl Config {
                     source: None,
                     tasks,
                     quotas,
+                    ca,
                 })
             }
             _ => Err(ConfigError::Invalid(p.0)),
@@ -1076,6 +1095,73 @@ fn task_settings(p: &mut Problems, raw: &RawTasks) -> TaskSettings {
         );
     }
     s
+}
+
+/// `[ca]`: the signing-key schedule. Every credential must fit in the last sixth of its key's
+/// life (when the key's successor has taken over), so `max_ttl`s are bounded by the key
+/// lifetimes.
+fn ca_settings(
+    p: &mut Problems,
+    raw: &RawCa,
+    x509: Option<TtlLimits>,
+    jwt: Option<TtlLimits>,
+) -> crate::ca::CaSettings {
+    let d = crate::ca::CaSettings::default();
+    let root_online = match raw.root_key.as_deref() {
+        None | Some("offline") => false,
+        Some("online") => true,
+        Some(other) => {
+            p.push(
+                "ca.root_key",
+                format!("must be \"offline\" or \"online\", not {other:?}"),
+            );
+            false
+        }
+    };
+    let minute = Duration::from_secs(60);
+    let decade = Duration::from_secs(10 * 365 * 86_400);
+    let intermediate_ttl = bounded_duration(
+        p,
+        "ca.intermediate_ttl",
+        raw.intermediate_ttl.as_deref(),
+        d.intermediate_ttl,
+        (minute, decade),
+    );
+    let jwt_key_ttl = bounded_duration(
+        p,
+        "ca.jwt_key_ttl",
+        raw.jwt_key_ttl.as_deref(),
+        d.jwt_key_ttl,
+        (minute, Duration::from_secs(365 * 86_400)),
+    );
+    for (key, limits, life, life_key) in [
+        (
+            "x509_svid.max_ttl",
+            x509,
+            intermediate_ttl,
+            "ca.intermediate_ttl",
+        ),
+        ("jwt_svid.max_ttl", jwt, jwt_key_ttl, "ca.jwt_key_ttl"),
+    ] {
+        if let Some(l) = limits
+            && l.max_ttl.duration() > life / 6
+        {
+            p.push(
+                key,
+                format!(
+                    "{}s is longer than a sixth of {life_key} ({}s): a credential must fit in \
+                     the time its key is published after its successor takes over",
+                    l.max_ttl.duration().as_secs(),
+                    (life / 6).as_secs()
+                ),
+            );
+        }
+    }
+    crate::ca::CaSettings {
+        intermediate_ttl,
+        jwt_key_ttl,
+        root_online,
+    }
 }
 
 /// `[workload_api]`: how its streams carry the CRL.

@@ -10,6 +10,7 @@
 //!   bundle.pem                      trust anchors for clients
 //!   admin.token                     the Admin API's bearer token (0600)
 //!   admin-pages.key                 the secret Admin API page tokens are keyed from (0600)
+//!   key-wrap.key                    wraps the signing keys kept in the store (0600)
 //!   ephemera.db (+ -wal, -shm)      the SQLite store
 //!   policies/                       Cedar policies
 //!   broker.sock  workload.sock      the Unix sockets
@@ -34,6 +35,8 @@ pub const BUNDLE: &str = "bundle.pem";
 pub const ADMIN_TOKEN: &str = "admin.token";
 /// The secret Admin API page tokens are keyed from (0600).
 pub const ADMIN_PAGES_KEY: &str = "admin-pages.key";
+/// The key-encryption key the signing keys in the store are wrapped with (0600).
+pub const KEY_WRAP: &str = "key-wrap.key";
 /// The SQLite database.
 pub const DATABASE: &str = "ephemera.db";
 /// Where a running broker can be reached.
@@ -102,6 +105,11 @@ impl DataDir {
     /// `admin-pages.key`.
     pub fn admin_pages_key(&self) -> PathBuf {
         self.file(ADMIN_PAGES_KEY)
+    }
+
+    /// `key-wrap.key`.
+    pub fn key_wrap(&self) -> PathBuf {
+        self.file(KEY_WRAP)
     }
 
     /// `ephemera.db`.

@@ -42,6 +42,8 @@ pub struct DevOptions {
     pub policy: String,
     /// TOML appended to the generated config (e.g. `[[oidc]]` issuers and their mappings).
     pub extra_config: String,
+    /// Lines added to the `[ca]` table (dev holds the root key and rotates on its own).
+    pub ca_config: String,
 }
 
 impl DevOptions {
@@ -56,6 +58,7 @@ impl DevOptions {
             log_level: "warn".into(),
             policy: DEV_POLICY.into(),
             extra_config: String::new(),
+            ca_config: String::new(),
         }
     }
 
@@ -64,13 +67,14 @@ impl DevOptions {
         let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
         format!(
             "trust_domain = {td}\ndata_dir = {dir}\n\n[grpc]\nlisten = {grpc}\n\n[http]\nlisten = {http}\n\n\
-             [log]\nlevel = {log}\n\n[[mapping]]\nattestor = \"unix\"\n\
+             [log]\nlevel = {log}\n\n[ca]\nroot_key = \"online\"\n{ca}\n\n[[mapping]]\nattestor = \"unix\"\n\
              spiffe_id = \"spiffe://{{trust_domain}}/uid/{{claims.uid}}\"\nmatch = {{ uid = \"{uid}\" }}\n\n{extra}\n",
             td = q(&self.trust_domain),
             dir = q(&self.data_dir.to_string_lossy()),
             grpc = q(&self.grpc_addr),
             http = q(&self.http_addr),
             log = q(&self.log_level),
+            ca = self.ca_config,
             extra = self.extra_config,
         )
     }

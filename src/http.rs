@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -17,21 +17,15 @@ use crate::ca::bundle::openid_configuration;
 struct HttpState {
     broker: Arc<Broker>,
     discovery: String,
-    jwks: String,
-    bundle: String,
 }
 
 /// The HTTP routes. `public_url` is the base URL relying parties reach this server at.
 pub fn router(broker: Arc<Broker>, public_url: &str) -> Router {
-    let ca = broker.ca();
-    let issuer = ca.jwt.issuer().unwrap_or(public_url);
+    let issuer = broker.ca().issuer().unwrap_or(public_url);
     let discovery = openid_configuration(issuer, &format!("{public_url}/keys")).to_string();
-    let (jwks, bundle) = (ca.jwks_json.clone(), ca.bundle_json.clone());
     let state = Arc::new(HttpState {
         broker: broker.clone(),
         discovery,
-        jwks,
-        bundle,
     });
     Router::new()
         .route(
@@ -40,13 +34,20 @@ pub fn router(broker: Arc<Broker>, public_url: &str) -> Router {
         )
         .route(
             "/keys",
-            get(|State(s): State<Arc<HttpState>>| async move { json(s.jwks.clone()) }),
+            get(|State(s): State<Arc<HttpState>>| async move {
+                let keys = s.broker.ca().keys();
+                cached(keys.jwks_json.clone(), keys.refresh_hint)
+            }),
         )
         .route(
             "/bundle",
-            get(|State(s): State<Arc<HttpState>>| async move { json(s.bundle.clone()) }),
+            get(|State(s): State<Arc<HttpState>>| async move {
+                let keys = s.broker.ca().keys();
+                cached(keys.bundle_json.clone(), keys.refresh_hint)
+            }),
         )
         .route("/crl", get(crl))
+        .route("/crl/{key}", get(key_crl))
         .route(
             "/introspect",
             axum::routing::post(introspect).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),
@@ -57,9 +58,38 @@ pub fn router(broker: Arc<Broker>, public_url: &str) -> Router {
         .with_state(state)
 }
 
-/// The current CRL, DER (`application/pkix-crl`).
+/// Public keys that change on the rotation schedule: JSON, cacheable for the refresh hint (a
+/// relying party that caches no longer than that sees every key before it signs).
+fn cached(body: String, max_age: u64) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::CACHE_CONTROL, format!("public, max-age={max_age}")),
+        ],
+        body,
+    )
+}
+
+/// The active intermediate's CRL, DER (`application/pkix-crl`).
 async fn crl(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
-    let der = s.broker.crl().current();
+    crl_response(s.broker.crl().current())
+}
+
+/// The CRL of one intermediate (by key id): what the CRL distribution point of every
+/// certificate it signed names.
+async fn key_crl(State(s): State<Arc<HttpState>>, Path(key): Path<String>) -> impl IntoResponse {
+    match s.broker.crl().for_key(&key) {
+        Some(der) => crl_response(der).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "no published intermediate has this key id\n",
+        )
+            .into_response(),
+    }
+}
+
+fn crl_response(der: bytes::Bytes) -> impl IntoResponse {
     if der.is_empty() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -159,24 +189,46 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     if coverage + max_ttl <= 0 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the intermediate CA has expired; X.509-SVIDs cannot be minted (replace it: docs/key-lifecycle.md)\n"
+            "not ready: the intermediate CA has expired and no successor is staged; X.509-SVIDs cannot be minted (docs/key-lifecycle.md)\n"
                 .to_owned(),
         );
     }
-    match ping {
-        Ok(()) if coverage < INTERMEDIATE_WARNING => (
-            StatusCode::OK,
+    let keys = s.broker.ca().keys();
+    if keys.x509().is_err() || keys.jwt().is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "ready; warning: the intermediate CA ends in {} days and covers the longest X.509-SVID lifetime for {} more (replace it: docs/key-lifecycle.md)\n",
-                (coverage + max_ttl) / 86_400,
-                if coverage > 0 {
-                    format!("{} days", coverage / 86_400)
-                } else {
-                    "no days: new certificates are cut short".to_owned()
-                }
+                "not ready: no usable signing key: {}\n",
+                keys.problems.join("; ")
             ),
-        ),
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        );
+    }
+    let mut warnings = Vec::new();
+    if coverage < INTERMEDIATE_WARNING {
+        warnings.push(format!(
+            "warning: the intermediate CA ends in {} days and covers the longest X.509-SVID lifetime for {} more (stage a successor: docs/key-lifecycle.md)",
+            (coverage + max_ttl) / 86_400,
+            if coverage > 0 {
+                format!("{} days", coverage / 86_400)
+            } else {
+                "no days: new certificates are cut short".to_owned()
+            }
+        ));
+    }
+    if keys
+        .keys
+        .iter()
+        .any(|k| k.state == crate::store::KeyState::Pending)
+    {
+        warnings.push(
+            "warning: the next intermediate CA waits for the offline root to sign its CSR (`ephemera ca csr`; docs/key-lifecycle.md)"
+                .to_owned(),
+        );
+    }
+    warnings.extend(keys.problems.iter().map(|p| format!("warning: {p}")));
+    match ping {
+        Ok(()) if warnings.is_empty() => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => (StatusCode::OK, format!("ready; {}\n", warnings.join("; "))),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
             (

@@ -98,6 +98,8 @@ pub fn reason_class(reason: &str) -> &'static str {
         "policy"
     } else if reason.starts_with("locked") {
         "locked"
+    } else if reason.starts_with("key revoked") {
+        "key_revoked"
     } else if reason.starts_with("workload stream") {
         "workload_exited"
     } else {

@@ -543,6 +543,7 @@ fn config_check_runs_what_serve_checks_before_it_binds() {
         &[
             "ca",
             "status",
+            "--files",
             "--json",
             "--data-dir",
             data.to_str().unwrap(),
@@ -569,7 +570,13 @@ fn config_check_runs_what_serve_checks_before_it_binds() {
     );
     assert_eq!(keys[2]["not_after"], serde_json::Value::Null);
     let out = run(
-        &["ca", "status", "--data-dir", data.to_str().unwrap()],
+        &[
+            "ca",
+            "status",
+            "--files",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
         dir.path(),
     );
     assert!(

@@ -47,7 +47,7 @@ fn open_fds() -> usize {
 
 async fn tls_handshake(b: &TestBroker) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
-    for r in b.running.broker.ca().x509.roots() {
+    for r in &b.running.broker.ca().keys().roots {
         roots.add(r.clone().into()).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(

@@ -113,7 +113,7 @@ async fn py_spiffe_and_grpcio_work_unmodified_on_both_sockets() {
     assert_eq!(r["x509"]["spiffe_id"], me.as_str());
     let chain = der_list(&r["x509"]["chain"]);
     let roots = der_list(&r["x509"]["bundle"]);
-    assert_eq!(roots, b.running.broker.ca().x509.roots());
+    assert_eq!(roots, b.running.broker.ca().keys().roots);
     verify_chain(&chain, &roots, b.clock.now());
 
     // Its JWT-SVID verifies, with ring, against the broker's published JWKS.

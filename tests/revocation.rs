@@ -388,6 +388,7 @@ async fn a_ten_thousand_lease_task_is_revoked_with_one_write() {
             revoked: false,
             revoked_at: None,
             reason: None,
+            signing_key: None,
         };
         writers.spawn(async move { broker.store().insert_lease(lease).await });
     }

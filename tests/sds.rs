@@ -86,7 +86,7 @@ fn check(cert: &Secret, validation: &Secret, b: &TestBroker) -> String {
     };
     let chain = pems(&bytes(&tls.certificate_chain), "CERTIFICATE");
     let roots = pems(&bytes(&ctx.trusted_ca), "CERTIFICATE");
-    assert_eq!(roots, b.running.broker.ca().x509.roots());
+    assert_eq!(roots, b.running.broker.ca().keys().roots);
     verify_chain(&chain, &roots, b.clock.now());
     let key = pems(&bytes(&tls.private_key), "PRIVATE KEY");
     let pair = ring::signature::EcdsaKeyPair::from_pkcs8(

@@ -414,6 +414,7 @@ async fn a_credential_committed_just_after_a_lock_is_swept_again() {
             revoked: false,
             revoked_at: None,
             reason: None,
+            signing_key: None,
         })
         .await
         .unwrap();

@@ -107,6 +107,7 @@ pub(crate) async fn fill(
                     revoked: false,
                     revoked_at: None,
                     reason: None,
+                    signing_key: None,
                 })
                 .await
         });

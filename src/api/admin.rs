@@ -13,10 +13,13 @@ use tonic::{Request, Response, Status};
 
 use super::pb::v1::{
     CreateJoinTokenRequest, CreateJoinTokenResponse, CreateLockRequest, CreateLockResponse,
-    DeleteLockRequest, DeleteLockResponse, GetLeaseRequest, LeaseInfo, ListLeasesRequest,
-    ListLeasesResponse, ListLocksRequest, ListLocksResponse, ListTasksRequest, ListTasksResponse,
-    LockInfo, ReloadPolicyRequest, ReloadPolicyResponse, RevokeIdentityRequest, RevokeLeaseRequest,
-    RevokeResponse, RevokeTaskRequest, TaskInfo, admin_server,
+    DeleteLockRequest, DeleteLockResponse, GetIntermediateCsrRequest, GetIntermediateCsrResponse,
+    GetLeaseRequest, LeaseInfo, ListLeasesRequest, ListLeasesResponse, ListLocksRequest,
+    ListLocksResponse, ListSigningKeysRequest, ListSigningKeysResponse, ListTasksRequest,
+    ListTasksResponse, LockInfo, ReloadPolicyRequest, ReloadPolicyResponse, RevokeIdentityRequest,
+    RevokeLeaseRequest, RevokeResponse, RevokeSigningKeyRequest, RevokeSigningKeyResponse,
+    RevokeTaskRequest, RotateSigningKeyRequest, SigningKeyInfo, StageIntermediateRequest, TaskInfo,
+    admin_server,
 };
 use super::status::to_status;
 use crate::attest::shown;
@@ -24,6 +27,7 @@ use crate::attest::x509pop::{ClientCas, X509PopAttestor};
 use crate::broker::trust::LockTarget;
 use crate::broker::{Broker, BrokerError};
 use crate::ca::CaError;
+pub use crate::ca::keys::load_or_create_secret;
 use crate::id::{SpiffeId, Ttl};
 use crate::store::{LeaseStatus, ListFilter, Task};
 
@@ -197,41 +201,6 @@ pub const DEFAULT_JOIN_TOKEN_TTL: u64 = 3600;
 pub const MAX_JOIN_TOKEN_TTL: u64 = 7 * 86_400;
 /// Most extra claims on a join token.
 pub const MAX_JOIN_TOKEN_CLAIMS: usize = 32;
-
-/// Reads the 32-byte secret at `path`, creating it (random, mode 0600) if it does not exist.
-/// Replicas that serve one Admin API behind a load balancer share it, like the CA files.
-pub fn load_or_create_secret(path: &Path) -> Result<crate::secret::Secret<Vec<u8>>, CaError> {
-    let io = |source| CaError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    if !path.exists() {
-        let mut bytes = [0u8; 32];
-        ring::rand::SystemRandom::new()
-            .fill(&mut bytes)
-            .map_err(|_| CaError::Generate("random number generator failed".into()))?;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(mut f) => f.write_all(&bytes).map_err(io)?,
-            // Another broker on this data directory created it first: read theirs.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io(e)),
-        }
-    }
-    crate::ca::keys::check_key_mode(path)?;
-    let secret = std::fs::read(path).map_err(io)?;
-    if secret.len() < 32 {
-        return Err(CaError::Invalid {
-            path: path.to_owned(),
-            reason: format!("{} bytes; the secret must be at least 32", secret.len()),
-        });
-    }
-    Ok(crate::secret::Secret::new(secret))
-}
 
 /// Creates an admin token file (mode 0600) unless one exists.
 pub fn create_token_file(path: &Path) -> Result<bool, CaError> {
@@ -837,6 +806,138 @@ impl admin_server::Admin for AdminService {
         Ok(Response::new(DeleteLockResponse { deleted }))
     }
 
+    async fn list_signing_keys(
+        &self,
+        request: Request<ListSigningKeysRequest>,
+    ) -> Result<Response<ListSigningKeysResponse>, Status> {
+        self.auth.check(&request, "ListSigningKeys")?;
+        let keys = self.broker.key_status().await.map_err(|e| key_status(&e))?;
+        let set = self.broker.ca().keys();
+        Ok(Response::new(ListSigningKeysResponse {
+            keys: keys.iter().map(key_info).collect(),
+            sequence: set.sequence,
+            refresh_hint_seconds: set.refresh_hint,
+            root_online: self.broker.ca().root_online(),
+            problems: set.problems.clone(),
+        }))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        request: Request<RotateSigningKeyRequest>,
+    ) -> Result<Response<SigningKeyInfo>, Status> {
+        let admin = self.auth.check(&request, "RotateSigningKey")?;
+        let req = request.into_inner();
+        let kind = match crate::store::KeyKind::parse(&req.kind) {
+            Some(k @ (crate::store::KeyKind::X509 | crate::store::KeyKind::Jwt)) => k,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "invalid kind: must be \"x509-intermediate\" or \"jwt\"",
+                ));
+            }
+        };
+        let result = self.broker.rotate_key(kind, req.immediately).await;
+        match &result {
+            Ok(k) => {
+                tracing::info!(target: "ephemera::audit", action = "RotateSigningKey", admin = %admin, decision = "allow", key_kind = kind.as_str(), key_id = %k.id, activate_at = k.activate_at, immediately = req.immediately, "admin action")
+            }
+            Err(e) => {
+                tracing::info!(target: "ephemera::audit", action = "RotateSigningKey", admin = %admin, decision = "deny", key_kind = kind.as_str(), reason = %e, "admin action")
+            }
+        }
+        let key = result.map_err(|e| key_status(&e))?;
+        Ok(Response::new(key_info(&crate::broker::keys::KeyStatus {
+            key,
+            live_credentials: 0,
+            serial: None,
+        })))
+    }
+
+    async fn revoke_signing_key(
+        &self,
+        request: Request<RevokeSigningKeyRequest>,
+    ) -> Result<Response<RevokeSigningKeyResponse>, Status> {
+        let admin = self.auth.check(&request, "RevokeSigningKey")?;
+        let req = request.into_inner();
+        if req.id.is_empty() || req.id.len() > 64 {
+            return Err(Status::invalid_argument(
+                "invalid id: must be a key id from `ephemera ca status`",
+            ));
+        }
+        let reason = req.reason.trim();
+        if reason.is_empty() || reason.len() > 256 || reason.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "invalid reason: required, at most 256 bytes, no control characters",
+            ));
+        }
+        let result = self.broker.revoke_signing_key(&req.id, reason).await;
+        match &result {
+            Ok(r) => {
+                tracing::info!(target: "ephemera::audit", action = "RevokeSigningKey", admin = %admin, decision = "allow", key_id = %r.key.id, key_kind = r.key.kind.as_str(), credentials = r.revoked.as_ref().map_or(0, |v| v.leases), reason = %reason, "admin action")
+            }
+            Err(e) => {
+                tracing::info!(target: "ephemera::audit", action = "RevokeSigningKey", admin = %admin, decision = "deny", key_id = ?shown(&req.id), reason = %e, "admin action")
+            }
+        }
+        let r = result.map_err(|e| key_status(&e))?;
+        Ok(Response::new(RevokeSigningKeyResponse {
+            key: Some(key_info(&crate::broker::keys::KeyStatus {
+                key: r.key,
+                live_credentials: 0,
+                serial: None,
+            })),
+            credentials_revoked: r.revoked.as_ref().map_or(0, |v| v.leases),
+            cursor: r
+                .revoked
+                .as_ref()
+                .map_or(0, |v| u64::try_from(v.event.seq).unwrap_or(0)),
+        }))
+    }
+
+    async fn get_intermediate_csr(
+        &self,
+        request: Request<GetIntermediateCsrRequest>,
+    ) -> Result<Response<GetIntermediateCsrResponse>, Status> {
+        let admin = self.auth.check(&request, "GetIntermediateCsr")?;
+        let (id, csr_pem) = self
+            .broker
+            .intermediate_csr()
+            .await
+            .map_err(|e| key_status(&e))?;
+        tracing::info!(target: "ephemera::audit", action = "GetIntermediateCsr", admin = %admin, decision = "allow", key_id = %id, "admin action");
+        Ok(Response::new(GetIntermediateCsrResponse { id, csr_pem }))
+    }
+
+    async fn stage_intermediate(
+        &self,
+        request: Request<StageIntermediateRequest>,
+    ) -> Result<Response<SigningKeyInfo>, Status> {
+        let admin = self.auth.check(&request, "StageIntermediate")?;
+        let req = request.into_inner();
+        let der = pem::parse(req.certificate_pem.as_bytes())
+            .ok()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .ok_or_else(|| {
+                Status::invalid_argument("invalid certificate_pem: expected one PEM CERTIFICATE")
+            })?
+            .into_contents();
+        let result = self.broker.stage_intermediate(&der).await;
+        match &result {
+            Ok(k) => {
+                tracing::info!(target: "ephemera::audit", action = "StageIntermediate", admin = %admin, decision = "allow", key_id = %k.id, activate_at = k.activate_at, "admin action")
+            }
+            Err(e) => {
+                tracing::info!(target: "ephemera::audit", action = "StageIntermediate", admin = %admin, decision = "deny", reason = %e, "admin action")
+            }
+        }
+        let key = result.map_err(|e| key_status(&e))?;
+        Ok(Response::new(key_info(&crate::broker::keys::KeyStatus {
+            key,
+            live_credentials: 0,
+            serial: None,
+        })))
+    }
+
     async fn create_join_token(
         &self,
         request: Request<CreateJoinTokenRequest>,
@@ -885,6 +986,44 @@ impl admin_server::Admin for AdminService {
             id,
             expires_at,
         }))
+    }
+}
+
+/// A key-lifecycle error as a gRPC status (internal causes are logged, not shown).
+fn key_status(e: &crate::lease::keys::KeyError) -> Status {
+    use crate::lease::keys::KeyError as K;
+    match e {
+        K::NotFound(_) => Status::not_found(e.to_string()),
+        K::Invalid(_) => Status::invalid_argument(e.to_string()),
+        K::Precondition(_) => Status::failed_precondition(e.to_string()),
+        K::Busy => Status::aborted(e.to_string()),
+        K::Store(_) => Status::unavailable(e.to_string()),
+        K::Ca(c) => {
+            tracing::error!(error = %c, "signing-key operation failed");
+            Status::internal("the signing-key operation failed; see the broker's log")
+        }
+    }
+}
+
+fn key_info(k: &crate::broker::keys::KeyStatus) -> SigningKeyInfo {
+    use crate::store::KeyState;
+    let key = &k.key;
+    SigningKeyInfo {
+        id: key.id.clone(),
+        kind: key.kind.as_str().to_owned(),
+        state: key.state.as_str().to_owned(),
+        serial: k.serial.clone().unwrap_or_default(),
+        not_before: key.not_before,
+        not_after: key.not_after,
+        activate_at: key.activate_at,
+        hand_over_at: if key.state == KeyState::Active && key.kind != crate::store::KeyKind::Root {
+            crate::lease::keys::milestones(key).1
+        } else {
+            0
+        },
+        live_credentials: k.live_credentials,
+        note: key.note.clone().unwrap_or_default(),
+        changed_at: key.changed_at,
     }
 }
 

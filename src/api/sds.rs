@@ -93,8 +93,8 @@ fn secrets(broker: &Broker, update: &X509Update, names: &[String]) -> Vec<Secret
     let td_uri = td.id_uri();
     let bundle: Vec<u8> = broker
         .ca()
-        .x509
-        .roots()
+        .keys()
+        .roots
         .iter()
         .flat_map(|r| pem("CERTIFICATE", r).into_bytes())
         .collect();

@@ -173,12 +173,13 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         self.admit(&request, "FetchX509Bundles").await?;
         let td = self.broker.trust_domain().id_uri();
-        let roots = concat(self.broker.ca().x509.roots());
+        let broker = self.broker.clone();
+        // A new key set rebuilds the CRLs, so a new root reaches the stream with them.
         let crls = self.streams.x509_bundles();
         Ok(stream(ReceiverStream::new(crls).map(move |crl| {
             Ok(X509BundlesResponse {
                 crl,
-                bundles: [(td.clone(), roots.clone())].into(),
+                bundles: [(td.clone(), concat(&broker.ca().keys().roots))].into(),
             })
         })))
     }
@@ -235,21 +236,26 @@ impl spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadService {
         let (tx, rx) = mpsc::channel::<Result<JwtBundlesResponse, Status>>(2);
         let broker = self.broker.clone();
         tokio::spawn(async move {
-            let msg = JwtBundlesResponse {
-                bundles: [(
-                    broker.trust_domain().id_uri(),
-                    broker.ca().jwks_json.clone().into_bytes(),
-                )]
-                .into(),
-            };
-            if tx.send(Ok(msg)).await.is_err() {
-                return;
-            }
-            // JWT keys change only with a key rotation, which restarts the broker today: the
-            // stream stays open so clients keep their subscription.
-            tokio::select! {
-                () = tx.closed() => {}
-                () = broker.closed() => {}
+            // Every new key set is sent: a prepared JWT key reaches the stream before it signs.
+            let mut keys = broker.ca().subscribe();
+            let mut sent = String::new();
+            loop {
+                let jwks = keys.borrow_and_update().jwks_json.clone();
+                if jwks != sent {
+                    let msg = JwtBundlesResponse {
+                        bundles: [(broker.trust_domain().id_uri(), jwks.clone().into_bytes())]
+                            .into(),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                    sent = jwks;
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = broker.closed() => return,
+                    changed = keys.changed() => if changed.is_err() { return },
+                }
             }
         });
         Ok(stream(ReceiverStream::new(rx)))

@@ -27,7 +27,7 @@ impl Broker {
         if token.len() > MAX_INTROSPECT_TOKEN {
             return Ok(Introspection::default());
         }
-        let Some(claims) = self.ca.jwt.verify(token) else {
+        let Some(claims) = self.ca.keys().verify_jwt(token) else {
             return Ok(Introspection::default());
         };
         let now = self.clock.unix_now();

@@ -227,13 +227,12 @@ impl Call<'_> {
         broker.check_locks(&caller.identity, &caller.spiffe_id, self.evidence)?;
         let principal = broker.principal_id(&caller.identity, self.evidence).await?;
         let now = broker.clock.now();
-        let key_not_after = Some(broker.ca.x509.ca_not_after());
+        let keys = broker.ca.keys();
+        let (key_id, minter) = keys.x509()?;
+        let key_not_after = Some(minter.ca_not_after());
         let not_after = grant(ttl, broker.limits.x509, now, caller, key_not_after)?;
         let quota = broker.lease_quota(caller).await?;
-        let svid = broker
-            .ca
-            .x509
-            .mint(&caller.spiffe_id, key, now, not_after)?;
+        let svid = minter.mint(&caller.spiffe_id, key, now, not_after)?;
         let lease_id = Uuid::now_v7().to_string();
         broker
             .record(Lease {
@@ -249,6 +248,7 @@ impl Call<'_> {
                 revoked: false,
                 revoked_at: None,
                 reason: None,
+                signing_key: Some(key_id.to_owned()),
             })
             .await?;
         if let Some((task_id, held)) = quota {
@@ -261,7 +261,7 @@ impl Call<'_> {
         Ok(MintedX509 {
             spiffe_id: caller.spiffe_id.clone(),
             svid,
-            bundle: broker.ca.x509.roots().to_vec(),
+            bundle: keys.roots.clone(),
             lease_id,
         })
     }
@@ -277,12 +277,14 @@ impl Call<'_> {
         broker.check_locks(&caller.identity, &caller.spiffe_id, self.evidence)?;
         let principal = broker.principal_id(&caller.identity, self.evidence).await?;
         let now = broker.clock.now();
-        let not_after = grant(ttl, broker.limits.jwt, now, caller, None)?;
+        let keys = broker.ca.keys();
+        let (key_id, signer, key_not_after) = keys.jwt()?;
+        let not_after = grant(ttl, broker.limits.jwt, now, caller, Some(key_not_after))?;
         let quota = broker.lease_quota(caller).await?;
         let iat = unix_secs(now);
         let exp = unix_secs(not_after);
         let jti = Uuid::now_v7().to_string();
-        let token = broker.ca.jwt.sign(&JwtSvidClaims {
+        let token = signer.sign(&JwtSvidClaims {
             sub: caller.spiffe_id.as_str(),
             aud: audiences,
             exp,
@@ -303,6 +305,7 @@ impl Call<'_> {
                 revoked: false,
                 revoked_at: None,
                 reason: None,
+                signing_key: Some(key_id.to_owned()),
             })
             .await?;
         if let Some((task_id, held)) = quota {

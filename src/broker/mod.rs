@@ -22,6 +22,7 @@ mod audit;
 pub mod behaviour;
 mod caller;
 pub mod introspect;
+pub mod keys;
 pub mod mint;
 pub mod reload;
 pub mod tasks;
@@ -32,11 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::attest::{AttestError, Attestors, Evidence};
-use crate::ca::{Ca, MintError};
+use crate::ca::MintError;
 use crate::clock::{Clock, unix_secs};
 use crate::id::{IdError, TrustDomain, Ttl};
 use crate::lease::RevocationBus;
 use crate::lease::crl::CrlPublisher;
+use crate::lease::keys::KeyRing;
 use crate::policy::cedar::TaskContext;
 use crate::policy::{Mapper, MappingError, PolicyEngine, PolicyError};
 use crate::shutdown::ShutdownSignal;
@@ -203,7 +205,7 @@ pub struct BrokerParts {
     /// Cedar policy.
     pub policy: Arc<PolicyEngine>,
     /// Keys and minting.
-    pub ca: Arc<Ca>,
+    pub ca: Arc<KeyRing>,
     /// Durable state.
     pub store: Arc<dyn Store>,
     /// Time.
@@ -224,7 +226,7 @@ pub struct Broker {
     attestors: Attestors,
     mapper: std::sync::RwLock<Arc<Mapper>>,
     policy: Arc<PolicyEngine>,
-    ca: Arc<Ca>,
+    ca: Arc<KeyRing>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     limits: Limits,
@@ -315,7 +317,7 @@ impl Broker {
     }
 
     /// The CA.
-    pub fn ca(&self) -> &Ca {
+    pub fn ca(&self) -> &KeyRing {
         &self.ca
     }
 
@@ -353,10 +355,24 @@ impl Broker {
     /// Seconds until the intermediate CA can no longer cover the longest X.509-SVID lifetime:
     /// its notAfter, minus now, minus `x509_svid.max_ttl`. Below zero, new certificates are cut
     /// short to the intermediate's end; at its end, X.509 minting fails.
+    /// A staged successor counts: coverage is up to the end of the latest intermediate that
+    /// signs or will.
     pub fn intermediate_coverage_secs(&self) -> i64 {
-        unix_secs(self.ca.x509.ca_not_after())
-            - self.clock.unix_now()
-            - secs(self.limits.x509.max_ttl.duration())
+        let keys = self.ca.keys();
+        let end = keys
+            .keys
+            .iter()
+            .filter(|k| {
+                k.kind == crate::store::KeyKind::X509
+                    && matches!(
+                        k.state,
+                        crate::store::KeyState::Active | crate::store::KeyState::Prepared
+                    )
+            })
+            .map(|k| k.not_after)
+            .max()
+            .unwrap_or_else(|| unix_secs(keys.x509_not_after()));
+        end - self.clock.unix_now() - secs(self.limits.x509.max_ttl.duration())
     }
 }
 

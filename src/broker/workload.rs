@@ -268,31 +268,38 @@ impl WorkloadStreams {
         }
     }
 
-    /// The CRL as responses carry it: the broker's current one, shared, unless it is larger
-    /// than `crl_max_bytes`.
+    /// The CRLs as responses carry them: every published intermediate's, shared, unless
+    /// together they are larger than `crl_max_bytes`.
     pub fn crl(&self) -> Vec<Bytes> {
-        let crl = self.broker.crl().current();
-        if crl.is_empty() {
+        let crls: Vec<Bytes> = self
+            .broker
+            .crl()
+            .all()
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .collect();
+        if crls.is_empty() {
             return Vec::new();
         }
+        let size: usize = crls.iter().map(Bytes::len).sum();
         let limit = self.settings.crl_max_bytes;
-        let too_big = crl.len() > limit;
+        let too_big = size > limit;
         if limit > 0 && self.omitting.swap(too_big, Ordering::Relaxed) != too_big {
             if too_big {
                 tracing::warn!(
-                    crl_bytes = crl.len(),
+                    crl_bytes = size,
                     limit,
                     "the CRL is larger than workload_api.crl_max_bytes: Workload API responses \
                      leave it out until it shrinks; relying parties read it from /crl"
                 );
             } else {
                 tracing::info!(
-                    crl_bytes = crl.len(),
+                    crl_bytes = size,
                     "the CRL fits workload_api.crl_max_bytes again: Workload API responses carry it"
                 );
             }
         }
-        if too_big { Vec::new() } else { vec![crl] }
+        if too_big { Vec::new() } else { crls }
     }
 
     fn pacer(&self) -> CrlPacer {
@@ -396,7 +403,14 @@ impl WorkloadStreams {
                     Ok(r) if r.lease_id.as_ref().is_some_and(|l| svids.iter().any(|s| &s.lease_id == l))
                         || r.spiffe_id.as_ref().is_some_and(|id| svids.iter().any(|s| s.spiffe_id.as_str() == id))
                         || r.is_set() => {
-                        // One SVID was revoked: replace it (and its siblings) at once.
+                        // One SVID was revoked: replace it (and its siblings) at once. A
+                        // revoked signing key (on any replica): read the keys first, so the
+                        // replacement is signed by its successor.
+                        if r.reason.starts_with(super::keys::KEY_REVOKED)
+                            && let Err(e) = broker.ca().refresh().await
+                        {
+                            tracing::warn!(error = %e, "cannot read the signing keys");
+                        }
                         renew = tokio::time::Instant::now();
                     }
                     _ => {}

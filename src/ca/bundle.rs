@@ -1,16 +1,13 @@
 //! Public trust documents: the SPIFFE trust bundle, the JWKS and the OIDC discovery document.
 //!
-//! These hold only public keys and certificates; they are rendered once when the CA is loaded.
+//! These hold only public keys and certificates; they are rendered once per key set.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use super::MintError;
-use super::jwt::{EcPublicJwk, JwtSigner};
-
-/// How often relying parties should refetch the bundle, in seconds.
-pub const REFRESH_HINT_SECS: u64 = 300;
+use super::jwt::{EcPublicJwk, JwtVerifier};
 
 /// The EC public key of a DER certificate as JWK members.
 pub fn certificate_jwk(der: &[u8]) -> Result<EcPublicJwk, MintError> {
@@ -31,8 +28,9 @@ fn with_members(jwk: &EcPublicJwk, extra: Value) -> Value {
 /// The SPIFFE bundle: a JWK Set with `x509-svid` authorities (with `x5c`) and `jwt-svid` keys.
 pub fn spiffe_bundle(
     roots: &[Vec<u8>],
-    jwt: &JwtSigner,
+    jwt_keys: &[JwtVerifier],
     sequence: u64,
+    refresh_hint: u64,
 ) -> Result<Value, MintError> {
     let mut keys = Vec::new();
     for der in roots {
@@ -41,23 +39,31 @@ pub fn spiffe_bundle(
             json!({"use": "x509-svid", "x5c": [STANDARD.encode(der)]}),
         ));
     }
-    keys.push(with_members(
-        jwt.jwk(),
-        json!({"use": "jwt-svid", "kid": jwt.kid()}),
-    ));
+    for jwt in jwt_keys {
+        keys.push(with_members(
+            jwt.jwk(),
+            json!({"use": "jwt-svid", "kid": jwt.kid()}),
+        ));
+    }
     Ok(json!({
         "keys": keys,
         "spiffe_sequence": sequence,
-        "spiffe_refresh_hint": REFRESH_HINT_SECS,
+        "spiffe_refresh_hint": refresh_hint,
     }))
 }
 
-/// The JWKS for JWT verification by any JWT library.
-pub fn jwks(jwt: &JwtSigner) -> Value {
-    json!({"keys": [with_members(
-        jwt.jwk(),
-        json!({"use": "sig", "alg": "ES256", "kid": jwt.kid()}),
-    )]})
+/// The JWKS for JWT verification by any JWT library: every published JWT key.
+pub fn jwks(jwt_keys: &[JwtVerifier]) -> Value {
+    let keys: Vec<Value> = jwt_keys
+        .iter()
+        .map(|jwt| {
+            with_members(
+                jwt.jwk(),
+                json!({"use": "sig", "alg": "ES256", "kid": jwt.kid()}),
+            )
+        })
+        .collect();
+    json!({ "keys": keys })
 }
 
 /// The OIDC discovery document, so cloud OIDC federation can verify JWT-SVIDs.

@@ -91,6 +91,68 @@ pub struct JwtSvidClaims<'a> {
     pub jti: &'a str,
 }
 
+/// Verifies the tokens one of the broker's ES256 keys signed (published keys: prepared, active,
+/// retired).
+#[derive(Debug, Clone)]
+pub struct JwtVerifier {
+    kid: String,
+    jwk: EcPublicJwk,
+    point: Vec<u8>,
+    header_b64: String,
+}
+
+/// The base64url header of every token signed with the key `kid`.
+fn header_b64(kid: &str) -> String {
+    let header = serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
+    URL_SAFE_NO_PAD.encode(header.to_string())
+}
+
+impl JwtVerifier {
+    /// From the key's uncompressed SEC1 point; `None` unless it is P-256.
+    pub fn new(point: &[u8]) -> Option<Self> {
+        let jwk = EcPublicJwk::from_uncompressed(point).filter(|j| j.crv == "P-256")?;
+        let kid = jwk.thumbprint();
+        Some(Self {
+            header_b64: header_b64(&kid),
+            kid,
+            jwk,
+            point: point.to_vec(),
+        })
+    }
+
+    /// The key id.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key.
+    pub fn jwk(&self) -> &EcPublicJwk {
+        &self.jwk
+    }
+
+    /// Verifies a token this key signed: header (`ES256`, this `kid`) and signature. Returns
+    /// its claims, or `None` for anything else. Expiry is the caller's to check.
+    pub fn verify(&self, token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let mut parts = token.split('.');
+        let (h, c, s) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || h != self.header_b64 {
+            return None;
+        }
+        let sig = URL_SAFE_NO_PAD.decode(s).ok()?;
+        let signed = &token[..h.len() + 1 + c.len()];
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            &self.point,
+        )
+        .verify(signed.as_bytes(), &sig)
+        .ok()?;
+        match serde_json::from_slice(&URL_SAFE_NO_PAD.decode(c).ok()?).ok()? {
+            serde_json::Value::Object(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
 /// Signs JWT-SVIDs with the broker's ES256 key.
 pub struct JwtSigner {
     key: EcdsaKeyPair,
@@ -110,8 +172,7 @@ impl JwtSigner {
         let jwk = EcPublicJwk::from_uncompressed(key.public_key().as_ref())
             .ok_or_else(|| MintError::Signing("jwt signing key is not P-256".into()))?;
         let kid = jwk.thumbprint();
-        let header = serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
-        let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
+        let header_b64 = header_b64(&kid);
         Ok(Self {
             key,
             rng,
@@ -137,26 +198,10 @@ impl JwtSigner {
         self.issuer.as_deref()
     }
 
-    /// Verifies a token this signer made: header (`ES256`, our `kid`) and signature. Returns
-    /// its claims, or `None` for anything else. Expiry is the caller's to check.
-    pub fn verify(&self, token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
-        let mut parts = token.split('.');
-        let (h, c, s) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || h != self.header_b64 {
-            return None;
-        }
-        let sig = URL_SAFE_NO_PAD.decode(s).ok()?;
-        let signed = &token[..h.len() + 1 + c.len()];
-        ring::signature::UnparsedPublicKey::new(
-            &ring::signature::ECDSA_P256_SHA256_FIXED,
-            self.key.public_key().as_ref(),
-        )
-        .verify(signed.as_bytes(), &sig)
-        .ok()?;
-        match serde_json::from_slice(&URL_SAFE_NO_PAD.decode(c).ok()?).ok()? {
-            serde_json::Value::Object(m) => Some(m),
-            _ => None,
-        }
+    /// What verifies this signer's tokens.
+    pub fn verifier(&self) -> JwtVerifier {
+        JwtVerifier::new(self.key.public_key().as_ref())
+            .unwrap_or_else(|| unreachable!("a P-256 key pair has a P-256 public key"))
     }
 
     /// Signs one JWT-SVID.

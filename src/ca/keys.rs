@@ -18,6 +18,7 @@ use rcgen::{
 
 use crate::id::TrustDomain;
 use crate::secret::Secret;
+use ring::rand::SecureRandom;
 
 pub use crate::datadir::{
     BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY, JWT_KEY, ROOT_CERT, ROOT_KEY,
@@ -186,6 +187,41 @@ pub fn status(dir: &Path) -> Result<Vec<KeyStatus>, CaError> {
     Ok(out)
 }
 
+/// Reads the 32-byte secret at `path`, creating it (random, mode 0600) if it does not exist.
+/// Replicas that serve one Admin API behind a load balancer share it, like the CA files.
+pub fn load_or_create_secret(path: &Path) -> Result<crate::secret::Secret<Vec<u8>>, CaError> {
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if !path.exists() {
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| CaError::Generate("random number generator failed".into()))?;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut f) => f.write_all(&bytes).map_err(io)?,
+            // Another broker on this data directory created it first: read theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    check_key_mode(path)?;
+    let secret = std::fs::read(path).map_err(io)?;
+    if secret.len() < 32 {
+        return Err(CaError::Invalid {
+            path: path.to_owned(),
+            reason: format!("{} bytes; the secret must be at least 32", secret.len()),
+        });
+    }
+    Ok(crate::secret::Secret::new(secret))
+}
+
 /// Whether `dir` holds a CA (its intermediate certificate).
 pub fn exists(dir: &Path) -> bool {
     dir.join(INTERMEDIATE_CERT).exists()
@@ -203,7 +239,8 @@ pub fn create_data_dir(dir: &Path) -> Result<(), CaError> {
         })
 }
 
-fn ca_params(
+/// The parameters of a root (`path_len` 1) or intermediate (0) CA certificate.
+pub(crate) fn ca_params(
     trust_domain: &TrustDomain,
     common_name: &str,
     path_len: u8,
@@ -295,6 +332,9 @@ pub fn init(
         jwt_key.serialize_pem().as_bytes(),
         0o600,
     )?;
+    // The key-encryption key the store's signing keys are wrapped with: made here so replicas
+    // given copies of this directory share it.
+    load_or_create_secret(&dir.join(crate::datadir::KEY_WRAP))?;
     Ok(())
 }
 
@@ -330,7 +370,8 @@ pub fn check_key_mode(path: &Path) -> Result<(), CaError> {
     Ok(())
 }
 
-fn read_pem(path: &Path, tag: &str) -> Result<Vec<u8>, CaError> {
+/// The contents of the one PEM block of `path`, which must be a `tag` block.
+pub(crate) fn read_pem(path: &Path, tag: &str) -> Result<Vec<u8>, CaError> {
     let text = std::fs::read(path).map_err(|source| CaError::Io {
         path: path.to_owned(),
         source,
@@ -374,6 +415,16 @@ fn inspect_ca_cert(path: &Path, der: &[u8]) -> Result<(Option<String>, SystemTim
         .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
         .map_err(|_| invalid("notAfter before 1970".into()))?;
     Ok((td, not_after))
+}
+
+/// The trust domain a CA certificate names in its URI SAN.
+pub(crate) fn trust_domain_of(path: &Path, der: &[u8]) -> Result<TrustDomain, CaError> {
+    let (td, _) = inspect_ca_cert(path, der)?;
+    td.and_then(|t| t.parse().ok())
+        .ok_or_else(|| CaError::Invalid {
+            path: path.to_owned(),
+            reason: "names no trust domain (no spiffe:// URI SAN)".into(),
+        })
 }
 
 /// Loads the CA from `dir`, checking key file modes, the trust domain and the chain.

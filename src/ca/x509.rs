@@ -226,7 +226,6 @@ pub struct X509Minter {
     issuer: Issuer<'static, KeyPair>,
     leaf: LeafTemplate,
     intermediate_der: Vec<u8>,
-    roots: Vec<Vec<u8>>,
     ca_not_after: SystemTime,
     crl_url: Option<String>,
     rng: SystemRandom,
@@ -454,7 +453,6 @@ impl X509Minter {
     /// A minter signing with the intermediate CA; `crl_url` goes into every leaf's CRL
     /// distribution point.
     pub fn new(
-        root_der: Vec<u8>,
         intermediate_der: Vec<u8>,
         intermediate_key: KeyPair,
         ca_not_after: SystemTime,
@@ -467,7 +465,6 @@ impl X509Minter {
             issuer,
             leaf: LeafTemplate::default(),
             intermediate_der,
-            roots: vec![root_der],
             ca_not_after,
             crl_url,
             rng: SystemRandom::new(),
@@ -538,9 +535,9 @@ impl X509Minter {
         })
     }
 
-    /// DER trust anchors of the trust domain.
-    pub fn roots(&self) -> &[Vec<u8>] {
-        &self.roots
+    /// The intermediate's certificate (DER).
+    pub fn intermediate_der(&self) -> &[u8] {
+        &self.intermediate_der
     }
 
     /// A leaf may be valid from `now` until `not_after` only within the CA's own validity.
@@ -729,7 +726,6 @@ mod tests {
         super::super::keys::init(dir.path(), &td, Default::default(), SystemTime::now()).unwrap();
         let m = super::super::keys::load(dir.path(), &td).unwrap();
         X509Minter::new(
-            m.root_der,
             m.intermediate_der,
             m.intermediate_key,
             ca_not_after.unwrap_or(m.intermediate_not_after),

@@ -283,7 +283,7 @@ impl AdminArgs {
             })
     }
 
-    fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {
+    pub(super) fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {
         let mut req = tonic::Request::new(msg);
         let value = format!("Bearer {}", self.token()?).parse().map_err(|_| {
             Failure::new(EXIT_USAGE, anyhow::anyhow!("admin token is not valid text"))
@@ -410,7 +410,7 @@ fn print_list(
     Ok(())
 }
 
-async fn admin_client(
+pub(super) async fn admin_client(
     admin: &AdminArgs,
 ) -> Result<AdminClient<tonic::transport::Channel>, Failure> {
     Ok(AdminClient::new(admin.conn.options().connect().await?))

@@ -5,6 +5,7 @@
 //! unreachable or unavailable; 77 unauthenticated or denied; 1 anything else.
 
 mod admin;
+mod ca;
 mod policy;
 mod run;
 mod server;
@@ -195,15 +196,18 @@ pub enum Command {
 pub enum CaCommand {
     /// Create a root CA, an intermediate CA and a JWT signing key in a data directory.
     Init(server::CaInitArgs),
-    /// Show the CA's keys: the root, the intermediate and the JWT key, with their validity.
-    Status {
-        /// The data directory holding the CA.
-        #[arg(long, env = "EPHEMERA_DATA_DIR", default_value = ".ephemera")]
-        data_dir: PathBuf,
-        /// Print JSON lines, one per key.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Show every signing key and trust anchor: state, validity, schedule, live credentials.
+    Status(ca::StatusArgs),
+    /// Rotate the intermediate or the JWT key now.
+    Rotate(ca::RotateArgs),
+    /// Revoke a compromised signing key and everything live it signed.
+    RevokeKey(ca::RevokeKeyArgs),
+    /// Print the CSR of the intermediate waiting for the offline root.
+    Csr(ca::CsrArgs),
+    /// Sign an intermediate's CSR with the root (run on the root's machine).
+    SignIntermediate(ca::SignArgs),
+    /// Stage an intermediate the offline root signed.
+    Stage(ca::StageArgs),
     /// Write a new admin token; the previous one stays accepted until `--finish`. Running
     /// brokers pick the change up on their next admin call, no restart needed.
     RotateAdminToken {
@@ -363,8 +367,23 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             command: CaCommand::Init(args),
         } => server::ca_init(&args),
         Command::Ca {
-            command: CaCommand::Status { data_dir, json },
-        } => server::ca_status(&data_dir, json),
+            command: CaCommand::Status(args),
+        } => ca::status(args).await,
+        Command::Ca {
+            command: CaCommand::Rotate(args),
+        } => ca::rotate(args).await,
+        Command::Ca {
+            command: CaCommand::RevokeKey(args),
+        } => ca::revoke_key(args).await,
+        Command::Ca {
+            command: CaCommand::Csr(args),
+        } => ca::csr(args).await,
+        Command::Ca {
+            command: CaCommand::SignIntermediate(args),
+        } => ca::sign_intermediate(&args),
+        Command::Ca {
+            command: CaCommand::Stage(args),
+        } => ca::stage(args).await,
         Command::Ca {
             command:
                 CaCommand::RotateAdminToken {

@@ -230,12 +230,7 @@ pub async fn config_check(path: &Path, connect: bool, json: bool) -> Result<(), 
 /// first.
 async fn startup_problems(config: &Config, connect: bool) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Err(e) = crate::ca::Ca::load(
-        &config.data_dir,
-        &config.trust_domain,
-        "http://config-check.invalid",
-        config.jwt_issuer.clone(),
-    ) {
+    if let Err(e) = crate::ca::keys::load(&config.data_dir, &config.trust_domain) {
         problems.push(format!("CA in {}: {e}", config.data_dir.display()));
     }
     if !config.x509pop_ca_bundles.is_empty()

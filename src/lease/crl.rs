@@ -14,9 +14,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{Expansions, RevocationBus};
+use crate::ca::MintError;
 use crate::ca::crl::{RevokedEntry, RevokedSet};
-use crate::ca::{Ca, MintError};
 use crate::clock::{Clock, unix_secs};
+use crate::lease::keys::KeyRing;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{Revocation, Store, StoreError};
 
@@ -86,11 +87,12 @@ impl CrlThread {
 
 /// Keeps the signed CRL: its state, its thread, and (once started) its run loop.
 pub struct CrlPublisher {
-    ca: Arc<Ca>,
+    ca: Arc<KeyRing>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     expansions: Arc<Expansions>,
-    crl: std::sync::RwLock<Bytes>,
+    /// One CRL per published intermediate (key id, DER), the active one first.
+    crl: std::sync::RwLock<Vec<(String, Bytes)>>,
     number: AtomicU64,
     /// What the CRL lists, kept between rebuilds; the mutex also makes rebuilds one at a time.
     revoked: Arc<tokio::sync::Mutex<RevokedSet>>,
@@ -101,7 +103,7 @@ pub struct CrlPublisher {
 impl CrlPublisher {
     /// A publisher with no CRL yet (call [`Self::rebuild`] or [`Self::start`]).
     pub fn new(
-        ca: Arc<Ca>,
+        ca: Arc<KeyRing>,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         expansions: Arc<Expansions>,
@@ -111,7 +113,7 @@ impl CrlPublisher {
             store,
             clock,
             expansions,
-            crl: std::sync::RwLock::new(Bytes::new()),
+            crl: std::sync::RwLock::default(),
             number: AtomicU64::new(0),
             revoked: Arc::default(),
             thread: CrlThread::start(),
@@ -119,12 +121,34 @@ impl CrlPublisher {
         }
     }
 
-    /// The current CRL (DER); empty until first built.
+    /// The active intermediate's CRL (DER); empty until first built.
     pub fn current(&self) -> Bytes {
         self.crl
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .first()
+            .map(|(_, der)| der.clone())
+            .unwrap_or_default()
+    }
+
+    /// The CRL signed by the intermediate `key`, if it is published.
+    pub fn for_key(&self, key: &str) -> Option<Bytes> {
+        self.crl
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(id, _)| id == key)
+            .map(|(_, der)| der.clone())
+    }
+
+    /// Every published intermediate's CRL, the active one first.
+    pub fn all(&self) -> Vec<Bytes> {
+        self.crl
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(_, der)| der.clone())
+            .collect()
     }
 
     /// Notified every time the CRL is rebuilt.
@@ -187,20 +211,26 @@ impl CrlPublisher {
         let number = stamp.max(previous + 1);
         // Encoding and signing a CRL of many serials is CPU-bound work: off the async workers,
         // so requests and streams are not held up behind it.
-        let ca = self.ca.clone();
-        let (der, listed) = self
+        // Every published intermediate signs the same list: a certificate's CRL is the one its
+        // own issuer signed (serials are unique across intermediates).
+        let keys = self.ca.keys();
+        let (crls, listed) = self
             .thread
             .run(move || {
                 revoked.drop_expired(now_unix);
-                let der = ca.x509.crl(&revoked, number, now, now + CRL_VALIDITY)?;
-                Ok::<_, MintError>((der, revoked.len()))
+                let mut crls = Vec::new();
+                for (id, minter) in &keys.crl_signers {
+                    let der = minter.crl(&revoked, number, now, now + CRL_VALIDITY)?;
+                    crls.push((id.clone(), Bytes::from(der)));
+                }
+                Ok::<_, MintError>((crls, revoked.len()))
             })
             .await
             .ok_or_else(|| MintError::Signing("the CRL thread stopped".into()))??;
         *self
             .crl
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Bytes::from(der);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = crls;
         self.updates.send_modify(|n| *n += 1);
         Ok(listed)
     }
@@ -225,11 +255,14 @@ impl CrlPublisher {
         let mut tick = tokio::time::interval(CRL_REFRESH);
         tick.tick().await;
         let mut folded = Vec::new();
+        let mut keys = self.ca.subscribe();
         loop {
             let mut missed = false;
             tokio::select! {
                 () = shutdown.wait() => return,
                 _ = tick.tick() => missed = true,
+                // A new key set: its intermediates sign the list kept (nothing new to read).
+                changed = keys.changed() => if changed.is_err() { return },
                 ev = events.recv() => match ev {
                     Ok(r) => folded.push(r),
                     Err(RecvError::Closed) => return,

@@ -7,6 +7,7 @@
 
 pub mod crl;
 pub mod feed;
+pub mod keys;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -333,6 +334,7 @@ mod tests {
                 revoked: false,
                 revoked_at: None,
                 reason: None,
+                signing_key: None,
             })
             .collect()
     }

@@ -60,6 +60,7 @@ pub fn lease(id: &str, task: Option<&str>, serial: Option<&str>, expires_at: i64
         revoked: false,
         revoked_at: None,
         reason: None,
+        signing_key: None,
     }
 }
 
@@ -606,6 +607,7 @@ pub async fn principals_sets_and_locks(store: std::sync::Arc<dyn Store>) {
             RevokeSet {
                 tasks: vec!["tq".into()],
                 grants: vec![jwt_standalone],
+                signing_keys: Vec::new(),
                 announce: false,
             },
             "policy",
@@ -669,6 +671,7 @@ pub async fn principals_sets_and_locks(store: std::sync::Arc<dyn Store>) {
     let announced = store
         .revoke_set(
             RevokeSet {
+                signing_keys: Vec::new(),
                 announce: true,
                 ..empty
             },
@@ -720,4 +723,115 @@ pub async fn principals_sets_and_locks(store: std::sync::Arc<dyn Store>) {
         [p],
         "p is still named by the active task tp; q by nothing"
     );
+}
+
+/// Signing keys change only from the sequence they were read at; a revoked key's live leases
+/// are revoked in one set event; live credentials are counted per key.
+pub async fn signing_keys(store: std::sync::Arc<dyn Store>) {
+    let (seq, keys) = store.signing_keys().await.unwrap();
+    assert!(keys.is_empty());
+    let key = |id: &str, kind: KeyKind, state: KeyState| StoredKey {
+        id: id.into(),
+        kind,
+        state,
+        public: vec![4, 1, 2, 3],
+        wrapped: (kind != KeyKind::Root).then(|| vec![9; 40]),
+        not_before: 100,
+        not_after: 10_000,
+        activate_at: 100,
+        created_at: 100,
+        changed_at: 100,
+        note: Some("imported".into()),
+    };
+    let a = key("key-a", KeyKind::Jwt, KeyState::Active);
+    let seq = store
+        .change_keys(seq, vec![KeyOp::Put(a.clone())])
+        .await
+        .unwrap()
+        .expect("first change applies");
+    // A change from a stale sequence (another replica's race) writes nothing.
+    let b = key("key-b", KeyKind::Jwt, KeyState::Prepared);
+    assert_eq!(
+        store
+            .change_keys(seq - 1, vec![KeyOp::Put(b.clone())])
+            .await
+            .unwrap(),
+        None
+    );
+    let (now_seq, keys) = store.signing_keys().await.unwrap();
+    assert_eq!((now_seq, keys), (seq, vec![a.clone()]));
+    // Several operations in one change: retire a, activate b, and the root.
+    let mut retired = a.clone();
+    retired.state = KeyState::Retired;
+    let mut active_b = b.clone();
+    active_b.state = KeyState::Active;
+    let root = key("root", KeyKind::Root, KeyState::Active);
+    let seq = store
+        .change_keys(
+            seq,
+            vec![
+                KeyOp::Put(retired.clone()),
+                KeyOp::Put(active_b.clone()),
+                KeyOp::Put(root.clone()),
+            ],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, keys) = store.signing_keys().await.unwrap();
+    assert_eq!(keys.len(), 3);
+    assert!(keys.contains(&retired) && keys.contains(&active_b) && keys.contains(&root));
+
+    // Leases name their key; a revoked key revokes its live leases (and only those).
+    store
+        .insert_task(task("kt", "spiffe://e.org/a", 5_000, 5_000))
+        .await
+        .unwrap();
+    for (id, task, k, exp) in [
+        ("l1", Some("kt"), "key-a", 3_000),
+        ("l2", None, "key-a", 3_000),
+        ("l3", None, "key-a", 150),
+        ("l4", None, "key-b", 3_000),
+    ] {
+        let mut l = lease(id, task, None, exp);
+        l.signing_key = Some(k.into());
+        store.insert_lease(l).await.unwrap();
+    }
+    let mut counts = store.live_by_signing_key(200).await.unwrap();
+    counts.sort();
+    assert_eq!(counts, vec![("key-a".into(), 2), ("key-b".into(), 1)]);
+    let set = RevokeSet {
+        signing_keys: vec!["key-a".into()],
+        ..RevokeSet::default()
+    };
+    let r = store
+        .revoke_set(set, "key revoked: leaked", 200)
+        .await
+        .unwrap()
+        .expect("live leases were revoked");
+    assert_eq!(r.leases, 2);
+    assert!(r.event.is_set());
+    let mut ids: Vec<String> = store
+        .revoked_leases(&r.event)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["l1", "l2"]);
+    assert_eq!(
+        store.live_by_signing_key(200).await.unwrap(),
+        vec![("key-b".into(), 1)]
+    );
+    let lease = store.lease("l4").await.unwrap().unwrap();
+    assert_eq!(lease.lease.signing_key.as_deref(), Some("key-b"));
+    // Deleting a key.
+    store
+        .change_keys(seq, vec![KeyOp::Delete("key-a".into())])
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, keys) = store.signing_keys().await.unwrap();
+    assert!(keys.iter().all(|k| k.id != "key-a"));
 }

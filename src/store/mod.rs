@@ -216,6 +216,9 @@ pub struct Lease {
     pub revoked_at: Option<i64>,
     /// Why.
     pub reason: Option<String>,
+    /// The signing key that signed it (see [`StoredKey::id`]); absent on leases written before
+    /// keys were recorded.
+    pub signing_key: Option<String>,
 }
 
 /// A lease and whether it is honoured right now.
@@ -348,6 +351,8 @@ pub struct RevokeSet {
     pub tasks: Vec<String>,
     /// Grants whose live leases are revoked (their `leases` and `expires_at` are not read).
     pub grants: Vec<Grant>,
+    /// Signing keys every live lease of which is revoked (a revoked key).
+    pub signing_keys: Vec<String>,
     /// Record the event even when nothing was live (a lock's creation: every replica learns
     /// of the lock from it).
     pub announce: bool,
@@ -356,8 +361,125 @@ pub struct RevokeSet {
 impl RevokeSet {
     /// Whether there is nothing to revoke.
     pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty() && self.grants.is_empty() && !self.announce
+        self.tasks.is_empty()
+            && self.grants.is_empty()
+            && self.signing_keys.is_empty()
+            && !self.announce
     }
+}
+
+/// What a signing key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyKind {
+    /// A root CA certificate: a trust anchor (its key is never held in the store).
+    Root,
+    /// An X.509 intermediate CA: signs X.509-SVIDs and CRLs.
+    X509,
+    /// An ES256 key: signs JWT-SVIDs.
+    Jwt,
+}
+
+impl KeyKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Root => "x509-root",
+            Self::X509 => "x509-intermediate",
+            Self::Jwt => "jwt",
+        }
+    }
+
+    /// The kind a stored name names.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Root, Self::X509, Self::Jwt]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// Where a signing key is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyState {
+    /// An intermediate key whose certificate the offline root has yet to sign: its CSR is
+    /// waiting for an operator. Not published.
+    Pending,
+    /// Published, not yet signing.
+    Prepared,
+    /// Signing (one per kind).
+    Active,
+    /// No longer signing; published until the last credential it signed has expired.
+    Retired,
+    /// Withdrawn after a compromise: not published, everything it signed revoked.
+    Revoked,
+}
+
+impl KeyState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Retired => "retired",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    /// The state a stored name names.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Prepared,
+            Self::Active,
+            Self::Retired,
+            Self::Revoked,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// Whether relying parties are given the key (bundles, JWKS).
+    pub fn published(self) -> bool {
+        matches!(self, Self::Prepared | Self::Active | Self::Retired)
+    }
+}
+
+/// A signing key or trust anchor as the store keeps it: public parts in the clear, the private
+/// key only wrapped (AES-256-GCM under the data directory's key-encryption key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    /// The RFC 7638 thumbprint of its public key (a JWT key's `kid`).
+    pub id: String,
+    /// What it is.
+    pub kind: KeyKind,
+    /// Where it is in its life.
+    pub state: KeyState,
+    /// The certificate (DER) of a root or intermediate, the CSR (DER) of a pending
+    /// intermediate, or the public key (SEC1 uncompressed point) of a JWT key.
+    pub public: Vec<u8>,
+    /// The wrapped PKCS#8 private key (`None` for a root).
+    pub wrapped: Option<Vec<u8>>,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds: nothing it signs outlives it.
+    pub not_after: i64,
+    /// When it becomes (or became) the active key, Unix seconds.
+    pub activate_at: i64,
+    /// When it was created, Unix seconds.
+    pub created_at: i64,
+    /// When its state last changed, Unix seconds.
+    pub changed_at: i64,
+    /// Why it was revoked, or how it was made (`imported`, `scheduled`, `forced`, `staged`).
+    pub note: Option<String>,
+}
+
+/// One change to the signing keys, applied with others in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOp {
+    /// Inserts the key or replaces the stored one with the same id.
+    Put(StoredKey),
+    /// Forgets a key (expired and no longer published).
+    Delete(String),
 }
 
 /// A lock: while it matches a caller, nothing is issued to it.
@@ -635,6 +757,23 @@ pub trait Store: Send + Sync {
         reason: &str,
         now: i64,
     ) -> BoxFuture<'_, Result<Option<Revoked>, StoreError>>;
+
+    /// The signing keys and the sequence number of their last change.
+    fn signing_keys(&self) -> BoxFuture<'_, Result<(u64, Vec<StoredKey>), StoreError>>;
+
+    /// Applies `ops` in one transaction if the keys are still at sequence `expected`, and
+    /// returns the new sequence; `None` (nothing written) if another change came first.
+    fn change_keys(
+        &self,
+        expected: u64,
+        ops: Vec<KeyOp>,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>>;
+
+    /// How many honoured credentials each signing key signed, at `now`.
+    fn live_by_signing_key(
+        &self,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>>;
 
     /// Stores a lock.
     fn create_lock(&self, lock: StoredLock) -> BoxFuture<'_, Result<(), StoreError>>;

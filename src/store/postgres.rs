@@ -22,14 +22,14 @@ use crate::secret::Secret;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 
 use super::rows::{
-    GRANT_COLUMNS, GRANT_GROUP, LEASE_COLUMNS, LOCK_COLUMNS, PRINCIPAL_COLUMNS, REVOCATION_COLUMNS,
-    TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task, grant_row, grants_json,
-    lease_row, lock_row, principal_row, revocation_row, task_row,
+    GRANT_COLUMNS, GRANT_GROUP, KEY_COLUMNS, LEASE_COLUMNS, LOCK_COLUMNS, PRINCIPAL_COLUMNS,
+    REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task,
+    grant_row, grants_json, key_row, lease_row, lock_row, principal_row, revocation_row, task_row,
 };
 use super::{
-    BoxFuture, Grant, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation,
-    RevokeSet, Revoked, RevokedSerial, Store, StoreError, StoredLock, StoredPrincipal, Task,
-    TaskState, TokenHash, leases_from_json,
+    BoxFuture, Grant, JoinToken, KeyOp, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation,
+    RevokeSet, Revoked, RevokedSerial, Store, StoreError, StoredKey, StoredLock, StoredPrincipal,
+    Task, TaskState, TokenHash, leases_from_json,
 };
 
 /// The channel revocation events are announced on.
@@ -161,6 +161,27 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         6,
         "ALTER TABLE tasks ADD COLUMN scopes TEXT NOT NULL DEFAULT '[]';",
+    ),
+    (
+        7,
+        "CREATE TABLE signing_keys (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            public BYTEA NOT NULL,
+            wrapped BYTEA,
+            not_before BIGINT NOT NULL,
+            not_after BIGINT NOT NULL,
+            activate_at BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            changed_at BIGINT NOT NULL,
+            note TEXT
+        );
+        CREATE TABLE key_sequence (id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL);
+        INSERT INTO key_sequence (id, seq) VALUES (1, 0);
+        ALTER TABLE leases ADD COLUMN signing_key TEXT;
+        CREATE INDEX leases_signing_key ON leases (signing_key, expires_at)
+            WHERE signing_key IS NOT NULL;",
     ),
 ];
 
@@ -296,11 +317,11 @@ async fn write_leases(pool: &PgPool, leases: &[Lease]) -> Result<Vec<bool>, Stor
     let int = |f: &dyn Fn(&Lease) -> i64| leases.iter().map(f).collect::<Vec<_>>();
     let written: Vec<String> = sqlx::query_scalar(
         "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at,
-                             principal)
+                             principal, signing_key)
          SELECT u.* FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+                                $6::text[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])
               AS u(id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at,
-                   principal)
+                   principal, signing_key)
          WHERE u.task_id IS NULL
             OR u.task_id IN (SELECT t.id FROM tasks t
                              WHERE t.id = ANY($2::text[]) AND t.state = 'active' FOR SHARE)
@@ -317,6 +338,7 @@ async fn write_leases(pool: &PgPool, leases: &[Lease]) -> Result<Vec<bool>, Stor
     .bind(int(&|l| l.issued_at))
     .bind(int(&|l| l.expires_at))
     .bind(opt(&|l| l.principal.clone()))
+    .bind(opt(&|l| l.signing_key.clone()))
     .fetch_all(pool)
     .await
     .map_err(unavailable)?;
@@ -715,6 +737,20 @@ impl Store for PostgresStore {
                 .map_err(unavailable)?
                 .rows_affected();
             }
+            if !set.signing_keys.is_empty() {
+                leases += sqlx::query(
+                    "UPDATE leases SET revoked = TRUE, revoked_at = $1, reason = $2, revoked_by = $3
+                     WHERE signing_key = ANY($4) AND expires_at > $1 AND NOT revoked",
+                )
+                .bind(now)
+                .bind(&reason)
+                .bind(event.seq)
+                .bind(&set.signing_keys)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            }
             // Counted after the grants, so a lease revoked both ways counts once.
             let in_tasks: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM leases
@@ -737,6 +773,116 @@ impl Store for PostgresStore {
                 task_ids,
                 leases,
             }))
+        })
+    }
+
+    fn signing_keys(&self) -> BoxFuture<'_, Result<(u64, Vec<StoredKey>), StoreError>> {
+        Box::pin(async move {
+            // One snapshot: the sequence and the rows it numbers.
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            let seq: i64 = sqlx::query_scalar("SELECT seq FROM key_sequence WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            let keys = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {KEY_COLUMNS} FROM signing_keys ORDER BY created_at, id"
+            )))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(key_row)
+            .collect::<Result<Vec<_>, _>>()?;
+            tx.rollback().await.map_err(unavailable)?;
+            Ok((u64::try_from(seq).unwrap_or(0), keys))
+        })
+    }
+
+    fn change_keys(
+        &self,
+        expected: u64,
+        ops: Vec<KeyOp>,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            // The sequence row is the lock: a replica changing the keys at the same time waits
+            // here, then finds the sequence moved and changes nothing.
+            let seq: Option<i64> = sqlx::query_scalar(
+                "UPDATE key_sequence SET seq = seq + 1 WHERE id = 1 AND seq = $1 RETURNING seq",
+            )
+            .bind(i64::try_from(expected).unwrap_or(i64::MAX))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let Some(seq) = seq else {
+                return Ok(None);
+            };
+            for op in ops {
+                match op {
+                    KeyOp::Put(k) => {
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "INSERT INTO signing_keys ({KEY_COLUMNS})
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                             ON CONFLICT (id) DO UPDATE SET
+                                 kind = EXCLUDED.kind, state = EXCLUDED.state,
+                                 public = EXCLUDED.public, wrapped = EXCLUDED.wrapped,
+                                 not_before = EXCLUDED.not_before, not_after = EXCLUDED.not_after,
+                                 activate_at = EXCLUDED.activate_at,
+                                 created_at = EXCLUDED.created_at,
+                                 changed_at = EXCLUDED.changed_at, note = EXCLUDED.note"
+                        )))
+                        .bind(k.id)
+                        .bind(k.kind.as_str())
+                        .bind(k.state.as_str())
+                        .bind(k.public)
+                        .bind(k.wrapped)
+                        .bind(k.not_before)
+                        .bind(k.not_after)
+                        .bind(k.activate_at)
+                        .bind(k.created_at)
+                        .bind(k.changed_at)
+                        .bind(k.note)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    }
+                    KeyOp::Delete(id) => {
+                        sqlx::query("DELETE FROM signing_keys WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(Some(u64::try_from(seq).unwrap_or(0)))
+        })
+    }
+
+    fn live_by_signing_key(
+        &self,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>> {
+        Box::pin(async move {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT l.signing_key, COUNT(*) FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.signing_key IS NOT NULL AND l.expires_at > $1 AND NOT l.revoked
+                   AND (l.task_id IS NULL OR t.state = 'active')
+                 GROUP BY l.signing_key",
+            )
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(rows
+                .into_iter()
+                .map(|(k, n)| (k, u64::try_from(n).unwrap_or(0)))
+                .collect())
         })
     }
 
@@ -1316,6 +1462,10 @@ mod tests {
             return;
         };
         super::super::conformance::principals_sets_and_locks(Arc::new(s)).await;
+        let Some(s) = store("conformance_postgres_keys").await else {
+            return;
+        };
+        super::super::conformance::signing_keys(Arc::new(s)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

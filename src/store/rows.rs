@@ -5,15 +5,15 @@
 use sqlx::{Database, Encode, Row, Type};
 
 use super::{
-    Grant, Lease, LeaseKind, LeaseStatus, Revocation, StoreError, StoredLock, StoredPrincipal,
-    Task, TaskState,
+    Grant, KeyKind, KeyState, Lease, LeaseKind, LeaseStatus, Revocation, StoreError, StoredKey,
+    StoredLock, StoredPrincipal, Task, TaskState,
 };
 
 /// The columns [`task_row`] reads.
 pub(super) const TASK_COLUMNS: &str = "id, spiffe_id, attestor, principal, claims, labels, scopes, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state, ended_at, reason";
 
 /// The columns [`lease_row`] reads: `l` the lease, `t` its task (left-joined).
-pub(super) const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.principal, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, t.state AS task_state";
+pub(super) const LEASE_COLUMNS: &str = "l.id, l.task_id, l.kind, l.serial, l.spiffe_id, l.principal, l.audience, l.issued_at, l.expires_at, l.revoked, l.revoked_at, l.reason, l.signing_key, t.state AS task_state";
 
 /// The columns a new task is inserted with, in [`bind_task`]'s order.
 pub(super) const TASK_INSERT_COLUMNS: &str = "id, spiffe_id, attestor, principal, claims, labels, scopes, source_ip, evidence_age_secs, created_at, deadline, heartbeat_secs, grace_secs, due_at, state";
@@ -33,6 +33,8 @@ pub(super) trait Columns {
     fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
     /// A boolean column (an integer 0/1 in SQLite).
     fn flag(&self, column: &str) -> Result<bool, StoreError>;
+    /// A nullable binary column.
+    fn opt_bytes(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -62,6 +64,9 @@ macro_rules! columns {
             fn flag(&self, $c: &str) -> Result<bool, StoreError> {
                 let $r = self;
                 $flag
+            }
+            fn opt_bytes(&self, c: &str) -> Result<Option<Vec<u8>>, StoreError> {
+                self.try_get(c).map_err(unavailable)
             }
         }
     };
@@ -116,11 +121,34 @@ pub(super) fn lease_row(row: &impl Columns) -> Result<LeaseStatus, StoreError> {
             revoked: row.flag("revoked")?,
             revoked_at: row.opt_int("revoked_at")?,
             reason: row.opt_text("reason")?,
+            signing_key: row.opt_text("signing_key")?,
         },
         task_state: row
             .opt_text("task_state")?
             .as_deref()
             .and_then(TaskState::parse),
+    })
+}
+
+/// The columns [`key_row`] reads, in the order a key is written.
+pub(super) const KEY_COLUMNS: &str = "id, kind, state, public, wrapped, not_before, not_after, activate_at, created_at, changed_at, note";
+
+/// A signing key from a row of [`KEY_COLUMNS`].
+pub(super) fn key_row(row: &impl Columns) -> Result<StoredKey, StoreError> {
+    let kind = row.text("kind")?;
+    let state = row.text("state")?;
+    Ok(StoredKey {
+        id: row.text("id")?,
+        kind: KeyKind::parse(&kind).ok_or_else(|| corrupt(format!("key kind {kind}")))?,
+        state: KeyState::parse(&state).ok_or_else(|| corrupt(format!("key state {state}")))?,
+        public: row.opt_bytes("public")?.unwrap_or_default(),
+        wrapped: row.opt_bytes("wrapped")?,
+        not_before: row.int("not_before")?,
+        not_after: row.int("not_after")?,
+        activate_at: row.int("activate_at")?,
+        created_at: row.int("created_at")?,
+        changed_at: row.int("changed_at")?,
+        note: row.opt_text("note")?,
     })
 }
 
@@ -208,6 +236,7 @@ pub(crate) fn leases_from_json(json: &str) -> Result<Vec<Lease>, StoreError> {
                 revoked: row.8 != 0,
                 revoked_at: row.9,
                 reason: row.10,
+                signing_key: None,
             })
         })
         .collect()

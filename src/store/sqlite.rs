@@ -13,14 +13,14 @@ use sqlx::sqlite::{
 };
 
 use super::rows::{
-    GRANT_COLUMNS, GRANT_GROUP, LEASE_COLUMNS, LOCK_COLUMNS, PRINCIPAL_COLUMNS, REVOCATION_COLUMNS,
-    TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task, grant_row, grants_json,
-    lease_row, lock_row, principal_row, revocation_row, task_row,
+    GRANT_COLUMNS, GRANT_GROUP, KEY_COLUMNS, LEASE_COLUMNS, LOCK_COLUMNS, PRINCIPAL_COLUMNS,
+    REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task,
+    grant_row, grants_json, key_row, lease_row, lock_row, principal_row, revocation_row, task_row,
 };
 use super::{
-    BoxFuture, Grant, JoinToken, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation,
-    RevokeSet, Revoked, RevokedSerial, Store, StoreError, StoredLock, StoredPrincipal, Task,
-    TaskState, TokenHash, leases_from_json,
+    BoxFuture, Grant, JoinToken, KeyOp, Lease, LeaseStatus, ListFilter, NewJoinToken, Revocation,
+    RevokeSet, Revoked, RevokedSerial, Store, StoreError, StoredKey, StoredLock, StoredPrincipal,
+    Task, TaskState, TokenHash, leases_from_json,
 };
 
 /// File name of the database inside the data directory.
@@ -118,6 +118,27 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         6,
         "ALTER TABLE tasks ADD COLUMN scopes TEXT NOT NULL DEFAULT '[]';",
+    ),
+    (
+        7,
+        "CREATE TABLE signing_keys (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            public BLOB NOT NULL,
+            wrapped BLOB,
+            not_before INTEGER NOT NULL,
+            not_after INTEGER NOT NULL,
+            activate_at INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            changed_at INTEGER NOT NULL,
+            note TEXT
+        );
+        CREATE TABLE key_sequence (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
+        INSERT INTO key_sequence (id, seq) VALUES (1, 0);
+        ALTER TABLE leases ADD COLUMN signing_key TEXT;
+        CREATE INDEX leases_signing_key ON leases (signing_key, expires_at)
+            WHERE signing_key IS NOT NULL;",
     ),
 ];
 
@@ -371,6 +392,7 @@ async fn write_leases(pool: &SqlitePool, leases: &[Lease]) -> Result<Vec<bool>, 
                     l.issued_at,
                     l.expires_at,
                     l.principal,
+                    l.signing_key,
                 ])
             })
             .collect(),
@@ -381,9 +403,9 @@ async fn write_leases(pool: &SqlitePool, leases: &[Lease]) -> Result<Vec<bool>, 
     // the busy timeout) before it reads, and needs no statement journal.
     let written: std::collections::HashSet<String> = sqlx::query_scalar::<_, String>(
         "INSERT INTO leases (id, task_id, kind, serial, spiffe_id, audience, issued_at, expires_at,
-                             principal)
+                             principal, signing_key)
          SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4,
-                r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8
+                r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8, r.value ->> 9
          FROM json_each(?1) AS r
          WHERE r.value ->> 1 IS NULL
             OR EXISTS (SELECT 1 FROM tasks WHERE id = r.value ->> 1 AND state = 'active')
@@ -923,6 +945,21 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?
                 .rows_affected();
             }
+            if !set.signing_keys.is_empty() {
+                leases += sqlx::query(
+                    "UPDATE leases SET revoked = 1, revoked_at = ?1, reason = ?2, revoked_by = ?3
+                     WHERE signing_key IN (SELECT value FROM json_each(?4))
+                       AND expires_at > ?1 AND revoked = 0",
+                )
+                .bind(now)
+                .bind(&reason)
+                .bind(event.seq)
+                .bind(serde_json::Value::from(set.signing_keys).to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+            }
             // Counted after the grants, so a lease revoked both ways counts once.
             let in_tasks: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM leases
@@ -946,6 +983,103 @@ impl Store for SqliteStore {
                 task_ids,
                 leases,
             }))
+        })
+    }
+
+    fn signing_keys(&self) -> BoxFuture<'_, Result<(u64, Vec<StoredKey>), StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let seq: i64 = sqlx::query_scalar("SELECT seq FROM key_sequence WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            let keys = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {KEY_COLUMNS} FROM signing_keys ORDER BY created_at, id"
+            )))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(key_row)
+            .collect::<Result<Vec<_>, _>>()?;
+            tx.rollback().await.map_err(unavailable)?;
+            Ok((u64::try_from(seq).unwrap_or(0), keys))
+        })
+    }
+
+    fn change_keys(
+        &self,
+        expected: u64,
+        ops: Vec<KeyOp>,
+    ) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut tx = WriteTx::begin(&self.writer).await?;
+            let seq: Option<i64> = sqlx::query_scalar(
+                "UPDATE key_sequence SET seq = seq + 1 WHERE id = 1 AND seq = ? RETURNING seq",
+            )
+            .bind(i64::try_from(expected).unwrap_or(i64::MAX))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let Some(seq) = seq else {
+                tx.rollback().await;
+                return Ok(None);
+            };
+            for op in ops {
+                match op {
+                    KeyOp::Put(k) => {
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "INSERT OR REPLACE INTO signing_keys ({KEY_COLUMNS})
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                        )))
+                        .bind(k.id)
+                        .bind(k.kind.as_str())
+                        .bind(k.state.as_str())
+                        .bind(k.public)
+                        .bind(k.wrapped)
+                        .bind(k.not_before)
+                        .bind(k.not_after)
+                        .bind(k.activate_at)
+                        .bind(k.created_at)
+                        .bind(k.changed_at)
+                        .bind(k.note)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                    }
+                    KeyOp::Delete(id) => {
+                        sqlx::query("DELETE FROM signing_keys WHERE id = ?")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok(Some(u64::try_from(seq).unwrap_or(0)))
+        })
+    }
+
+    fn live_by_signing_key(
+        &self,
+        now: i64,
+    ) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>> {
+        Box::pin(async move {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT l.signing_key, COUNT(*) FROM leases l LEFT JOIN tasks t ON t.id = l.task_id
+                 WHERE l.signing_key IS NOT NULL AND l.expires_at > ?1 AND l.revoked = 0
+                   AND (l.task_id IS NULL OR t.state = 'active')
+                 GROUP BY l.signing_key",
+            )
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(rows
+                .into_iter()
+                .map(|(k, n)| (k, u64::try_from(n).unwrap_or(0)))
+                .collect())
         })
     }
 
@@ -1345,6 +1479,8 @@ mod tests {
             SqliteStore::in_memory().await.unwrap(),
         ))
         .await;
+        super::super::conformance::signing_keys(Arc::new(SqliteStore::in_memory().await.unwrap()))
+            .await;
     }
 
     /// SQLite's plan for listing leases, filtered by `task` or not.

@@ -1,0 +1,344 @@
+//! Signing keys at work: the bundle's refresh hint and caching, a forced JWT rotation that is
+//! published before it signs, and revoking a compromised intermediate and JWT key: what they
+//! signed is revoked (CRL, introspection), a live Workload API stream is given a replacement
+//! signed by the successor, and the admin sees it all in `ListSigningKeys`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use ephemera::api::pb::v1::admin_client::AdminClient;
+use ephemera::api::pb::v1::{
+    ListSigningKeysRequest, MintJwtSvidRequest, RevokeSigningKeyRequest, RotateSigningKeyRequest,
+};
+use spiffe::WorkloadApiClient;
+use tokio_stream::StreamExt;
+use tonic::{Code, Request};
+
+fn admin<T>(b: &TestBroker, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", b.admin_token()).parse().unwrap(),
+    );
+    r
+}
+
+/// The id the broker gives a key: the RFC 7638 thumbprint of its EC public key, computed here
+/// from the certificate with x509-parser.
+fn key_id(cert: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (_, c) = x509_parser::parse_x509_certificate(cert).unwrap();
+    let point = &c.public_key().subject_public_key.data;
+    let canonical = format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+        b64.encode(&point[1..33]),
+        b64.encode(&point[33..65])
+    );
+    b64.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
+}
+
+async fn mint_jwt(b: &TestBroker) -> String {
+    b.unix_client()
+        .await
+        .mint_jwt_svid(MintJwtSvidRequest {
+            audience: vec!["rp".into()],
+            ttl_seconds: Some(600),
+            spiffe_id: String::new(),
+            task_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+#[tokio::test]
+async fn bundles_say_how_long_to_cache_and_rotation_publishes_first() {
+    let b = start(&format!("{}\n[ca]\njwt_key_ttl = \"1d\"\n", uid_rule())).await;
+    let base = &b.running.endpoints.http_addr;
+    let res = reqwest_like_get(base, "/keys").await;
+    assert!(res.contains("cache-control: public, max-age=2880"), "{res}");
+    let (_, bundle) = b.http_get("/bundle").await;
+    let bundle: serde_json::Value = serde_json::from_str(&bundle).unwrap();
+    assert_eq!(bundle["spiffe_refresh_hint"], 2880, "a thirtieth of a day");
+    let sequence = bundle["spiffe_sequence"].as_u64().unwrap();
+
+    let mut api = AdminClient::new(b.tls_channel().await);
+    let next = api
+        .rotate_signing_key(admin(
+            &b,
+            RotateSigningKeyRequest {
+                kind: "jwt".into(),
+                immediately: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.state, "prepared");
+    // Published now, in /keys and /bundle, with a new sequence; tokens still use the old key.
+    let (_, jwks) = b.http_get("/keys").await;
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 2);
+    assert!(kids.contains(&next.id.as_str()));
+    let (_, bundle) = b.http_get("/bundle").await;
+    let bundle: serde_json::Value = serde_json::from_str(&bundle).unwrap();
+    assert!(bundle["spiffe_sequence"].as_u64().unwrap() > sequence);
+    let token = mint_jwt(&b).await;
+    let (header, _) = verify_jwt(&token, &jwks);
+    assert_ne!(header["kid"], next.id.as_str());
+    // Two refresh hints later it signs.
+    b.clock.advance(Duration::from_secs(2 * 2880));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let token = mint_jwt(&b).await;
+        let (header, _) = verify_jwt(&token, &jwks);
+        if header["kid"] == next.id.as_str() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new key never signed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Refused input.
+    let err = api
+        .rotate_signing_key(admin(
+            &b,
+            RotateSigningKeyRequest {
+                kind: "x509-root".into(),
+                immediately: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // The root is offline here: an intermediate cannot be forced without a staged one.
+    let err = api
+        .rotate_signing_key(admin(
+            &b,
+            RotateSigningKeyRequest {
+                kind: "x509-intermediate".into(),
+                immediately: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("ephemera ca stage"),
+        "{}",
+        err.message()
+    );
+    b.running.shutdown().await.unwrap();
+}
+
+/// The raw response head of a GET, to read its headers.
+async fn reqwest_like_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams() {
+    let b = start(&format!("{}\n[ca]\nroot_key = \"online\"\n", uid_rule())).await;
+    let socket = b.running.endpoints.workload_socket.clone().unwrap();
+    let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+    let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let first = contexts.next().await.unwrap().unwrap();
+    let svid = first.default_svid().unwrap();
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let old_intermediate = key_id(&chain[1]);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    let old_serial = hex(leaf.raw_serial());
+    let token = mint_jwt(&b).await;
+    assert_eq!(introspect_http(&b, &token).await["active"], true);
+
+    let mut api = AdminClient::new(b.tls_channel().await);
+    let keys = api
+        .list_signing_keys(admin(&b, ListSigningKeysRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(keys.root_online);
+    let active = |kind: &str| {
+        keys.keys
+            .iter()
+            .find(|k| k.kind == kind && k.state == "active")
+            .unwrap()
+            .clone()
+    };
+    let x509 = active("x509-intermediate");
+    assert_eq!(x509.id, old_intermediate, "the id is the key's thumbprint");
+    assert!(x509.live_credentials >= 1);
+    let jwt = active("jwt");
+    assert!(jwt.live_credentials >= 1);
+    let (_, jwks) = b.http_get("/keys").await;
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    assert_eq!(verify_jwt(&token, &jwks).0["kid"], jwt.id.as_str());
+
+    // The intermediate leaks.
+    let r = api
+        .revoke_signing_key(admin(
+            &b,
+            RevokeSigningKeyRequest {
+                id: x509.id.clone(),
+                reason: "intermediate leaked".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.credentials_revoked >= 1);
+    assert!(r.cursor > 0);
+    assert_eq!(r.key.unwrap().state, "revoked");
+    // The live stream gets a replacement signed by the successor, which verifies.
+    let replaced = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let c = contexts.next().await.unwrap().unwrap();
+            let chain: Vec<Vec<u8>> = c
+                .default_svid()
+                .unwrap()
+                .cert_chain()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect();
+            if key_id(&chain[1]) != old_intermediate {
+                break chain;
+            }
+        }
+    })
+    .await
+    .expect("a replacement within 5s");
+    let (_, bundle) = b.http_get("/bundle").await;
+    let roots = bundle_roots(&serde_json::from_str(&bundle).unwrap());
+    verify_chain(&replaced, &roots, SystemTime::now());
+    // The old certificate is listed by its intermediate's CRL (its distribution point), which
+    // webpki checks against the old intermediate's key.
+    let (_, old) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    let dp = format!("{:?}", old.extensions());
+    assert!(dp.contains(&format!("/crl/{old_intermediate}")), "{dp}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let crl = loop {
+        let (status, crl) = http_get_bytes(
+            &b.running.endpoints.http_addr,
+            &format!("/crl/{old_intermediate}"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let (_, parsed) = x509_parser::parse_x509_crl(&crl).unwrap();
+        if parsed
+            .iter_revoked_certificates()
+            .any(|c| hex(c.raw_serial()) == old_serial)
+        {
+            break crl;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old certificate is not in its intermediate's CRL within 5s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(matches!(
+        check_with_crl(&chain, &roots, &crl, SystemTime::now()),
+        Err(webpki::Error::CertRevoked)
+    ));
+
+    // The JWT key leaks: its token is no longer honoured nor published.
+    let r = api
+        .revoke_signing_key(admin(
+            &b,
+            RevokeSigningKeyRequest {
+                id: jwt.id.clone(),
+                reason: "jwt key leaked".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.credentials_revoked >= 1);
+    assert_eq!(introspect_http(&b, &token).await["active"], false);
+    let (_, jwks) = b.http_get("/keys").await;
+    assert!(!jwks.contains(&jwt.id), "{jwks}");
+    let fresh = mint_jwt(&b).await;
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    assert_ne!(verify_jwt(&fresh, &jwks).0["kid"], jwt.id.as_str());
+
+    // What the admin sees; revoking again is accepted and revokes nothing more.
+    let keys = api
+        .list_signing_keys(admin(&b, ListSigningKeysRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let revoked: Vec<_> = keys.keys.iter().filter(|k| k.state == "revoked").collect();
+    assert_eq!(revoked.len(), 2);
+    assert!(revoked.iter().any(|k| k.note == "intermediate leaked"));
+    let again = api
+        .revoke_signing_key(admin(
+            &b,
+            RevokeSigningKeyRequest {
+                id: jwt.id.clone(),
+                reason: "jwt key leaked".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.credentials_revoked, 0);
+    for (id, reason, code) in [
+        ("nope", "r", Code::NotFound),
+        ("", "r", Code::InvalidArgument),
+        ("x", "", Code::InvalidArgument),
+    ] {
+        let err = api
+            .revoke_signing_key(admin(
+                &b,
+                RevokeSigningKeyRequest {
+                    id: id.into(),
+                    reason: reason.into(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{id:?}: {err:?}");
+    }
+    // Without the admin token.
+    let err = api
+        .list_signing_keys(Request::new(ListSigningKeysRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    b.running.shutdown().await.unwrap();
+}
