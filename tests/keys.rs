@@ -11,6 +11,8 @@
 
 mod common;
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -68,7 +70,7 @@ async fn mint_jwt(b: &TestBroker) -> String {
 async fn bundles_say_how_long_to_cache_and_rotation_publishes_first() {
     let b = start(&format!("{}\n[ca]\njwt_key_ttl = \"1d\"\n", uid_rule())).await;
     let base = &b.running.endpoints.http_addr;
-    let res = reqwest_like_get(base, "/keys").await;
+    let res = reqwest_like_get(base, "/keys").await.to_ascii_lowercase();
     assert!(res.contains("cache-control: public, max-age=2880"), "{res}");
     let (_, bundle) = b.http_get("/bundle").await;
     let bundle: serde_json::Value = serde_json::from_str(&bundle).unwrap();
@@ -152,7 +154,7 @@ async fn bundles_say_how_long_to_cache_and_rotation_publishes_first() {
     b.running.shutdown().await.unwrap();
 }
 
-/// The raw response head of a GET, to read its headers.
+/// The raw response (head and body) of a GET, to read its headers.
 async fn reqwest_like_get(base: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
@@ -162,7 +164,7 @@ async fn reqwest_like_get(base: &str, path: &str) -> String {
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    out.to_ascii_lowercase()
+    out
 }
 
 #[tokio::test]
@@ -341,4 +343,143 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     b.running.shutdown().await.unwrap();
+}
+
+/// Keys of one minute on the system clock: a Workload API client (the `spiffe` crate) streams
+/// X.509-SVIDs, JWT-SVIDs are minted every half second, and a relying party caches `/keys` for as long as its
+/// `Cache-Control` allows; every credential verifies, across at least three rotations of each
+/// key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_verify_continuously_across_three_rotations() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/all.cedar"), ALLOW_ALL).unwrap();
+    let ttl = Duration::from_secs(60);
+    ephemera::ca::keys::init(
+        dir.path(),
+        &TD.parse().unwrap(),
+        ephemera::ca::keys::InitOptions {
+            root_ttl: Duration::from_secs(86_400),
+            intermediate_ttl: ttl,
+        },
+        SystemTime::now(),
+    )
+    .unwrap();
+    let extra = format!(
+        "[ca]\nroot_key = \"online\"\nintermediate_ttl = \"60s\"\njwt_key_ttl = \"60s\"\n\
+         [x509_svid]\ndefault_ttl = \"8s\"\nmax_ttl = \"10s\"\n\
+         [jwt_svid]\ndefault_ttl = \"8s\"\nmax_ttl = \"10s\"\n{}",
+        uid_rule()
+    );
+    let config =
+        ephemera::config::Config::from_toml(&config_text(dir.path(), &extra), Path::new("/"))
+            .unwrap();
+    let running = ephemera::app::start(config, Arc::new(ephemera::clock::SystemClock))
+        .await
+        .unwrap();
+    let socket = running.endpoints.workload_socket.clone().unwrap();
+    let http = running.endpoints.http_addr.clone();
+    let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+
+    // X.509: every SVID the stream gives verifies against the bundle it came with.
+    let x509 = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+            let mut intermediates: Vec<String> = Vec::new();
+            let mut verified = 0;
+            while intermediates.len() < 4 {
+                let c = contexts.next().await.unwrap().unwrap();
+                let svid = c.default_svid().unwrap();
+                let chain: Vec<Vec<u8>> = svid
+                    .cert_chain()
+                    .iter()
+                    .map(|c| c.as_bytes().to_vec())
+                    .collect();
+                let td = spiffe::TrustDomain::new(TD).unwrap();
+                let roots: Vec<Vec<u8>> = c
+                    .bundle_set()
+                    .get(&td)
+                    .unwrap()
+                    .authorities()
+                    .iter()
+                    .map(|a| a.as_bytes().to_vec())
+                    .collect();
+                verify_chain(&chain, &roots, SystemTime::now());
+                verified += 1;
+                let id = key_id(&chain[1]);
+                if !intermediates.contains(&id) {
+                    intermediates.push(id);
+                }
+            }
+            verified
+        }
+    });
+
+    // JWT: a relying party that refetches /keys only when its max-age has passed.
+    let mut minter = ephemera::client::ConnectOptions {
+        socket: Some(running.endpoints.broker_socket.clone()),
+        ..Default::default()
+    }
+    .broker()
+    .await
+    .unwrap();
+    let mut cached: Option<(serde_json::Value, tokio::time::Instant)> = None;
+    let mut kids: Vec<String> = Vec::new();
+    let mut verified = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    while kids.len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} JWT keys in 240s",
+            kids.len()
+        );
+        let token = minter
+            .mint_jwt_svid(MintJwtSvidRequest {
+                audience: vec!["rp".into()],
+                ttl_seconds: None,
+                spiffe_id: String::new(),
+                task_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|(_, until)| tokio::time::Instant::now() < *until);
+        if !fresh {
+            let head = reqwest_like_get(&http, "/keys").await;
+            let max_age: u64 = head
+                .split("max-age=")
+                .nth(1)
+                .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|s| s.parse().ok())
+                .expect("/keys has a max-age");
+            assert!(max_age <= 2, "a thirtieth of a minute: {max_age}");
+            let body = head.split("\r\n\r\n").nth(1).unwrap();
+            // The body may be chunked: take the JSON object in it.
+            let json = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
+            cached = Some((
+                serde_json::from_str(json).unwrap(),
+                tokio::time::Instant::now() + Duration::from_secs(max_age),
+            ));
+        }
+        let (header, _) = verify_jwt(&token, &cached.as_ref().unwrap().0);
+        verified += 1;
+        let kid = header["kid"].as_str().unwrap().to_owned();
+        if !kids.contains(&kid) {
+            kids.push(kid);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let svids = tokio::time::timeout(Duration::from_secs(120), x509)
+        .await
+        .expect("four intermediates within the time")
+        .unwrap();
+    assert!(svids >= 8, "{svids} X.509-SVIDs verified");
+    assert!(verified >= 8, "{verified} JWT-SVIDs verified");
+    running.shutdown().await.unwrap();
 }

@@ -251,7 +251,8 @@ pub fn new_intermediate(
     ttl: Duration,
 ) -> Result<NewKey, CaError> {
     let (key, id) = new_key_pair()?;
-    let not_before = now - 60;
+    // Backdated for clock skew, by a minute at most: the schedule counts from `notBefore`.
+    let not_before = now - secs(ttl / 60).clamp(1, 60);
     let mut not_after = now + secs(ttl);
     if let Some(r) = root {
         not_after = not_after.min(r.not_after);

@@ -156,10 +156,10 @@ pub async fn serve(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path).map_err(|e| Failure::new(EXIT_USAGE, e))?;
     init_logging(&config.log.level, config.log.format);
     let root_key = crate::datadir::DataDir::new(&config.data_dir).root_key();
-    if root_key.exists() {
+    if root_key.exists() && !config.ca.root_online {
         tracing::warn!(
             file = %root_key.display(),
-            "the root CA key is in the data directory: the broker does not need it; move it offline (anyone who reads it can make a trust anchor's worth of intermediates)"
+            "the root CA key is in the data directory but [ca] root_key = \"offline\": the broker does not need it; move it offline (anyone who reads it can make a trust anchor's worth of intermediates)"
         );
     }
     let running = app::start(config, Arc::new(SystemClock))
@@ -232,6 +232,11 @@ async fn startup_problems(config: &Config, connect: bool) -> Vec<String> {
     let mut problems = Vec::new();
     if let Err(e) = crate::ca::keys::load(&config.data_dir, &config.trust_domain) {
         problems.push(format!("CA in {}: {e}", config.data_dir.display()));
+    } else if config.ca.root_online
+        && let Err(e) =
+            crate::ca::lifecycle::load_root(&crate::datadir::DataDir::new(&config.data_dir))
+    {
+        problems.push(format!("ca.root_key: {e}"));
     }
     if !config.x509pop_ca_bundles.is_empty()
         && let Err(e) = crate::attest::x509pop::ClientCas::load(&config.x509pop_ca_bundles)
