@@ -23,7 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 
 use super::rows::{
     GRANT_COLUMNS, GRANT_GROUP, KEY_COLUMNS, LEASE_COLUMNS, LOCK_COLUMNS, PRINCIPAL_COLUMNS,
-    REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task,
+    REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_key, bind_task,
     grant_row, grants_json, key_row, lease_row, lock_row, principal_row, revocation_row, task_row,
 };
 use super::{
@@ -824,8 +824,9 @@ impl Store for PostgresStore {
             for op in ops {
                 match op {
                     KeyOp::Put(k) => {
-                        sqlx::query(sqlx::AssertSqlSafe(format!(
-                            "INSERT INTO signing_keys ({KEY_COLUMNS})
+                        bind_key(
+                            sqlx::query(sqlx::AssertSqlSafe(format!(
+                                "INSERT INTO signing_keys ({KEY_COLUMNS})
                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                              ON CONFLICT (id) DO UPDATE SET
                                  kind = EXCLUDED.kind, state = EXCLUDED.state,
@@ -834,18 +835,9 @@ impl Store for PostgresStore {
                                  activate_at = EXCLUDED.activate_at,
                                  created_at = EXCLUDED.created_at,
                                  changed_at = EXCLUDED.changed_at, note = EXCLUDED.note"
-                        )))
-                        .bind(k.id)
-                        .bind(k.kind.as_str())
-                        .bind(k.state.as_str())
-                        .bind(k.public)
-                        .bind(k.wrapped)
-                        .bind(k.not_before)
-                        .bind(k.not_after)
-                        .bind(k.activate_at)
-                        .bind(k.created_at)
-                        .bind(k.changed_at)
-                        .bind(k.note)
+                            ))),
+                            k,
+                        )
                         .execute(&mut *tx)
                         .await
                         .map_err(unavailable)?;

@@ -197,6 +197,32 @@ where
         .bind(t.state.as_str().to_owned()))
 }
 
+/// Binds a signing key's values, in [`KEY_COLUMNS`] order.
+pub(super) fn bind_key<'q, DB: Database>(
+    query: sqlx::query::Query<'q, DB, DB::Arguments>,
+    k: StoredKey,
+) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
+    for<'t> Vec<u8>: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<Vec<u8>>: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+{
+    query
+        .bind(k.id)
+        .bind(k.kind.as_str().to_owned())
+        .bind(k.state.as_str().to_owned())
+        .bind(k.public)
+        .bind(k.wrapped)
+        .bind(k.not_before)
+        .bind(k.not_after)
+        .bind(k.activate_at)
+        .bind(k.created_at)
+        .bind(k.changed_at)
+        .bind(k.note)
+}
+
 /// A lease as the stores' revocation expansion reads it: one JSON array of the lease's columns
 /// in table order (`revoked` as 0 or 1, `audience` as its JSON array).
 type LeaseJson = (

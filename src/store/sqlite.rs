@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 
 use super::rows::{
     GRANT_COLUMNS, GRANT_GROUP, KEY_COLUMNS, LEASE_COLUMNS, LOCK_COLUMNS, PRINCIPAL_COLUMNS,
-    REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_task,
+    REVOCATION_COLUMNS, TASK_COLUMNS, TASK_INSERT_COLUMNS, TASK_INSERT_VALUES, bind_key, bind_task,
     grant_row, grants_json, key_row, lease_row, lock_row, principal_row, revocation_row, task_row,
 };
 use super::{
@@ -1028,21 +1028,13 @@ impl Store for SqliteStore {
             for op in ops {
                 match op {
                     KeyOp::Put(k) => {
-                        sqlx::query(sqlx::AssertSqlSafe(format!(
-                            "INSERT OR REPLACE INTO signing_keys ({KEY_COLUMNS})
+                        bind_key(
+                            sqlx::query(sqlx::AssertSqlSafe(format!(
+                                "INSERT OR REPLACE INTO signing_keys ({KEY_COLUMNS})
                              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                        )))
-                        .bind(k.id)
-                        .bind(k.kind.as_str())
-                        .bind(k.state.as_str())
-                        .bind(k.public)
-                        .bind(k.wrapped)
-                        .bind(k.not_before)
-                        .bind(k.not_after)
-                        .bind(k.activate_at)
-                        .bind(k.created_at)
-                        .bind(k.changed_at)
-                        .bind(k.note)
+                            ))),
+                            k,
+                        )
                         .execute(&mut *tx)
                         .await
                         .map_err(unavailable)?;
