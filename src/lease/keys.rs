@@ -347,13 +347,14 @@ impl KeyRing {
                         ops.push(KeyOp::Put(k));
                     }
                 }
-                // Nothing can sign: make a key that signs now, where the broker can.
-                _ if prepared.is_none() => {
+                // Nothing can sign: make a key that signs now where the broker can (or, with
+                // the root offline, the CSR for one).
+                _ if prepared.is_none() && pending.is_none() => {
                     if let Some(mut k) = self.generate(kind, now, now)? {
                         if k.state == KeyState::Prepared {
                             k.note = Some("replaced an expired key".into());
                             ops.extend(activate(&k, active, now));
-                        } else if pending.is_none() {
+                        } else {
                             ops.push(KeyOp::Put(k));
                         }
                     }
