@@ -51,6 +51,24 @@ fn key_id(cert: &[u8]) -> String {
     ))
 }
 
+/// `RevokeSigningKey` with the admin token.
+async fn revoke_key(
+    api: &mut AdminClient<tonic::transport::Channel>,
+    b: &TestBroker,
+    id: &str,
+    reason: &str,
+) -> Result<ephemera::api::pb::v1::RevokeSigningKeyResponse, tonic::Status> {
+    api.revoke_signing_key(admin(
+        b,
+        RevokeSigningKeyRequest {
+            id: id.into(),
+            reason: reason.into(),
+        },
+    ))
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 async fn mint_jwt(b: &TestBroker) -> String {
     b.unix_client()
         .await
@@ -212,17 +230,9 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
     assert_eq!(verify_jwt(&token, &jwks).0["kid"], jwt.id.as_str());
 
     // The intermediate leaks.
-    let r = api
-        .revoke_signing_key(admin(
-            &b,
-            RevokeSigningKeyRequest {
-                id: x509.id.clone(),
-                reason: "intermediate leaked".into(),
-            },
-        ))
+    let r = revoke_key(&mut api, &b, &x509.id, "intermediate leaked")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(r.credentials_revoked >= 1);
     assert!(r.cursor > 0);
     assert_eq!(r.key.unwrap().state, "revoked");
@@ -279,17 +289,9 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
     ));
 
     // The JWT key leaks: its token is no longer honoured nor published.
-    let r = api
-        .revoke_signing_key(admin(
-            &b,
-            RevokeSigningKeyRequest {
-                id: jwt.id.clone(),
-                reason: "jwt key leaked".into(),
-            },
-        ))
+    let r = revoke_key(&mut api, &b, &jwt.id, "jwt key leaked")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(r.credentials_revoked >= 1);
     assert_eq!(introspect_http(&b, &token).await["active"], false);
     let (_, jwks) = b.http_get("/keys").await;
@@ -307,33 +309,16 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
     let revoked: Vec<_> = keys.keys.iter().filter(|k| k.state == "revoked").collect();
     assert_eq!(revoked.len(), 2);
     assert!(revoked.iter().any(|k| k.note == "intermediate leaked"));
-    let again = api
-        .revoke_signing_key(admin(
-            &b,
-            RevokeSigningKeyRequest {
-                id: jwt.id.clone(),
-                reason: "jwt key leaked".into(),
-            },
-        ))
+    let again = revoke_key(&mut api, &b, &jwt.id, "jwt key leaked")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(again.credentials_revoked, 0);
     for (id, reason, code) in [
         ("nope", "r", Code::NotFound),
         ("", "r", Code::InvalidArgument),
         ("x", "", Code::InvalidArgument),
     ] {
-        let err = api
-            .revoke_signing_key(admin(
-                &b,
-                RevokeSigningKeyRequest {
-                    id: id.into(),
-                    reason: reason.into(),
-                },
-            ))
-            .await
-            .unwrap_err();
+        let err = revoke_key(&mut api, &b, id, reason).await.unwrap_err();
         assert_eq!(err.code(), code, "{id:?}: {err:?}");
     }
     // Without the admin token.

@@ -130,6 +130,11 @@ impl JwtVerifier {
         &self.jwk
     }
 
+    /// The public key as an uncompressed SEC1 point.
+    pub fn point(&self) -> &[u8] {
+        &self.point
+    }
+
     /// Verifies a token this key signed: header (`ES256`, this `kid`) and signature. Returns
     /// its claims, or `None` for anything else. Expiry is the caller's to check.
     pub fn verify(&self, token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {

@@ -244,11 +244,11 @@ impl KeyRing {
         )?;
         let signer = JwtSigner::from_pkcs8(m.jwt_pkcs8.expose(), None)
             .map_err(|e| CaError::Generate(e.to_string()))?;
-        let point = signer.verifier();
-        let jwt_id = point.kid().to_owned();
+        let verifier = signer.verifier();
+        let jwt_id = verifier.kid().to_owned();
         let jwt = StoredKey {
             wrapped: Some(self.kek.wrap(&jwt_id, m.jwt_pkcs8.expose())?),
-            public: public_point(&signer),
+            public: verifier.point().to_vec(),
             id: jwt_id,
             kind: KeyKind::Jwt,
             state: KeyState::Active,
@@ -812,19 +812,6 @@ fn activate(next: &StoredKey, active: Option<&StoredKey>, now: i64) -> Vec<KeyOp
     n.changed_at = now;
     ops.push(KeyOp::Put(n));
     ops
-}
-
-/// The uncompressed public point of a JWT key.
-fn public_point(signer: &JwtSigner) -> Vec<u8> {
-    let jwk = signer.jwk();
-    let mut out = vec![4u8];
-    for part in [&jwk.x, &jwk.y] {
-        out.extend(
-            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, part)
-                .unwrap_or_default(),
-        );
-    }
-    out
 }
 
 /// The id of a certificate's key (RFC 7638 thumbprint).
