@@ -20,6 +20,7 @@ use ephemera::api::pb::v1::admin_client::AdminClient;
 use ephemera::api::pb::v1::{
     ListSigningKeysRequest, MintJwtSvidRequest, RevokeSigningKeyRequest, RotateSigningKeyRequest,
 };
+use ephemera::clock::Clock;
 use spiffe::WorkloadApiClient;
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
@@ -330,16 +331,19 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
     b.running.shutdown().await.unwrap();
 }
 
-/// Keys of one minute on the system clock: a Workload API client (the `spiffe` crate) streams
-/// X.509-SVIDs, JWT-SVIDs are minted every half second, and a relying party caches `/keys` for as long as its
-/// `Cache-Control` allows; every credential verifies, across at least three rotations of each
-/// key.
+/// Keys of one minute on real time: a Workload API client (the `spiffe` crate) streams
+/// X.509-SVIDs, an SDS client (Envoy's protos) streams and ACKs its certificate and validation
+/// context, JWT-SVIDs are minted every half second, and a relying party caches `/keys` for as
+/// long as its `Cache-Control` allows; every credential verifies, across at least three
+/// rotations of each key. The broker's clock is steady real time, so a step of the machine's
+/// wall clock cannot end the streams' tasks under the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_verify_continuously_across_three_rotations() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies/all.cedar"), ALLOW_ALL).unwrap();
     let ttl = Duration::from_secs(60);
+    let clock = SteadyClock::new();
     ephemera::ca::keys::init(
         dir.path(),
         &TD.parse().unwrap(),
@@ -347,7 +351,7 @@ async fn clients_verify_continuously_across_three_rotations() {
             root_ttl: Duration::from_secs(86_400),
             intermediate_ttl: ttl,
         },
-        SystemTime::now(),
+        clock.now(),
     )
     .unwrap();
     let extra = format!(
@@ -359,9 +363,7 @@ async fn clients_verify_continuously_across_three_rotations() {
     let config =
         ephemera::config::Config::from_toml(&config_text(dir.path(), &extra), Path::new("/"))
             .unwrap();
-    let running = ephemera::app::start(config, Arc::new(ephemera::clock::SystemClock))
-        .await
-        .unwrap();
+    let running = ephemera::app::start(config, Arc::new(clock)).await.unwrap();
     let socket = running.endpoints.workload_socket.clone().unwrap();
     let http = running.endpoints.http_addr.clone();
     let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
@@ -392,12 +394,46 @@ async fn clients_verify_continuously_across_three_rotations() {
                     .iter()
                     .map(|a| a.as_bytes().to_vec())
                     .collect();
-                verify_chain(&chain, &roots, SystemTime::now());
+                verify_chain(&chain, &roots, clock.now());
                 verified += 1;
                 let id = key_id(&chain[1]);
                 if !intermediates.contains(&id) {
                     intermediates.push(id);
                 }
+            }
+            verified
+        }
+    });
+
+    // SDS: every certificate Envoy is sent verifies against the validation context sent with
+    // it; each response is ACKed.
+    let sds = tokio::spawn({
+        let socket = socket.clone();
+        async move {
+            let names = ["default", "ROOTCA"];
+            let mut client = common::sds::client(&socket).await;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(common::sds::request(&names, "", "")).await.unwrap();
+            let mut responses = client
+                .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut intermediates: Vec<String> = Vec::new();
+            let mut verified = 0;
+            while intermediates.len() < 4 {
+                let r = responses.message().await.unwrap().unwrap();
+                let got = common::sds::secrets(&r);
+                let (chain, roots) = common::sds::chain_and_roots(&got[0], &got[1]);
+                verify_chain(&chain, &roots, clock.now());
+                verified += 1;
+                let id = key_id(&chain[1]);
+                if !intermediates.contains(&id) {
+                    intermediates.push(id);
+                }
+                tx.send(common::sds::request(&names, &r.version_info, &r.nonce))
+                    .await
+                    .unwrap();
             }
             verified
         }
@@ -465,6 +501,11 @@ async fn clients_verify_continuously_across_three_rotations() {
         .expect("four intermediates within the time")
         .unwrap();
     assert!(svids >= 8, "{svids} X.509-SVIDs verified");
+    let secrets = tokio::time::timeout(Duration::from_secs(120), sds)
+        .await
+        .expect("four intermediates over SDS within the time")
+        .unwrap();
+    assert!(secrets >= 8, "{secrets} SDS certificates verified");
     assert!(verified >= 8, "{verified} JWT-SVIDs verified");
     running.shutdown().await.unwrap();
 }

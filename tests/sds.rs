@@ -13,65 +13,16 @@ mod common;
 
 use std::time::Duration;
 
+use common::sds::{bytes, chain_and_roots, pems, request, secrets};
 use common::*;
-use ephemera::api::pb::envoy::config::core::v3::{DataSource, data_source};
 use ephemera::api::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
-use ephemera::api::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use ephemera::api::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use ephemera::api::sds::SECRET_TYPE;
-use ephemera::client::ConnectOptions;
 use ephemera::clock::Clock;
-use prost::Message;
 use ring::signature::KeyPair;
 use tonic::transport::Channel;
 
 async fn sds(b: &TestBroker) -> SecretDiscoveryServiceClient<Channel> {
-    let channel = ConnectOptions {
-        socket: b.running.endpoints.workload_socket.clone(),
-        ..ConnectOptions::default()
-    }
-    .connect()
-    .await
-    .unwrap();
-    SecretDiscoveryServiceClient::new(channel)
-}
-
-fn request(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
-    DiscoveryRequest {
-        version_info: version.into(),
-        resource_names: names.iter().map(|n| n.to_string()).collect(),
-        type_url: SECRET_TYPE.into(),
-        response_nonce: nonce.into(),
-        ..DiscoveryRequest::default()
-    }
-}
-
-fn bytes(d: &Option<DataSource>) -> Vec<u8> {
-    match d.as_ref().and_then(|d| d.specifier.clone()) {
-        Some(data_source::Specifier::InlineBytes(b)) => b,
-        other => panic!("inline bytes expected, got {other:?}"),
-    }
-}
-
-fn pems(text: &[u8], tag: &str) -> Vec<Vec<u8>> {
-    pem::parse_many(text)
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.tag() == tag)
-        .map(|p| p.into_contents())
-        .collect()
-}
-
-/// The secrets of a response, by name.
-fn secrets(r: &DiscoveryResponse) -> Vec<Secret> {
-    assert_eq!(r.type_url, SECRET_TYPE);
-    r.resources
-        .iter()
-        .map(|a| {
-            assert_eq!(a.type_url, SECRET_TYPE);
-            Secret::decode(a.value.as_slice()).unwrap()
-        })
-        .collect()
+    common::sds::client(b.running.endpoints.workload_socket.as_ref().unwrap()).await
 }
 
 /// Checks a tls_certificate against a validation context: the chain verifies with webpki
@@ -81,11 +32,7 @@ fn check(cert: &Secret, validation: &Secret, b: &TestBroker) -> String {
     let Some(secret::Type::TlsCertificate(tls)) = &cert.r#type else {
         panic!("{} is not a tls_certificate", cert.name)
     };
-    let Some(secret::Type::ValidationContext(ctx)) = &validation.r#type else {
-        panic!("{} is not a validation_context", validation.name)
-    };
-    let chain = pems(&bytes(&tls.certificate_chain), "CERTIFICATE");
-    let roots = pems(&bytes(&ctx.trusted_ca), "CERTIFICATE");
+    let (chain, roots) = chain_and_roots(cert, validation);
     assert_eq!(roots, b.running.broker.ca().keys().roots);
     verify_chain(&chain, &roots, b.clock.now());
     let key = pems(&bytes(&tls.private_key), "PRIVATE KEY");

@@ -7,6 +7,7 @@
 )]
 
 pub mod oidc;
+pub mod sds;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use ephemera::api::pb::v1::broker_client::BrokerClient;
 use ephemera::app::{self, Running};
 use ephemera::ca::keys::{self, InitOptions};
 use ephemera::client::{ConnectOptions, Target};
-use ephemera::clock::ManualClock;
+use ephemera::clock::{Clock, ManualClock};
 use ephemera::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -29,6 +30,30 @@ pub const TD: &str = "example.org";
 /// The uid of this test process: the identity the default mapping gives it.
 pub fn my_uid() -> u32 {
     std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// Real time that only moves forward: the wall time at creation plus the monotonic time since.
+/// For tests that run on real time for minutes, so a step of the machine's wall clock (or a
+/// paused VM) cannot make their deadlines and the broker's disagree.
+#[derive(Debug, Clone, Copy)]
+pub struct SteadyClock {
+    wall: SystemTime,
+    start: std::time::Instant,
+}
+
+impl SteadyClock {
+    pub fn new() -> Self {
+        Self {
+            wall: SystemTime::now(),
+            start: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for SteadyClock {
+    fn now(&self) -> SystemTime {
+        self.wall + self.start.elapsed()
+    }
 }
 
 pub struct TestBroker {
