@@ -76,6 +76,8 @@ pub struct RawCa {
     /// `"offline"` (default): an operator signs the next intermediates on the root's machine;
     /// `"online"`: the broker holds `root-ca.key` and signs them itself.
     pub root_key: Option<String>,
+    /// Lifetime of each root the broker makes when the root is online (default "3650d").
+    pub root_ttl: Option<String>,
     /// Lifetime of each intermediate the broker signs (default "365d").
     pub intermediate_ttl: Option<String>,
     /// Lifetime of each JWT signing key (default "30d").
@@ -1120,6 +1122,13 @@ fn ca_settings(
     };
     let minute = Duration::from_secs(60);
     let decade = Duration::from_secs(10 * 365 * 86_400);
+    let root_ttl = bounded_duration(
+        p,
+        "ca.root_ttl",
+        raw.root_ttl.as_deref(),
+        d.root_ttl,
+        (minute, Duration::from_secs(30 * 365 * 86_400)),
+    );
     let intermediate_ttl = bounded_duration(
         p,
         "ca.intermediate_ttl",
@@ -1157,7 +1166,19 @@ fn ca_settings(
             );
         }
     }
+    if root_online && intermediate_ttl > root_ttl / 6 {
+        p.push(
+            "ca.intermediate_ttl",
+            format!(
+                "{}s is longer than a sixth of ca.root_ttl ({}s): an intermediate the broker \
+                 signs must fit in the time the root is published after its successor takes over",
+                intermediate_ttl.as_secs(),
+                (root_ttl / 6).as_secs()
+            ),
+        );
+    }
     crate::ca::CaSettings {
+        root_ttl,
         intermediate_ttl,
         jwt_key_ttl,
         root_online,

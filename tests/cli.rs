@@ -949,3 +949,230 @@ fn dev_config_layers_a_join_token_mapping_onto_the_defaults() {
     sigterm(&dev);
     assert!(dev.wait().unwrap().success());
 }
+
+/// A broker serving `cfg` until `sigterm`; its log goes to `log`.
+fn serve(cfg: &Path, data: &Path, log: &Path, cwd: &Path) -> Child {
+    let _ = std::fs::remove_file(data.join("endpoints.json"));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .current_dir(cwd)
+        .env_remove("EPHEMERA_LOG")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    wait_for(&data.join("endpoints.json"), &mut child);
+    child
+}
+
+fn stop(mut child: Child) {
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+}
+
+/// `ephemera ca status --json`: the keys by state, as (kind, state, id).
+fn key_states(data: &Path, cwd: &Path) -> Vec<(String, String, String)> {
+    let out = run(
+        &[
+            "ca",
+            "status",
+            "--json",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        cwd,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut keys: Vec<(String, String, String)> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let k: serde_json::Value = serde_json::from_str(l).unwrap();
+            let s = |f: &str| k[f].as_str().unwrap().to_owned();
+            (s("kind"), s("state"), s("id"))
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// The root offline, through the binary: the broker prepares a CSR and warns; the CSR is
+/// signed on "the root's machine" and staged; a new root is made there and staged, published
+/// before anything chains to it, and an intermediate it signs waits for it. Every pending and
+/// prepared state survives a restart.
+#[test]
+fn offline_root_stages_intermediates_and_a_new_root_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let data = cwd.join("data");
+    init_data_dir(&data, cwd);
+    // The root key leaves the broker's machine.
+    let machine = cwd.join("root-machine");
+    std::fs::create_dir(&machine).unwrap();
+    for f in ["root-ca.pem", "root-ca.key"] {
+        std::fs::copy(data.join(f), machine.join(f)).unwrap();
+    }
+    std::fs::remove_file(data.join("root-ca.key")).unwrap();
+    let cfg = cwd.join("ephemera.toml");
+    std::fs::write(&cfg, config_text(&data, "")).unwrap();
+    let log = cwd.join("serve.log");
+    let d = data.to_str().unwrap();
+    let ca = |args: &[&str]| {
+        let mut all = vec!["ca"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--data-dir", d]);
+        run(&all, cwd)
+    };
+    let broker = serve(&cfg, &data, &log, cwd);
+
+    // With the root offline the broker cannot rotate the intermediate itself.
+    let out = ca(&["rotate", "--x509"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("ephemera ca csr"));
+    let out = ca(&["rotate", "--root"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("ephemera ca new-root"));
+
+    // A CSR is prepared; the broker says an intermediate waits for the root.
+    let out = ca(&["csr", "--out", "next.csr"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let before = key_states(&data, cwd);
+    let pending = before
+        .iter()
+        .find(|k| k.1 == "pending")
+        .expect("a pending intermediate")
+        .2
+        .clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let endpoints = |data: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap()
+    };
+    let http = endpoints(&data)["http_addr"].as_str().unwrap().to_owned();
+    let (status, ready) = rt.block_on(http_get(&http, "/readyz"));
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.contains("waits for the offline root"), "{ready}");
+
+    // Restart while pending: the same key still waits, and the warning is logged.
+    stop(broker);
+    let broker = serve(&cfg, &data, &log, cwd);
+    assert_eq!(key_states(&data, cwd), before);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("waiting for the offline root"), "{logged}");
+
+    // Signed on the root's machine, staged.
+    let out = run(
+        &[
+            "ca",
+            "sign-intermediate",
+            "--root-dir",
+            machine.to_str().unwrap(),
+            "--csr",
+            "next.csr",
+            "--out",
+            "next.pem",
+        ],
+        cwd,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ca(&["stage", "next.pem"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&pending),
+        "{}",
+        text(&out.stdout)
+    );
+    // Staging it again is refused as not pending.
+    let out = ca(&["stage", "next.pem"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+
+    // Restart while prepared; then force it in.
+    stop(broker);
+    let broker = serve(&cfg, &data, &log, cwd);
+    let states = key_states(&data, cwd);
+    assert!(states.contains(&(
+        "x509-intermediate".into(),
+        "prepared".into(),
+        pending.clone()
+    )));
+    let out = ca(&["rotate", "--x509", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (k["id"].as_str(), k["state"].as_str()),
+        (Some(pending.as_str()), Some("active"))
+    );
+
+    // A new root, made on the root's machine and staged: published, not yet used.
+    let machine2 = cwd.join("root-machine-2");
+    let out = run(
+        &[
+            "ca",
+            "new-root",
+            "--root-dir",
+            machine2.to_str().unwrap(),
+            "--trust-domain",
+            TD,
+            "--out",
+            "root2.pem",
+        ],
+        cwd,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ca(&["stage", "root2.pem"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("x509-root"),
+        "{}",
+        text(&out.stdout)
+    );
+    let http = endpoints(&data)["http_addr"].as_str().unwrap().to_owned();
+    let (_, bundle) = rt.block_on(http_get(&http, "/bundle"));
+    let bundle: serde_json::Value = serde_json::from_str(&bundle).unwrap();
+    let x509_keys = bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "x509-svid")
+        .count();
+    assert_eq!(x509_keys, 2, "both roots are in the bundle");
+
+    // An intermediate under the new root waits for it (two refresh hints), across a restart.
+    let out = ca(&["csr", "--out", "next2.csr"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(
+        &[
+            "ca",
+            "sign-intermediate",
+            "--root-dir",
+            machine2.to_str().unwrap(),
+            "--csr",
+            "next2.csr",
+            "--out",
+            "next2.pem",
+        ],
+        cwd,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ca(&["stage", "next2.pem"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    stop(broker);
+    let broker = serve(&cfg, &data, &log, cwd);
+    let out = ca(&["rotate", "--x509", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(k["state"], "prepared", "it waits for its root: {k}");
+    let states = key_states(&data, cwd);
+    let roots: Vec<&str> = states
+        .iter()
+        .filter(|k| k.0 == "x509-root")
+        .map(|k| k.1.as_str())
+        .collect();
+    assert_eq!(roots.len(), 2, "{states:?}");
+    assert!(roots.contains(&"prepared") && roots.contains(&"active"));
+    stop(broker);
+}

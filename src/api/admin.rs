@@ -828,13 +828,10 @@ impl admin_server::Admin for AdminService {
     ) -> Result<Response<SigningKeyInfo>, Status> {
         let admin = self.auth.check(&request, "RotateSigningKey")?;
         let req = request.into_inner();
-        let kind = match crate::store::KeyKind::parse(&req.kind) {
-            Some(k @ (crate::store::KeyKind::X509 | crate::store::KeyKind::Jwt)) => k,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "invalid kind: must be \"x509-intermediate\" or \"jwt\"",
-                ));
-            }
+        let Some(kind) = crate::store::KeyKind::parse(&req.kind) else {
+            return Err(Status::invalid_argument(
+                "invalid kind: must be \"x509-intermediate\", \"jwt\" or \"x509-root\"",
+            ));
         };
         let result = self.broker.rotate_key(kind, req.immediately).await;
         match &result {

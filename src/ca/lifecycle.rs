@@ -1,7 +1,7 @@
 //! The CA's keys over time, the parts that touch no store: the schedule's settings, the
 //! key-encryption key that wraps private keys for the store, new key material (a JWT key, an
-//! intermediate signed by the online root or a CSR for the offline one), and signing an
-//! intermediate on the root's machine (`ephemera ca sign-intermediate`).
+//! intermediate signed by the online root or a CSR for the offline one, a new root), and the
+//! root's machine's part (`ephemera ca sign-intermediate`, `ephemera ca new-root`).
 //!
 //! The schedule is SPIRE's: a key of lifetime `L` gets a successor at half its life (prepared:
 //! published, not signing), the successor becomes active at `L/6` before the key's end, and the
@@ -30,6 +30,8 @@ pub const MAX_REFRESH_HINT: Duration = Duration::from_secs(3600);
 /// How the CA's keys are scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CaSettings {
+    /// Lifetime of a root the broker makes itself (root online).
+    pub root_ttl: Duration,
     /// Lifetime of an intermediate the broker signs itself.
     pub intermediate_ttl: Duration,
     /// Lifetime of a JWT key.
@@ -41,6 +43,7 @@ pub struct CaSettings {
 impl Default for CaSettings {
     fn default() -> Self {
         Self {
+            root_ttl: keys::DEFAULT_ROOT_TTL,
             intermediate_ttl: DEFAULT_INTERMEDIATE_TTL,
             jwt_key_ttl: DEFAULT_JWT_KEY_TTL,
             root_online: false,
@@ -132,8 +135,21 @@ impl RootSigner {
     }
 }
 
-/// The root key from the data directory, for `root_key = "online"`.
-pub fn load_root(dir: &crate::datadir::DataDir) -> Result<RootSigner, CaError> {
+impl RootSigner {
+    /// A root from its certificate and private key (PKCS#8).
+    pub fn new(cert_der: &[u8], pkcs8: &[u8]) -> Result<Self, CaError> {
+        let key = KeyPair::try_from(pkcs8).map_err(generate_err)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+            .map_err(|e| CaError::Generate(e.to_string()))?;
+        let not_after = cert.validity().not_after.timestamp();
+        let issuer = Issuer::from_ca_cert_der(&cert_der.into(), key).map_err(generate_err)?;
+        Ok(Self { issuer, not_after })
+    }
+}
+
+/// The root key from the data directory (PKCS#8) and the root's certificate (DER), for
+/// `root_key = "online"` and the root's machine.
+pub fn read_root(dir: &crate::datadir::DataDir) -> Result<(Vec<u8>, Secret<Vec<u8>>), CaError> {
     let path = dir.root_key();
     if !path.exists() {
         return Err(CaError::Invalid {
@@ -145,26 +161,18 @@ pub fn load_root(dir: &crate::datadir::DataDir) -> Result<RootSigner, CaError> {
         });
     }
     keys::check_key_mode(&path)?;
-    let key_der = keys::read_pem(&path, "PRIVATE KEY")?;
-    let key = KeyPair::try_from(key_der.as_slice()).map_err(|e| CaError::Invalid {
-        path: path.clone(),
+    let key_der = Secret::new(keys::read_pem(&path, "PRIVATE KEY")?);
+    let cert_der = keys::read_pem(&dir.root_cert(), "CERTIFICATE")?;
+    Ok((cert_der, key_der))
+}
+
+/// The root key from the data directory, for `root_key = "online"`.
+pub fn load_root(dir: &crate::datadir::DataDir) -> Result<RootSigner, CaError> {
+    let (cert_der, key_der) = read_root(dir)?;
+    RootSigner::new(&cert_der, key_der.expose()).map_err(|e| CaError::Invalid {
+        path: dir.root_key(),
         reason: e.to_string(),
-    })?;
-    let cert_path = dir.root_cert();
-    let cert_der = keys::read_pem(&cert_path, "CERTIFICATE")?;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(&cert_der).map_err(|e| CaError::Invalid {
-            path: cert_path.clone(),
-            reason: e.to_string(),
-        })?;
-    let not_after = cert.validity().not_after.timestamp();
-    let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key).map_err(|e| {
-        CaError::Invalid {
-            path,
-            reason: e.to_string(),
-        }
-    })?;
-    Ok(RootSigner { issuer, not_after })
+    })
 }
 
 /// `ephemera ca sign-intermediate`: signs the CSR of a pending intermediate with the root in
@@ -197,6 +205,17 @@ pub fn sign_intermediate(
     .signed_by(&root.issuer)
     .map_err(|e| CaError::Generate(e.to_string()))?;
     Ok(signed.pem())
+}
+
+/// Whether the certificate `cert_der` is signed by the key of the certificate `issuer_der`.
+pub fn signed_by(cert_der: &[u8], issuer_der: &[u8]) -> bool {
+    let (Ok((_, cert)), Ok((_, issuer))) = (
+        x509_parser::parse_x509_certificate(cert_der),
+        x509_parser::parse_x509_certificate(issuer_der),
+    ) else {
+        return false;
+    };
+    cert.verify_signature(Some(issuer.public_key())).is_ok()
 }
 
 /// Key material for a new signing key, before it is wrapped and stored.
@@ -240,6 +259,54 @@ pub fn new_jwt_key(now: i64, ttl: Duration) -> Result<NewKey, CaError> {
         not_before: now,
         not_after: now + secs(ttl),
     })
+}
+
+/// A new self-signed root valid from `now` for `ttl`.
+pub fn new_root(trust_domain: &TrustDomain, now: i64, ttl: Duration) -> Result<NewKey, CaError> {
+    let (key, id) = new_key_pair()?;
+    let not_before = now - secs(ttl / 60).clamp(1, 60);
+    let not_after = now + secs(ttl);
+    let params = keys::ca_params(
+        trust_domain,
+        "Ephemera Root CA",
+        1,
+        at(not_before),
+        at(not_after),
+    )?;
+    let cert = params.self_signed(&key).map_err(generate_err)?;
+    Ok(NewKey {
+        id,
+        public: cert.der().to_vec(),
+        pending: false,
+        pkcs8: Secret::new(key.serialize_der()),
+        not_before,
+        not_after,
+    })
+}
+
+/// `ephemera ca new-root`: a new root's certificate and key written to `dir` (on the root's
+/// machine), which must not hold a root yet. Returns the certificate (PEM), to stage.
+pub fn new_root_files(
+    dir: &Path,
+    trust_domain: &TrustDomain,
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<String, CaError> {
+    let d = crate::datadir::DataDir::new(dir);
+    for path in [d.root_cert(), d.root_key()] {
+        if path.exists() {
+            return Err(CaError::AlreadyInitialized {
+                dir: dir.to_owned(),
+            });
+        }
+    }
+    keys::create_data_dir(dir)?;
+    let root = new_root(trust_domain, crate::clock::unix_secs(now), ttl)?;
+    let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", root.public));
+    let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", root.pkcs8.expose().clone()));
+    keys::write_new(&d.root_key(), key_pem.as_bytes(), 0o600)?;
+    keys::write_new(&d.root_cert(), cert_pem.as_bytes(), 0o644)?;
+    Ok(cert_pem)
 }
 
 /// A new intermediate valid from `now` for `ttl`: signed by `root` when it is online (and

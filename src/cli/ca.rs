@@ -1,6 +1,6 @@
 //! `ephemera ca ...` against a running broker: the signing keys' status, forced rotation,
 //! revoking a compromised key, and the offline root's part (fetch the CSR, sign it on the
-//! root's machine, stage the certificate).
+//! root's machine, stage the certificate; make a new root and stage it).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -31,7 +31,7 @@ pub struct StatusArgs {
 
 /// `ephemera ca rotate`.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("kind").required(true).args(["x509", "jwt"])))]
+#[command(group(clap::ArgGroup::new("kind").required(true).args(["x509", "jwt", "root"])))]
 pub struct RotateArgs {
     /// Rotate the X.509 intermediate.
     #[arg(long)]
@@ -39,6 +39,11 @@ pub struct RotateArgs {
     /// Rotate the JWT signing key.
     #[arg(long)]
     pub jwt: bool,
+    /// Make a new root (the broker must hold the root key): published now, the root the next
+    /// intermediates chain to two refresh hints later. `--x509` afterwards moves the
+    /// intermediate under it at once.
+    #[arg(long)]
+    pub root: bool,
     /// Sign with the new key at once, before relying parties may have fetched it.
     #[arg(long)]
     pub immediately: bool,
@@ -81,6 +86,23 @@ pub struct StageArgs {
     pub certificate: PathBuf,
     #[command(flatten)]
     pub admin: AdminArgs,
+}
+
+/// `ephemera ca new-root`.
+#[derive(Debug, Args)]
+pub struct NewRootArgs {
+    /// A new directory for the root's certificate and key (on the root's machine).
+    #[arg(long)]
+    pub root_dir: PathBuf,
+    /// The trust domain.
+    #[arg(long, env = "EPHEMERA_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// The root's lifetime.
+    #[arg(long, default_value = "3650d")]
+    pub ttl: String,
+    /// Also write the certificate here (to stage), besides standard output.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
 }
 
 /// `ephemera ca sign-intermediate`.
@@ -183,6 +205,8 @@ pub async fn status(args: StatusArgs) -> Result<(), Failure> {
 pub async fn rotate(args: RotateArgs) -> Result<(), Failure> {
     let kind = if args.x509 {
         "x509-intermediate"
+    } else if args.root {
+        "x509-root"
     } else {
         "jwt"
     };
@@ -278,14 +302,46 @@ pub async fn stage(args: StageArgs) -> Result<(), Failure> {
         .stage_intermediate(req)
         .await?
         .into_inner();
+    let what = if k.kind == "x509-root" {
+        "the root the next intermediates chain to"
+    } else {
+        "it signs"
+    };
     writeln!(
         std::io::stdout().lock(),
-        "intermediate {} staged: it signs from {}",
+        "{} {} staged and published: {what} from {}",
+        k.kind,
         k.id,
         rfc3339(k.activate_at)
     )
     .context("writing to stdout")?;
     Ok(())
+}
+
+/// `ephemera ca new-root` (offline: writes only to `--root-dir`).
+pub fn new_root(args: &NewRootArgs) -> Result<(), Failure> {
+    let usage = |e: anyhow::Error| Failure::new(EXIT_USAGE, e);
+    let ttl = crate::config::parse_duration(&args.ttl)
+        .map_err(|e| usage(anyhow::anyhow!("--ttl: {e}")))?;
+    let td: crate::id::TrustDomain = args
+        .trust_domain
+        .parse()
+        .map_err(|e| usage(anyhow::anyhow!("--trust-domain: {e}")))?;
+    let cert = crate::ca::lifecycle::new_root_files(
+        &args.root_dir,
+        &td,
+        ttl,
+        std::time::SystemTime::now(),
+    )
+    .map_err(|e| Failure::new(1, e))?;
+    eprintln!(
+        "new root written to {}; stage its certificate with `ephemera ca stage`",
+        args.root_dir.display()
+    );
+    if let Some(out) = &args.out {
+        write_out(Some(out), &cert)?;
+    }
+    write_out(None, &cert)
 }
 
 /// `ephemera ca sign-intermediate` (offline: needs only the root's directory).

@@ -198,7 +198,7 @@ pub enum CaCommand {
     Init(server::CaInitArgs),
     /// Show every signing key and trust anchor: state, validity, schedule, live credentials.
     Status(ca::StatusArgs),
-    /// Rotate the intermediate or the JWT key now.
+    /// Rotate the intermediate, the JWT key or (root online) the root now.
     Rotate(ca::RotateArgs),
     /// Revoke a compromised signing key and everything live it signed.
     RevokeKey(ca::RevokeKeyArgs),
@@ -206,7 +206,9 @@ pub enum CaCommand {
     Csr(ca::CsrArgs),
     /// Sign an intermediate's CSR with the root (run on the root's machine).
     SignIntermediate(ca::SignArgs),
-    /// Stage an intermediate the offline root signed.
+    /// Make a new root for a rollover (run on the root's machine), to stage.
+    NewRoot(ca::NewRootArgs),
+    /// Stage an intermediate the offline root signed, or a new root.
     Stage(ca::StageArgs),
     /// Write a new admin token; the previous one stays accepted until `--finish`. Running
     /// brokers pick the change up on their next admin call, no restart needed.
@@ -381,6 +383,9 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Ca {
             command: CaCommand::SignIntermediate(args),
         } => ca::sign_intermediate(&args),
+        Command::Ca {
+            command: CaCommand::NewRoot(args),
+        } => ca::new_root(&args),
         Command::Ca {
             command: CaCommand::Stage(args),
         } => ca::stage(args).await,

@@ -12,6 +12,12 @@
 //! "online"`, the dev default) the broker signs it itself; with the root offline it prepares a
 //! key and a CSR (a `pending` key), and an operator signs the CSR on the root's machine
 //! (`ephemera ca sign-intermediate`) and stages the certificate (`ephemera ca stage`).
+//!
+//! Roots roll over the same way: a new root is prepared (published in every bundle, nothing
+//! chains to it) — by the broker at half the online root's life, or staged by an operator
+//! (`ephemera ca new-root`, `ephemera ca stage`) — and becomes active, the root the next
+//! intermediates chain to, once relying parties refreshing on the hint have it. The old root
+//! stays in the bundles until no published intermediate chains to it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -125,13 +131,13 @@ pub struct KeyRing {
     issuer: Option<String>,
     settings: CaSettings,
     kek: Kek,
-    root: Option<RootSigner>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     current: watch::Sender<Arc<KeySet>>,
     /// Parsed keys by id, so a new key set re-parses only new keys.
     minters: Mutex<HashMap<String, Arc<X509Minter>>>,
     signers: Mutex<HashMap<String, Arc<JwtSigner>>>,
+    roots: Mutex<HashMap<String, Arc<RootSigner>>>,
     /// When the last "no successor staged" warning was logged.
     warned_at: Mutex<Option<i64>>,
     /// One change at a time from this process.
@@ -164,8 +170,23 @@ impl KeyRing {
         let dir = crate::datadir::DataDir::new(o.data_dir);
         let material = keys::load(o.data_dir, o.trust_domain)?;
         let kek = Kek::load_or_create(&dir.key_wrap())?;
-        let root = if o.settings.root_online {
-            Some(lifecycle::load_root(&dir)?)
+        // The online root's key, to store wrapped: required unless a replica already did.
+        let root_key = if o.settings.root_online {
+            match lifecycle::read_root(&dir) {
+                Ok((_, key)) => Some(key),
+                Err(e) => {
+                    let (_, stored) = store.signing_keys().await?;
+                    let held = stored.iter().any(|k| {
+                        k.kind == KeyKind::Root
+                            && k.state == KeyState::Active
+                            && k.wrapped.is_some()
+                    });
+                    if !held {
+                        return Err(e.into());
+                    }
+                    None
+                }
+            }
         } else {
             None
         };
@@ -192,16 +213,16 @@ impl KeyRing {
             ),
             settings: o.settings,
             kek,
-            root,
             store,
             clock,
             current: watch::channel(Arc::new(empty)).0,
             minters: Mutex::default(),
             signers: Mutex::default(),
+            roots: Mutex::default(),
             warned_at: Mutex::default(),
             changing: tokio::sync::Mutex::new(()),
         };
-        ca.import(&material).await?;
+        ca.import(&material, root_key).await?;
         ca.tick().await?;
         Ok(ca)
     }
@@ -228,14 +249,22 @@ impl KeyRing {
 
     /// Whether the root key is held by the broker.
     pub fn root_online(&self) -> bool {
-        self.root.is_some()
+        self.settings.root_online
     }
 
     /// Brings the data directory's keys into the store: each one not there yet, as the active
-    /// key of its kind when the store has none.
-    async fn import(&self, m: &keys::CaMaterial) -> Result<(), KeyError> {
+    /// key of its kind when the store has none. With the root online, the root's key is stored
+    /// wrapped (also for a root imported before without it).
+    async fn import(
+        &self,
+        m: &keys::CaMaterial,
+        root_key: Option<Secret<Vec<u8>>>,
+    ) -> Result<(), KeyError> {
         let now = self.clock.unix_now();
-        let root = cert_key(KeyKind::Root, &m.root_der, None, now)?;
+        let root_wrapped = root_key
+            .map(|k| self.wrap_cert_key(&m.root_der, k.expose()))
+            .transpose()?;
+        let root = cert_key(KeyKind::Root, &m.root_der, root_wrapped, now)?;
         let x509 = cert_key(
             KeyKind::X509,
             &m.intermediate_der,
@@ -261,6 +290,14 @@ impl KeyRing {
         };
         self.change(|keys| {
             let mut ops = Vec::new();
+            if let Some(stored) = keys.iter().find(|s| s.id == root.id)
+                && stored.wrapped.is_none()
+                && root.wrapped.is_some()
+            {
+                let mut with_key = stored.clone();
+                with_key.wrapped.clone_from(&root.wrapped);
+                ops.push(KeyOp::Put(with_key));
+            }
             for k in [&root, &x509, &jwt] {
                 let known = keys.iter().any(|s| s.id == k.id);
                 let has_active = keys
@@ -325,7 +362,7 @@ impl KeyRing {
     /// The schedule's changes due at `now`.
     fn plan(&self, keys: &[StoredKey], now: i64) -> Result<Vec<KeyOp>, KeyError> {
         let mut ops = Vec::new();
-        for kind in [KeyKind::X509, KeyKind::Jwt] {
+        for kind in [KeyKind::Root, KeyKind::X509, KeyKind::Jwt] {
             let active = find(keys, kind, KeyState::Active);
             let prepared = find(keys, kind, KeyState::Prepared);
             let pending = find(keys, kind, KeyState::Pending);
@@ -342,7 +379,7 @@ impl KeyRing {
                     if now >= prepare_at
                         && prepared.is_none()
                         && pending.is_none()
-                        && let Some(k) = self.generate(kind, now, hand_over)?
+                        && let Some(k) = self.generate(keys, kind, now, hand_over)?
                     {
                         ops.push(KeyOp::Put(k));
                     }
@@ -350,7 +387,7 @@ impl KeyRing {
                 // Nothing can sign: make a key that signs now where the broker can (or, with
                 // the root offline, the CSR for one).
                 _ if prepared.is_none() && pending.is_none() => {
-                    if let Some(mut k) = self.generate(kind, now, now)? {
+                    if let Some(mut k) = self.generate(keys, kind, now, now)? {
                         if k.state == KeyState::Prepared {
                             k.note = Some("replaced an expired key".into());
                             ops.extend(activate(&k, active, now));
@@ -362,12 +399,22 @@ impl KeyRing {
                 _ => {}
             }
         }
-        // Retired and revoked keys are forgotten once nothing they signed can be valid; an
+        // Retired and revoked keys are forgotten once nothing they signed can be valid, and a
+        // retired root once no intermediate in the bundles (or signing a CRL) chains to it; an
         // active key past its end stays listed until something replaces it.
+        let ended = |k: &StoredKey| {
+            matches!(k.state, KeyState::Retired | KeyState::Revoked) && k.not_after <= now
+        };
         for k in keys {
-            let done = matches!(k.state, KeyState::Retired | KeyState::Revoked)
-                || (k.kind == KeyKind::Root && k.state != KeyState::Active);
-            if done && k.not_after <= now {
+            let unused_root = k.kind == KeyKind::Root
+                && k.state == KeyState::Retired
+                && !keys.iter().any(|i| {
+                    i.kind == KeyKind::X509
+                        && i.state != KeyState::Pending
+                        && !ended(i)
+                        && lifecycle::signed_by(&i.public, &k.public)
+                });
+            if ended(k) || unused_root {
                 ops.push(KeyOp::Delete(k.id.clone()));
             }
         }
@@ -375,22 +422,33 @@ impl KeyRing {
     }
 
     /// A new key of `kind` that becomes active at `activate_at`: a JWT key, an intermediate
-    /// signed by the online root, or (root offline) a pending intermediate awaiting its
-    /// certificate.
+    /// signed by the active online root, or (root offline) a pending intermediate awaiting its
+    /// certificate, or a root (online only; `None` offline). `keys` are the stored keys.
     fn generate(
         &self,
+        keys: &[StoredKey],
         kind: KeyKind,
         now: i64,
         activate_at: i64,
     ) -> Result<Option<StoredKey>, KeyError> {
         let new: NewKey = match kind {
             KeyKind::Jwt => lifecycle::new_jwt_key(now, self.settings.jwt_key_ttl)?,
-            KeyKind::X509 => lifecycle::new_intermediate(
-                &self.trust_domain,
-                self.root.as_ref(),
-                now,
-                self.settings.intermediate_ttl,
-            )?,
+            KeyKind::X509 => {
+                let root = self.root_signer(keys);
+                if self.settings.root_online && root.is_none() {
+                    // Reported by `build` as a problem; nothing this broker can make.
+                    return Ok(None);
+                }
+                lifecycle::new_intermediate(
+                    &self.trust_domain,
+                    root.as_deref(),
+                    now,
+                    self.settings.intermediate_ttl,
+                )?
+            }
+            KeyKind::Root if self.settings.root_online => {
+                lifecycle::new_root(&self.trust_domain, now, self.settings.root_ttl)?
+            }
             KeyKind::Root => return Ok(None),
         };
         Ok(Some(StoredKey {
@@ -530,6 +588,17 @@ impl KeyRing {
             })
             .to_string();
         let jwks_json = bundle::jwks(&jwt_keys).to_string();
+        if self.settings.root_online
+            && let Some(r) = find(&keys, KeyKind::Root, KeyState::Active)
+            && self.root_signer(&keys).is_none()
+        {
+            problems.push(format!(
+                "root {}: [ca] root_key = \"online\" but this broker cannot use its private key \
+                 (not stored, or wrapped under another key-wrap.key): it cannot sign the next \
+                 intermediate",
+                r.id
+            ));
+        }
         for k in &mut keys {
             k.wrapped = None;
         }
@@ -574,13 +643,44 @@ impl KeyRing {
         JwtSigner::from_pkcs8(pkcs8.expose(), self.issuer.clone()).map_err(|e| e.to_string())
     }
 
+    /// Why no intermediate can be made here.
+    fn no_successor(&self, keys: &[StoredKey]) -> String {
+        if self.settings.root_online && self.root_signer(keys).is_none() {
+            "the active root's key cannot be used here (see `ephemera ca status`)".into()
+        } else {
+            "the root key is offline: stage the next intermediate first (`ephemera ca csr`, \
+             `ephemera ca sign-intermediate`, `ephemera ca stage`)"
+                .into()
+        }
+    }
+
+    /// The active root of `keys`, when the broker holds the root key and can unwrap it.
+    fn root_signer(&self, keys: &[StoredKey]) -> Option<Arc<RootSigner>> {
+        if !self.settings.root_online {
+            return None;
+        }
+        let k = find(keys, KeyKind::Root, KeyState::Active)?;
+        let mut roots = self.roots.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = roots.get(&k.id) {
+            return Some(r.clone());
+        }
+        let pkcs8 = self.unwrap_key(k).ok()?;
+        let signer = Arc::new(RootSigner::new(&k.public, pkcs8.expose()).ok()?);
+        roots.retain(|id, _| keys.iter().any(|s| &s.id == id));
+        roots.insert(k.id.clone(), signer.clone());
+        Some(signer)
+    }
+
     /// `ca rotate`: a new key of `kind` becomes active now (`immediately`) or once relying
     /// parties refreshing on the hint have it. A prepared successor is used if there is one.
-    /// Returns the key that will sign.
+    /// Returns the key that will sign. A new root (root online) is what the next
+    /// intermediates chain to; the active intermediate is not replaced.
     pub async fn rotate(&self, kind: KeyKind, immediately: bool) -> Result<StoredKey, KeyError> {
-        if kind == KeyKind::Root {
-            return Err(KeyError::Invalid(
-                "roots are not rotated by the broker".into(),
+        if kind == KeyKind::Root && !self.settings.root_online {
+            return Err(KeyError::Precondition(
+                "the root key is offline: make the new root on the root's machine \
+                 (`ephemera ca new-root`) and stage its certificate (`ephemera ca stage`)"
+                    .into(),
             ));
         }
         let now = self.clock.unix_now();
@@ -594,26 +694,29 @@ impl KeyRing {
             let active = find(keys, kind, KeyState::Active);
             let mut next = match find(keys, kind, KeyState::Prepared) {
                 Some(p) => p.clone(),
-                None => match self.generate(kind, now, activate_at)? {
+                None => match self.generate(keys, kind, now, activate_at)? {
                     Some(k) if k.state == KeyState::Prepared => k,
-                    _ => {
-                        return Err(KeyError::Precondition(
-                            "the root key is offline: stage the next intermediate first \
-                             (`ephemera ca csr`, `ephemera ca sign-intermediate`, \
-                             `ephemera ca stage`)"
-                                .into(),
-                        ));
-                    }
+                    _ => return Err(KeyError::Precondition(self.no_successor(keys))),
                 },
             };
             next.activate_at = activate_at.min(next.activate_at.max(now));
+            if !immediately {
+                // An intermediate under a staged root waits until the root is published long
+                // enough.
+                next.activate_at = next.activate_at.max(root_wait(keys, &next));
+            }
             next.note = Some("forced".into());
-            chosen = Some(next.clone());
-            Ok(if next.activate_at <= now {
+            let ops = if next.activate_at <= now {
                 activate(&next, active, now)
             } else {
                 vec![KeyOp::Put(next)]
-            })
+            };
+            // The key as it is stored: the last put.
+            chosen = ops.iter().rev().find_map(|op| match op {
+                KeyOp::Put(k) => Some(k.clone()),
+                KeyOp::Delete(_) => None,
+            });
+            Ok(ops)
         })
         .await?;
         chosen.ok_or(KeyError::Busy)
@@ -643,13 +746,12 @@ impl KeyRing {
             if key.state == KeyState::Active {
                 let next = match find(keys, key.kind, KeyState::Prepared) {
                     Some(p) => p.clone(),
-                    None => match self.generate(key.kind, now, now)? {
+                    None => match self.generate(keys, key.kind, now, now)? {
                         Some(k) if k.state == KeyState::Prepared => k,
                         _ => {
                             return Err(KeyError::Precondition(format!(
-                                "{id} is the active intermediate and the root key is offline: \
-                                 stage a successor first (`ephemera ca csr`, `ephemera ca \
-                                 sign-intermediate`, `ephemera ca stage`), then revoke it"
+                                "{id} is the active intermediate: {}, then revoke it",
+                                self.no_successor(keys)
                             )));
                         }
                     },
@@ -704,8 +806,8 @@ impl KeyRing {
             let hand_over = find(keys, KeyKind::X509, KeyState::Active)
                 .map_or(now, |a| milestones(a).1.max(now));
             let k = self
-                .generate(KeyKind::X509, now, hand_over)?
-                .ok_or(KeyError::Busy)?;
+                .generate(keys, KeyKind::X509, now, hand_over)?
+                .ok_or_else(|| KeyError::Precondition(self.no_successor(keys)))?;
             out = Some(k.clone());
             Ok(vec![KeyOp::Put(k)])
         })
@@ -713,8 +815,11 @@ impl KeyRing {
         out.ok_or(KeyError::Busy)
     }
 
-    /// `ca stage`: the offline root's certificate for the pending intermediate. It must be a
-    /// CA certificate for this trust domain, for the pending key, signed by a published root.
+    /// `ca stage`: the offline root's certificate for the pending intermediate (a CA
+    /// certificate for this trust domain, for the pending key, signed by a published root), or
+    /// a new root (self-signed), published now and active once relying parties refreshing on
+    /// the hint have it. An intermediate under a staged root does not sign before the root is
+    /// active.
     pub async fn stage(&self, cert_der: &[u8]) -> Result<StoredKey, KeyError> {
         let now = self.clock.unix_now();
         let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
@@ -738,8 +843,31 @@ impl KeyRing {
                 self.trust_domain
             )));
         }
+        let self_signed = cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok();
         let mut staged = None;
         self.change(|keys| {
+            if self_signed {
+                if keys.iter().any(|k| k.id == id) {
+                    return Err(KeyError::Invalid(format!(
+                        "the root {id} is already in the bundle"
+                    )));
+                }
+                let root = StoredKey {
+                    id: id.clone(),
+                    kind: KeyKind::Root,
+                    state: KeyState::Prepared,
+                    public: cert_der.to_vec(),
+                    wrapped: None,
+                    not_before,
+                    not_after,
+                    activate_at: now + publish_ahead(&self.settings, KeyKind::Root),
+                    created_at: now,
+                    changed_at: now,
+                    note: Some("staged".into()),
+                };
+                staged = Some(root.clone());
+                return Ok(vec![KeyOp::Put(root)]);
+            }
             let pending = keys
                 .iter()
                 .find(|k| k.id == id)
@@ -752,20 +880,19 @@ impl KeyRing {
                             .map_or("none is pending", |p| p.id.as_str())
                     ))
                 })?;
-            let chained = keys
+            let root = keys
                 .iter()
                 .filter(|k| k.kind == KeyKind::Root && k.state.published())
-                .any(|r| {
-                    x509_parser::parse_x509_certificate(&r.public).is_ok_and(|(_, root)| {
-                        cert.verify_signature(Some(root.public_key())).is_ok()
-                    })
-                });
-            if !chained {
-                return Err(KeyError::Invalid(
-                    "the certificate is not signed by a root in the bundle".into(),
-                ));
-            }
+                .find(|r| lifecycle::signed_by(cert_der, &r.public))
+                .ok_or_else(|| {
+                    KeyError::Invalid(
+                        "the certificate is not signed by a root in the bundle".into(),
+                    )
+                })?;
             let mut k = pending.clone();
+            if root.state == KeyState::Prepared {
+                k.activate_at = k.activate_at.max(root.activate_at);
+            }
             k.state = KeyState::Prepared;
             k.public = cert_der.to_vec();
             k.not_before = not_before;
@@ -787,9 +914,21 @@ impl KeyRing {
 fn publish_ahead(settings: &CaSettings, kind: KeyKind) -> i64 {
     match kind {
         // Relying parties trust the root: a new intermediate needs no publication.
-        KeyKind::X509 | KeyKind::Root => 0,
-        KeyKind::Jwt => secs(settings.refresh_hint() * 2),
+        KeyKind::X509 => 0,
+        KeyKind::Jwt | KeyKind::Root => secs(settings.refresh_hint() * 2),
     }
+}
+
+/// When the root that signed the intermediate `k` becomes active, if it is a prepared one
+/// (else 0).
+fn root_wait(keys: &[StoredKey], k: &StoredKey) -> i64 {
+    if k.kind != KeyKind::X509 {
+        return 0;
+    }
+    keys.iter()
+        .filter(|r| r.kind == KeyKind::Root && r.state == KeyState::Prepared)
+        .find(|r| lifecycle::signed_by(&k.public, &r.public))
+        .map_or(0, |r| r.activate_at)
 }
 
 /// The key of `kind` in `state` (at most one is prepared, pending or active).
@@ -869,13 +1008,17 @@ mod tests {
 
     impl Fixture {
         async fn new(intermediate_ttl: Duration) -> Self {
+            Self::with_root(Duration::from_secs(20 * 365 * DAY), intermediate_ttl).await
+        }
+
+        async fn with_root(root_ttl: Duration, intermediate_ttl: Duration) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let start = SystemTime::now();
             keys::init(
                 dir.path(),
                 &td(),
                 keys::InitOptions {
-                    root_ttl: Duration::from_secs(20 * 365 * DAY),
+                    root_ttl,
                     intermediate_ttl,
                 },
                 start,
@@ -1028,27 +1171,26 @@ mod tests {
         (svid.cert_chain, token, exp)
     }
 
-    /// Fourteen months on the manual clock with 30-day intermediates and 7-day JWT keys:
-    /// credentials are minted every hour and verified, at minting and again shortly before
-    /// they expire, against the bundle a relying party fetched at its last refresh hint. The
-    /// broker is restarted every 10 days.
-    #[tokio::test]
-    async fn a_year_of_rotations_never_leaves_a_credential_unverifiable() {
-        let f = Fixture::new(Duration::from_secs(30 * DAY)).await;
-        let settings = CaSettings {
-            intermediate_ttl: Duration::from_secs(30 * DAY),
-            jwt_key_ttl: Duration::from_secs(7 * DAY),
-            root_online: true,
-        };
+    /// The keys a schedule went through.
+    #[derive(Default)]
+    struct Seen {
+        x509: Vec<String>,
+        jwt: Vec<String>,
+        roots: Vec<String>,
+    }
+
+    /// Drives the schedule for `hours` on the manual clock: credentials are minted every hour
+    /// and verified, at minting and again shortly before they expire, against the bundle a
+    /// relying party fetched at its last refresh hint. The broker is restarted every 10 days.
+    /// At most `max_keys` keys are kept at any time.
+    async fn drive(f: &Fixture, settings: CaSettings, hours: u64, max_keys: usize) -> Seen {
         let mut ca = f.open(settings).await;
-        let hint = ca.keys().refresh_hint;
-        assert_eq!(hint, 3600, "a thirtieth of 7 days, capped at an hour");
         let mut rp = RelyingParty::fetch(&ca.keys(), unix_secs(f.now()));
         let (x509_ttl, jwt_ttl) = (DAY, 5400);
         let mut live: Vec<(Vec<Vec<u8>>, String, i64, i64)> = Vec::new();
-        let (mut x509_ids, mut jwt_ids) = (Vec::new(), Vec::new());
+        let mut seen = Seen::default();
         let step = 3600;
-        for hour in 0..(425 * 24) {
+        for hour in 0..hours {
             f.advance(step);
             let now = f.now();
             let unix = unix_secs(now);
@@ -1059,6 +1201,7 @@ mod tests {
                 ca.tick().await.unwrap();
             }
             let set = ca.keys();
+            assert!(set.problems.is_empty(), "hour {hour}: {:?}", set.problems);
             if unix - rp.fetched >= i64::try_from(set.refresh_hint).unwrap() {
                 rp = RelyingParty::fetch(&set, unix);
             }
@@ -1079,22 +1222,67 @@ mod tests {
                 }
             }
             let (x, _) = set.x509().unwrap();
-            if x509_ids.last().map(String::as_str) != Some(x) {
-                x509_ids.push(x.to_owned());
+            if seen.x509.last().map(String::as_str) != Some(x) {
+                seen.x509.push(x.to_owned());
             }
             let (j, _, _) = set.jwt().unwrap();
-            if jwt_ids.last().map(String::as_str) != Some(j) {
-                jwt_ids.push(j.to_owned());
+            if seen.jwt.last().map(String::as_str) != Some(j) {
+                seen.jwt.push(j.to_owned());
             }
-            // Nothing unbounded: the published keys are the active one and its neighbours.
+            let root = find(&set.keys, KeyKind::Root, KeyState::Active).unwrap();
+            if seen.roots.last() != Some(&root.id) {
+                seen.roots.push(root.id.clone());
+            }
+            // Nothing unbounded: the published keys are the active ones and their neighbours.
             assert!(
-                set.keys.len() <= 7,
+                set.keys.len() <= max_keys,
                 "hour {hour}: {} keys kept",
                 set.keys.len()
             );
         }
-        assert!(x509_ids.len() >= 16, "{} intermediates", x509_ids.len());
-        assert!(jwt_ids.len() >= 70, "{} JWT keys", jwt_ids.len());
+        seen
+    }
+
+    /// Fourteen months with 30-day intermediates and 7-day JWT keys under one root.
+    #[tokio::test]
+    async fn a_year_of_rotations_never_leaves_a_credential_unverifiable() {
+        let f = Fixture::new(Duration::from_secs(30 * DAY)).await;
+        let settings = CaSettings {
+            intermediate_ttl: Duration::from_secs(30 * DAY),
+            jwt_key_ttl: Duration::from_secs(7 * DAY),
+            root_online: true,
+            ..CaSettings::default()
+        };
+        assert_eq!(
+            f.open(settings).await.keys().refresh_hint,
+            3600,
+            "a thirtieth of 7 days, capped at an hour"
+        );
+        let seen = drive(&f, settings, 425 * 24, 7).await;
+        assert!(seen.x509.len() >= 16, "{} intermediates", seen.x509.len());
+        assert!(seen.jwt.len() >= 70, "{} JWT keys", seen.jwt.len());
+        assert_eq!(seen.roots.len(), 1);
+    }
+
+    /// Fourteen months with 120-day roots held by the broker: each new root is in the bundle
+    /// relying parties fetch before an intermediate chains to it, and an old root leaves the
+    /// bundle once no intermediate in it chains to it.
+    #[tokio::test]
+    async fn roots_roll_over_before_anything_chains_to_them() {
+        let root_ttl = Duration::from_secs(120 * DAY);
+        let f = Fixture::with_root(root_ttl, Duration::from_secs(20 * DAY)).await;
+        let settings = CaSettings {
+            root_ttl,
+            intermediate_ttl: Duration::from_secs(20 * DAY),
+            jwt_key_ttl: Duration::from_secs(7 * DAY),
+            root_online: true,
+        };
+        let seen = drive(&f, settings, 425 * 24, 9).await;
+        assert!(seen.roots.len() >= 4, "{} roots", seen.roots.len());
+        assert!(seen.x509.len() >= 24, "{} intermediates", seen.x509.len());
+        let ca = f.open(settings).await;
+        let roots = ca.keys().roots.len();
+        assert!(roots <= 2, "{roots} roots still published");
     }
 
     /// With the root offline, the broker prepares a key and a CSR at half the intermediate's
@@ -1107,6 +1295,7 @@ mod tests {
             intermediate_ttl: Duration::from_secs(60 * DAY),
             jwt_key_ttl: Duration::from_secs(30 * DAY),
             root_online: false,
+            ..CaSettings::default()
         };
         let ca = f.open(settings).await;
         let first = ca.keys().x509().unwrap().0.to_owned();
@@ -1181,6 +1370,87 @@ mod tests {
         assert!(matches!(minted, Err(MintError::CaExpired)));
     }
 
+    /// With the root offline, a new root made on the root's machine is staged: published at
+    /// once, active two refresh hints later; an intermediate it signs waits for it, then takes
+    /// over; the old root leaves the bundle once its last intermediate has ended.
+    #[tokio::test]
+    async fn an_offline_root_rolls_over_when_staged() {
+        let f = Fixture::new(Duration::from_secs(60 * DAY)).await;
+        let settings = CaSettings {
+            intermediate_ttl: Duration::from_secs(60 * DAY),
+            jwt_key_ttl: Duration::from_secs(30 * DAY),
+            ..CaSettings::default()
+        };
+        let ca = f.open(settings).await;
+        let hint = i64::try_from(ca.keys().refresh_hint).unwrap();
+        let old_root = ca.keys().roots[0].clone();
+        let first = ca.keys().x509().unwrap().0.to_owned();
+        assert!(matches!(
+            ca.rotate(KeyKind::Root, false).await,
+            Err(KeyError::Precondition(_))
+        ));
+
+        // On the root's machine: a new root.
+        let machine = tempfile::tempdir().unwrap();
+        let root_pem = lifecycle::new_root_files(
+            machine.path(),
+            &td(),
+            Duration::from_secs(10 * 365 * DAY),
+            f.now(),
+        )
+        .unwrap();
+        assert!(matches!(
+            lifecycle::new_root_files(machine.path(), &td(), Duration::from_secs(DAY), f.now()),
+            Err(CaError::AlreadyInitialized { .. })
+        ));
+        let der = |pem_text: &str| pem::parse(pem_text).unwrap().into_contents();
+        let root = ca.stage(&der(&root_pem)).await.unwrap();
+        assert_eq!((root.kind, root.state), (KeyKind::Root, KeyState::Prepared));
+        assert_eq!(root.activate_at - unix_secs(f.now()), 2 * hint);
+        assert_eq!(
+            ca.keys().roots.len(),
+            2,
+            "published before anything chains to it"
+        );
+        let err = ca.stage(&der(&root_pem)).await.unwrap_err();
+        assert!(err.to_string().contains("already in the bundle"), "{err}");
+
+        // An intermediate signed by it waits for it, even when forced.
+        let pending = ca.request_intermediate().await.unwrap();
+        let (_, csr) = ca.pending_csr().unwrap();
+        let signed =
+            sign_intermediate(machine.path(), &csr, Duration::from_secs(60 * DAY), f.now())
+                .unwrap();
+        let staged = ca.stage(&der(&signed)).await.unwrap();
+        assert_eq!(staged.id, pending.id);
+        let forced = ca.rotate(KeyKind::X509, false).await.unwrap();
+        assert_eq!(forced.activate_at, root.activate_at);
+        assert_eq!(ca.keys().x509().unwrap().0, first);
+
+        // Two hints later the root is active and the intermediate signs under it; the old
+        // root stays while the old intermediate is published.
+        f.advance(u64::try_from(2 * hint).unwrap());
+        ca.tick().await.unwrap();
+        let set = ca.keys();
+        assert_eq!(set.x509().unwrap().0, pending.id);
+        assert_eq!(
+            find(&set.keys, KeyKind::Root, KeyState::Active).unwrap().id,
+            root.id
+        );
+        assert_eq!(set.roots.len(), 2);
+        let (chain, _, _) = mint(&set, f.now(), DAY, 600);
+        let rp = RelyingParty::fetch(&set, 0);
+        rp.verify_x509(&chain, f.now()).unwrap();
+        assert!(lifecycle::signed_by(&chain[1], &der(&root_pem)));
+
+        // After the old intermediate's end, the old root is gone from the bundle.
+        f.advance(61 * DAY);
+        ca.tick().await.unwrap();
+        let set = ca.keys();
+        assert_eq!(set.roots, vec![der(&root_pem)]);
+        assert!(!set.roots.contains(&old_root));
+    }
+
     /// `rotate` publishes a JWT key before it signs (unless `immediately`); `revoke_key` puts
     /// a successor in place and withdraws the key, whose tokens no longer verify.
     #[tokio::test]
@@ -1243,6 +1513,7 @@ mod tests {
             intermediate_ttl: Duration::from_secs(30 * DAY),
             jwt_key_ttl: Duration::from_secs(30 * DAY),
             root_online: true,
+            ..CaSettings::default()
         };
         let (a, b) = (f.open(settings).await, f.open(settings).await);
         f.advance(16 * DAY);
