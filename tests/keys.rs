@@ -34,24 +34,6 @@ fn admin<T>(b: &TestBroker, msg: T) -> Request<T> {
     r
 }
 
-/// The id the broker gives a key: the RFC 7638 thumbprint of its EC public key, computed here
-/// from the certificate with x509-parser.
-fn key_id(cert: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let (_, c) = x509_parser::parse_x509_certificate(cert).unwrap();
-    let point = &c.public_key().subject_public_key.data;
-    let canonical = format!(
-        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
-        b64.encode(&point[1..33]),
-        b64.encode(&point[33..65])
-    );
-    b64.encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        canonical.as_bytes(),
-    ))
-}
-
 /// `RevokeSigningKey` with the admin token.
 async fn revoke_key(
     api: &mut AdminClient<tonic::transport::Channel>,
@@ -146,13 +128,26 @@ async fn bundles_say_how_long_to_cache_and_rotation_publishes_first() {
         .rotate_signing_key(admin(
             &b,
             RotateSigningKeyRequest {
-                kind: "x509-root".into(),
+                kind: "x509-leaf".into(),
                 immediately: true,
             },
         ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // The root is offline here: the broker cannot make a root.
+    let err = api
+        .rotate_signing_key(admin(
+            &b,
+            RotateSigningKeyRequest {
+                kind: "x509-root".into(),
+                immediately: false,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("ephemera ca new-root"), "{}", err.message());
     // The root is offline here: an intermediate cannot be forced without a staged one.
     let err = api
         .rotate_signing_key(admin(

@@ -2,7 +2,9 @@
 //! without it): a task ended on one replica is inactive at the other's introspection and on its
 //! watch stream within a second; a SIGKILLed replica's tasks are reaped by the survivor exactly
 //! once; killed database sessions and a database that refuses connections make requests fail
-//! with `Unavailable` and `/readyz` report not ready, and service resumes without a restart.
+//! with `Unavailable` and `/readyz` report not ready, and service resumes without a restart;
+//! replicas racing to rotate a key make one successor, and a key revoked on one replica is
+//! withdrawn on the other, which replaces the SVID a live Workload API stream holds.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -64,6 +66,11 @@ fn shared_keys() -> tempfile::TempDir {
 
 impl Replica {
     fn start(keys: &Path, db_url: &str) -> Self {
+        Self::start_with(keys, db_url, "")
+    }
+
+    /// A replica whose config also has `extra` (tables after the mapping).
+    fn start_with(keys: &Path, db_url: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for entry in std::fs::read_dir(keys).unwrap() {
             let entry = entry.unwrap();
@@ -73,7 +80,7 @@ impl Replica {
         std::fs::write(dir.path().join("policies/all.cedar"), ALLOW_ALL).unwrap();
         let config = format!(
             "{}\n[store]\nurl = \"{db_url}\"\nmax_connections = 4\nacquire_timeout = \"1s\"\n\
-             [tasks]\nheartbeat_interval = \"1s\"\ngrace = \"2s\"\n{}",
+             [tasks]\nheartbeat_interval = \"1s\"\ngrace = \"2s\"\n{}\n{extra}",
             config_text(dir.path(), ""),
             uid_rule()
         );
@@ -569,4 +576,181 @@ async fn a_lock_created_on_one_replica_stops_the_identity_on_the_other() {
     assert!(body.contains("\"active\":false"), "{body}");
     eprintln!("a lock created on A refused mints on B after {delay:?}");
     drop(keep_tx);
+}
+
+/// `RotateSigningKey` / `RevokeSigningKey` / `ListSigningKeys` with the admin token.
+fn as_admin<T>(keys: &Path, msg: T) -> tonic::Request<T> {
+    let token = std::fs::read_to_string(keys.join("admin.token")).unwrap();
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.lines().next().unwrap().trim())
+            .parse()
+            .unwrap(),
+    );
+    req
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_rotate_once_and_a_key_revoked_on_one_is_withdrawn_on_the_other() {
+    use ephemera::api::pb::v1::{
+        ListSigningKeysRequest, RevokeSigningKeyRequest, RotateSigningKeyRequest,
+    };
+    use tokio_stream::StreamExt;
+    let Some(db) =
+        database("replicas_rotate_once_and_a_key_revoked_on_one_is_withdrawn_on_the_other").await
+    else {
+        return;
+    };
+    let keys = shared_keys();
+    let online = "[ca]\nroot_key = \"online\"\n";
+    let (a, b) = (
+        Replica::start_with(keys.path(), &db, online),
+        Replica::start_with(keys.path(), &db, online),
+    );
+
+    // Both replicas asked to rotate the JWT key at once: one successor, the same answer.
+    let rotate = |channel: Channel| {
+        let req = as_admin(
+            keys.path(),
+            RotateSigningKeyRequest {
+                kind: "jwt".into(),
+                immediately: false,
+            },
+        );
+        async move {
+            AdminClient::new(channel)
+                .rotate_signing_key(req)
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let (ca, cb) = (a.channel().await, b.channel().await);
+    let (ra, rb) = tokio::join!(rotate(ca), rotate(cb));
+    assert_eq!(ra.id, rb.id, "one successor");
+    let listed = AdminClient::new(b.channel().await)
+        .list_signing_keys(as_admin(keys.path(), ListSigningKeysRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let prepared: Vec<&str> = listed
+        .keys
+        .iter()
+        .filter(|k| k.kind == "jwt" && k.state == "prepared")
+        .map(|k| k.id.as_str())
+        .collect();
+    assert_eq!(prepared, [ra.id.as_str()]);
+
+    // A Workload API client (the `spiffe` crate) on B holds an X.509-SVID; B minted a JWT.
+    let client = spiffe::WorkloadApiClient::connect_to(format!(
+        "unix://{}",
+        b.endpoints.workload_socket.as_ref().unwrap().display()
+    ))
+    .await
+    .unwrap();
+    let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let first = contexts.next().await.unwrap().unwrap();
+    let chain: Vec<Vec<u8>> = first
+        .default_svid()
+        .unwrap()
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let intermediate = key_id(&chain[1]);
+    let serial = hex(x509_parser::parse_x509_certificate(&chain[0])
+        .unwrap()
+        .1
+        .raw_serial());
+    let token = b.broker().await.mint_jwt_svid(jwt("")).await.unwrap().into_inner();
+
+    // Revoked on A.
+    let admin_a = a.channel().await;
+    let revoke = |id: String| {
+        let channel = admin_a.clone();
+        let req = as_admin(
+            keys.path(),
+            RevokeSigningKeyRequest {
+                id,
+                reason: "leaked in incident 9".into(),
+            },
+        );
+        async move {
+            AdminClient::new(channel)
+                .revoke_signing_key(req)
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let revoked = revoke(intermediate.clone()).await;
+    assert!(revoked.credentials_revoked >= 1);
+    let jwt_key = token_kid(&token.token);
+    let revoked_jwt = revoke(jwt_key).await;
+    assert!(revoked_jwt.credentials_revoked >= 1);
+
+    // B's stream holds a replacement under another intermediate, verifying against the
+    // bundle it came with.
+    let replaced = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let c = contexts.next().await.unwrap().unwrap();
+            let chain: Vec<Vec<u8>> = c
+                .default_svid()
+                .unwrap()
+                .cert_chain()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect();
+            if key_id(&chain[1]) != intermediate {
+                let td = spiffe::TrustDomain::new(TD).unwrap();
+                let roots: Vec<Vec<u8>> = c
+                    .bundle_set()
+                    .get(&td)
+                    .unwrap()
+                    .authorities()
+                    .iter()
+                    .map(|a| a.as_bytes().to_vec())
+                    .collect();
+                break (chain, roots);
+            }
+        }
+    })
+    .await
+    .expect("B's Workload API stream gets a replacement within 5s");
+    verify_chain(&replaced.0, &replaced.1, SystemTime::now());
+
+    // B's CRL for the revoked intermediate lists the old SVID; B's introspection refuses the
+    // token of the revoked JWT key.
+    let (status, der) =
+        http_get_bytes(&b.endpoints.http_addr, &format!("/crl/{intermediate}")).await;
+    assert_eq!(status, 200);
+    let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+    assert!(
+        crl.iter_revoked_certificates()
+            .any(|r| hex(r.raw_serial()) == serial),
+        "B's CRL lists {serial}"
+    );
+    let (_, body) = http_post_form(
+        &b.endpoints.http_addr,
+        "/introspect",
+        &format!("token={}", token.token),
+    )
+    .await;
+    assert!(body.contains("\"active\":false"), "{body}");
+    let (_, jwks) = http_get(&b.endpoints.http_addr, "/keys").await;
+    assert!(!jwks.contains(&token_kid(&token.token)), "{jwks}");
+}
+
+/// The `kid` of a compact JWS.
+fn token_kid(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap(),
+    )
+    .unwrap();
+    header["kid"].as_str().unwrap().to_owned()
 }

@@ -349,6 +349,22 @@ pub fn verify_jwt(token: &str, jwks: &serde_json::Value) -> (serde_json::Value, 
     (header, claims)
 }
 
+/// The id the broker gives a key: the RFC 7638 thumbprint of its EC public key, computed here
+/// from the certificate with x509-parser.
+pub fn key_id(cert: &[u8]) -> String {
+    let (_, c) = x509_parser::parse_x509_certificate(cert).unwrap();
+    let point = &c.public_key().subject_public_key.data;
+    let canonical = format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+        URL_SAFE_NO_PAD.encode(&point[1..33]),
+        URL_SAFE_NO_PAD.encode(&point[33..65])
+    );
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
+}
+
 /// RFC 7662 introspection over HTTP.
 pub async fn introspect_http(b: &TestBroker, token: &str) -> serde_json::Value {
     let (status, body) = http_post_form(
