@@ -252,58 +252,182 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
     Ok(listener)
 }
 
+/// What the broker's serving certificate names: its SPIFFE ID and `grpc.server_names`.
+struct ServingNames {
+    broker_id: SpiffeId,
+    dns: Vec<String>,
+    ips: Vec<IpAddr>,
+}
+
+/// A serving certificate from the active intermediate: its chain, key, the intermediate's id
+/// and how long it is valid.
+struct Serving {
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    intermediate: String,
+    life: Duration,
+}
+
+impl ServingNames {
+    fn new(config: &Config) -> Result<Self, StartError> {
+        let names = &config.grpc.server_names;
+        let dns = names
+            .iter()
+            .filter_map(|n| match n {
+                ServerName::Dns(d) => Some(d.clone()),
+                ServerName::Ip(_) => None,
+            })
+            .collect();
+        let ips = names
+            .iter()
+            .filter_map(|n| match n {
+                ServerName::Ip(ip) => Some(*ip),
+                ServerName::Dns(_) => None,
+            })
+            .collect();
+        let broker_id = SpiffeId::parse_in(
+            &format!("{}/ephemera/broker", config.trust_domain.id_uri()),
+            &config.trust_domain,
+        )
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+        Ok(Self {
+            broker_id,
+            dns,
+            ips,
+        })
+    }
+
+    /// A serving certificate from the active intermediate of `ca`, valid for
+    /// [`SERVING_CERT_TTL`] (less when the intermediate ends sooner).
+    fn issue(&self, ca: &KeyRing, clock: &dyn Clock) -> Result<Serving, String> {
+        let keys = ca.keys();
+        let (id, minter) = keys.x509().map_err(|e| {
+            if keys.problems.is_empty() {
+                e.to_string()
+            } else {
+                keys.problems.join("; ")
+            }
+        })?;
+        let now = clock.now();
+        let serving = minter
+            .serving_identity(&self.broker_id, &self.dns, &self.ips, now, SERVING_CERT_TTL)
+            .map_err(|e| e.to_string())?;
+        let life = minter
+            .ca_not_after()
+            .min(now + SERVING_CERT_TTL)
+            .duration_since(now)
+            .unwrap_or_default();
+        Ok(Serving {
+            chain: serving.chain.into_iter().map(Into::into).collect(),
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(serving.key.into_inner().into()),
+            intermediate: id.to_owned(),
+            life,
+        })
+    }
+}
+
+/// Keeps the TLS listener's serving certificate fresh without a restart: a new one at half the
+/// current one's life, and at once when the active intermediate changes (a rotation, a revoked
+/// intermediate), so the listener never serves a certificate that has ended or chains to a
+/// withdrawn key.
+struct ServingCertKeeper {
+    names: ServingNames,
+    ca: Arc<KeyRing>,
+    clock: Arc<dyn Clock>,
+    cert: Arc<crate::api::tls::ServingCert>,
+}
+
+/// How long to wait before trying again when a serving certificate cannot be made.
+const SERVING_RETRY: Duration = Duration::from_secs(30);
+
+impl ServingCertKeeper {
+    fn start(
+        self,
+        first: &Serving,
+        mut shutdown: crate::shutdown::ShutdownSignal,
+    ) -> JoinHandle<()> {
+        let mut intermediate = first.intermediate.clone();
+        let mut renew = tokio::time::Instant::now() + first.life / 2;
+        tokio::spawn(async move {
+            let mut keys = self.ca.subscribe();
+            loop {
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    () = tokio::time::sleep_until(renew) => {}
+                    changed = keys.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let active = keys.borrow_and_update().x509().ok().map(|(id, _)| id.to_owned());
+                        if active.is_none_or(|id| id == intermediate) {
+                            continue;
+                        }
+                    }
+                }
+                let issued = self
+                    .names
+                    .issue(&self.ca, self.clock.as_ref())
+                    .and_then(|s| {
+                        self.cert
+                            .set(s.chain.clone(), &s.key)
+                            .map(|()| s)
+                            .map_err(|e| e.to_string())
+                    });
+                match issued {
+                    Ok(s) => {
+                        tracing::info!(
+                            intermediate = %s.intermediate,
+                            valid_seconds = s.life.as_secs(),
+                            "new TLS serving certificate"
+                        );
+                        intermediate = s.intermediate;
+                        renew =
+                            tokio::time::Instant::now() + (s.life / 2).max(Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the TLS serving certificate; retrying");
+                        renew = tokio::time::Instant::now() + SERVING_RETRY;
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// The TLS configuration of the gRPC TCP listener: a serving certificate from our own CA for
-/// `grpc.server_names`, and client certificates requested when `x509pop` is configured.
+/// `grpc.server_names` (kept fresh by a [`ServingCertKeeper`] in `workers`), and client
+/// certificates requested when `x509pop` is configured.
 fn tls_config(
     config: &Config,
-    ca: &KeyRing,
-    clock: &dyn Clock,
+    ca: &Arc<KeyRing>,
+    clock: &Arc<dyn Clock>,
     client_ca_subjects: Option<Vec<Vec<u8>>>,
+    shutdown: &Shutdown,
+    workers: &mut Vec<JoinHandle<()>>,
 ) -> Result<rustls::ServerConfig, StartError> {
-    let names = &config.grpc.server_names;
-    let dns: Vec<String> = names
-        .iter()
-        .filter_map(|n| match n {
-            ServerName::Dns(d) => Some(d.clone()),
-            ServerName::Ip(_) => None,
-        })
-        .collect();
-    let ips: Vec<IpAddr> = names
-        .iter()
-        .filter_map(|n| match n {
-            ServerName::Ip(ip) => Some(*ip),
-            ServerName::Dns(_) => None,
-        })
-        .collect();
-    let broker_id = SpiffeId::parse_in(
-        &format!("{}/ephemera/broker", config.trust_domain.id_uri()),
-        &config.trust_domain,
-    )
-    .map_err(|e| StartError::Setup(e.to_string()))?;
-    let keys = ca.keys();
-    let serving = keys
-        .x509()
-        .map_err(|e| {
-            StartError::Setup(format!(
-                "serving certificate: {}",
-                if keys.problems.is_empty() {
-                    e.to_string()
-                } else {
-                    keys.problems.join("; ")
-                }
-            ))
-        })?
-        .1
-        .serving_identity(&broker_id, &dns, &ips, clock.now(), SERVING_CERT_TTL)
+    let names = ServingNames::new(config)?;
+    let first = names
+        .issue(ca, clock.as_ref())
         .map_err(|e| StartError::Setup(format!("serving certificate: {e}")))?;
-    let chain = serving.chain.into_iter().map(Into::into).collect();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(serving.key.into_inner().into());
-    crate::api::tls::server_config(
-        chain,
-        key,
+    let cert = Arc::new(
+        crate::api::tls::ServingCert::new(first.chain.clone(), &first.key)
+            .map_err(|e| StartError::Setup(format!("tls: {e}")))?,
+    );
+    let tls = crate::api::tls::server_config(
+        cert.clone(),
         client_ca_subjects.map(|s| s.into_iter().map(Into::into).collect()),
     )
-    .map_err(|e| StartError::Setup(format!("tls: {e}")))
+    .map_err(|e| StartError::Setup(format!("tls: {e}")))?;
+    workers.push(
+        ServingCertKeeper {
+            names,
+            ca: ca.clone(),
+            clock: clock.clone(),
+            cert,
+        }
+        .start(&first, shutdown.signal()),
+    );
+    Ok(tls)
 }
 
 /// The configured attestors, most explicit evidence first: a join token, a bearer token, a
@@ -595,7 +719,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         }));
         "http"
     } else {
-        let tls = tls_config(&config, &ca, clock.as_ref(), client_cas_subjects)?;
+        let tls = tls_config(
+            &config,
+            &ca,
+            &clock,
+            client_cas_subjects,
+            &shutdown,
+            &mut workers,
+        )?;
         let incoming = crate::api::tls::incoming(grpc_tcp, Arc::new(tls), shutdown.signal())
             .map(move |c| c.map(|c| Guarded::new(c, bounds)));
         tasks.push(tokio::spawn(async move {

@@ -147,7 +147,11 @@ async fn bundles_say_how_long_to_cache_and_rotation_publishes_first() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("ephemera ca new-root"), "{}", err.message());
+    assert!(
+        err.message().contains("ephemera ca new-root"),
+        "{}",
+        err.message()
+    );
     // The root is offline here: an intermediate cannot be forced without a staged one.
     let err = api
         .rotate_signing_key(admin(
@@ -197,6 +201,13 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
         .map(|c| c.as_bytes().to_vec())
         .collect();
     let old_intermediate = key_id(&chain[1]);
+    let (_, bundle) = b.http_get("/bundle").await;
+    let roots = bundle_roots(&serde_json::from_str(&bundle).unwrap());
+    assert_eq!(
+        key_id(&serving_chain(&b, &roots).await[1]),
+        old_intermediate,
+        "the TLS listener's certificate is from the active intermediate"
+    );
     let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
     let old_serial = hex(leaf.raw_serial());
     let token = mint_jwt(&b).await;
@@ -253,6 +264,20 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
     let (_, bundle) = b.http_get("/bundle").await;
     let roots = bundle_roots(&serde_json::from_str(&bundle).unwrap());
     verify_chain(&replaced, &roots, SystemTime::now());
+    // The TLS listener serves a certificate from the successor for new connections.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let serving = serving_chain(&b, &roots).await;
+        if key_id(&serving[1]) != old_intermediate {
+            assert_eq!(key_id(&serving[1]), key_id(&replaced[1]));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the TLS listener still serves a certificate from the revoked intermediate"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The old certificate is listed by its intermediate's CRL (its distribution point), which
     // webpki checks against the old intermediate's key.
     let (_, old) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();

@@ -663,7 +663,13 @@ async fn replicas_rotate_once_and_a_key_revoked_on_one_is_withdrawn_on_the_other
         .unwrap()
         .1
         .raw_serial());
-    let token = b.broker().await.mint_jwt_svid(jwt("")).await.unwrap().into_inner();
+    let token = b
+        .broker()
+        .await
+        .mint_jwt_svid(jwt(""))
+        .await
+        .unwrap()
+        .into_inner();
 
     // Revoked on A.
     let admin_a = a.channel().await;

@@ -5,14 +5,19 @@
 //! signature is verified). Whether the chain is trusted is the `x509pop` attestor's decision, so
 //! an untrusted or expired certificate gets a gRPC `Unauthenticated` with a reason instead of an
 //! opaque handshake failure. Handshakes are bounded in time and concurrency.
+//!
+//! The serving certificate is a [`ServingCert`]: replaced while the listener runs (before it
+//! ends, and when the intermediate that signed it changes), read on every handshake.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -78,11 +83,55 @@ impl ClientCertVerifier for DeferredClientAuth {
     }
 }
 
-/// A rustls server configuration for gRPC (ALPN h2). With `client_ca_subjects` (DER subjects of
-/// the client CAs, sent as hints), client certificates are requested.
-pub fn server_config(
+/// The serving certificate and key in force; [`ServingCert::set`] replaces them for the
+/// handshakes that follow.
+#[derive(Debug)]
+pub struct ServingCert(RwLock<Arc<CertifiedKey>>);
+
+fn certified(
     chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    key: &PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, rustls::Error> {
+    let signing = rustls::crypto::ring::sign::any_ecdsa_type(key)?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+impl ServingCert {
+    /// A serving certificate: the chain (leaf first) and the leaf's private key.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKeyDer<'static>,
+    ) -> Result<Self, rustls::Error> {
+        Ok(Self(RwLock::new(certified(chain, key)?)))
+    }
+
+    /// Serves `chain` and `key` from the next handshake on.
+    pub fn set(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKeyDer<'static>,
+    ) -> Result<(), rustls::Error> {
+        let next = certified(chain, key)?;
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = next;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.0
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// A rustls server configuration for gRPC (ALPN h2) serving `cert`. With `client_ca_subjects`
+/// (DER subjects of the client CAs, sent as hints), client certificates are requested.
+pub fn server_config(
+    cert: Arc<ServingCert>,
     client_ca_subjects: Option<Vec<DistinguishedName>>,
 ) -> Result<ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -92,8 +141,8 @@ pub fn server_config(
     let mut config = match client_ca_subjects {
         Some(hints) => builder
             .with_client_cert_verifier(Arc::new(DeferredClientAuth { hints, algs }))
-            .with_single_cert(chain, key)?,
-        None => builder.with_no_client_auth().with_single_cert(chain, key)?,
+            .with_cert_resolver(cert),
+        None => builder.with_no_client_auth().with_cert_resolver(cert),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)

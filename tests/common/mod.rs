@@ -197,6 +197,45 @@ impl TestBroker {
     }
 }
 
+/// The certificate chain (DER, leaf first) the broker's TLS listener serves on a fresh
+/// handshake, verified by rustls against `roots` for the name 127.0.0.1.
+pub async fn serving_chain(b: &TestBroker, roots: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store
+            .add(rustls::pki_types::CertificateDer::from(r.clone()))
+            .unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let addr = b
+        .running
+        .endpoints
+        .grpc_addr
+        .trim_start_matches("https://")
+        .to_owned();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("the serving certificate verifies against the bundle");
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .unwrap()
+        .iter()
+        .map(|c| c.to_vec())
+        .collect()
+}
+
 /// A minimal HTTP/1.1 GET, independent of the server's HTTP stack.
 pub async fn http_get(base: &str, path: &str) -> (u16, String) {
     let (status, body) = http_get_bytes(base, path).await;
