@@ -82,7 +82,8 @@ pub struct CsrArgs {
 /// `ephemera ca stage`.
 #[derive(Debug, Args)]
 pub struct StageArgs {
-    /// The certificate `ephemera ca sign-intermediate` wrote (PEM).
+    /// The certificate `ephemera ca sign-intermediate` wrote, or a new root's from `ephemera ca
+    /// new-root` (PEM).
     pub certificate: PathBuf,
     #[command(flatten)]
     pub admin: AdminArgs,
