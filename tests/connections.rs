@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -45,31 +44,6 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-async fn tls_handshake(b: &TestBroker) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for r in &b.running.broker.ca().keys().roots {
-        roots.add(r.clone().into()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let addr = b
-        .running
-        .endpoints
-        .grpc_addr
-        .trim_start_matches("https://")
-        .to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .expect("the TLS handshake completes")
-}
-
 fn http_addr(b: &TestBroker) -> String {
     b.running
         .endpoints
@@ -100,7 +74,7 @@ async fn slow_and_silent_clients_are_disconnected_within_their_bounds() {
     assert!(took >= Duration::from_millis(400), "closed after {took:?}");
 
     // TLS: a finished handshake and then no HTTP/2 preface.
-    let silent = tls_handshake(&b).await;
+    let silent = tls_handshake(&b, &b.running.broker.ca().keys().roots).await;
     let took = closed_within(silent, Duration::from_secs(3)).await;
     assert!(took >= Duration::from_millis(400), "closed after {took:?}");
 
@@ -146,7 +120,7 @@ async fn a_hostile_run_leaves_descriptors_at_their_baseline() {
     let b = start(&format!("{BOUNDS}{}", uid_rule())).await;
     // Warm up what the process opens once (runtime threads, the CRL thread, pools).
     let _ = b.http_get("/livez").await;
-    drop(tls_handshake(&b).await);
+    drop(tls_handshake(&b, &b.running.broker.ca().keys().roots).await);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let baseline = open_fds();
 
@@ -155,7 +129,7 @@ async fn a_hostile_run_leaves_descriptors_at_their_baseline() {
         let mut slow = tokio::net::TcpStream::connect(http_addr(&b)).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         held.push(tokio::spawn(closed_within(slow, Duration::from_secs(5))));
-        let silent = tls_handshake(&b).await;
+        let silent = tls_handshake(&b, &b.running.broker.ca().keys().roots).await;
         held.push(tokio::spawn(closed_within(silent, Duration::from_secs(5))));
         let mute = tokio::net::UnixStream::connect(b.socket()).await.unwrap();
         held.push(tokio::spawn(closed_within(mute, Duration::from_secs(5))));

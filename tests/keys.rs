@@ -194,12 +194,7 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
         .unwrap();
     let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
     let first = contexts.next().await.unwrap().unwrap();
-    let svid = first.default_svid().unwrap();
-    let chain: Vec<Vec<u8>> = svid
-        .cert_chain()
-        .iter()
-        .map(|c| c.as_bytes().to_vec())
-        .collect();
+    let (chain, _) = context_chain_and_roots(&first);
     let old_intermediate = key_id(&chain[1]);
     let (_, bundle) = b.http_get("/bundle").await;
     let roots = bundle_roots(&serde_json::from_str(&bundle).unwrap());
@@ -244,23 +239,7 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
     assert!(r.cursor > 0);
     assert_eq!(r.key.unwrap().state, "revoked");
     // The live stream gets a replacement signed by the successor, which verifies.
-    let replaced = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let c = contexts.next().await.unwrap().unwrap();
-            let chain: Vec<Vec<u8>> = c
-                .default_svid()
-                .unwrap()
-                .cert_chain()
-                .iter()
-                .map(|c| c.as_bytes().to_vec())
-                .collect();
-            if key_id(&chain[1]) != old_intermediate {
-                break chain;
-            }
-        }
-    })
-    .await
-    .expect("a replacement within 5s");
+    let (replaced, _) = replacement_not_under(&mut contexts, &old_intermediate).await;
     let (_, bundle) = b.http_get("/bundle").await;
     let roots = bundle_roots(&serde_json::from_str(&bundle).unwrap());
     verify_chain(&replaced, &roots, SystemTime::now());
@@ -399,21 +378,7 @@ async fn clients_verify_continuously_across_three_rotations() {
             let mut verified = 0;
             while intermediates.len() < 4 {
                 let c = contexts.next().await.unwrap().unwrap();
-                let svid = c.default_svid().unwrap();
-                let chain: Vec<Vec<u8>> = svid
-                    .cert_chain()
-                    .iter()
-                    .map(|c| c.as_bytes().to_vec())
-                    .collect();
-                let td = spiffe::TrustDomain::new(TD).unwrap();
-                let roots: Vec<Vec<u8>> = c
-                    .bundle_set()
-                    .get(&td)
-                    .unwrap()
-                    .authorities()
-                    .iter()
-                    .map(|a| a.as_bytes().to_vec())
-                    .collect();
+                let (chain, roots) = context_chain_and_roots(&c);
                 verify_chain(&chain, &roots, clock.now());
                 verified += 1;
                 let id = key_id(&chain[1]);

@@ -651,13 +651,7 @@ async fn replicas_rotate_once_and_a_key_revoked_on_one_is_withdrawn_on_the_other
     .unwrap();
     let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
     let first = contexts.next().await.unwrap().unwrap();
-    let chain: Vec<Vec<u8>> = first
-        .default_svid()
-        .unwrap()
-        .cert_chain()
-        .iter()
-        .map(|c| c.as_bytes().to_vec())
-        .collect();
+    let (chain, _) = context_chain_and_roots(&first);
     let intermediate = key_id(&chain[1]);
     let serial = hex(x509_parser::parse_x509_certificate(&chain[0])
         .unwrap()
@@ -698,32 +692,7 @@ async fn replicas_rotate_once_and_a_key_revoked_on_one_is_withdrawn_on_the_other
 
     // B's stream holds a replacement under another intermediate, verifying against the
     // bundle it came with.
-    let replaced = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let c = contexts.next().await.unwrap().unwrap();
-            let chain: Vec<Vec<u8>> = c
-                .default_svid()
-                .unwrap()
-                .cert_chain()
-                .iter()
-                .map(|c| c.as_bytes().to_vec())
-                .collect();
-            if key_id(&chain[1]) != intermediate {
-                let td = spiffe::TrustDomain::new(TD).unwrap();
-                let roots: Vec<Vec<u8>> = c
-                    .bundle_set()
-                    .get(&td)
-                    .unwrap()
-                    .authorities()
-                    .iter()
-                    .map(|a| a.as_bytes().to_vec())
-                    .collect();
-                break (chain, roots);
-            }
-        }
-    })
-    .await
-    .expect("B's Workload API stream gets a replacement within 5s");
+    let replaced = replacement_not_under(&mut contexts, &intermediate).await;
     verify_chain(&replaced.0, &replaced.1, SystemTime::now());
 
     // B's CRL for the revoked intermediate lists the old SVID; B's introspection refuses the

@@ -197,9 +197,12 @@ impl TestBroker {
     }
 }
 
-/// The certificate chain (DER, leaf first) the broker's TLS listener serves on a fresh
-/// handshake, verified by rustls against `roots` for the name 127.0.0.1.
-pub async fn serving_chain(b: &TestBroker, roots: &[Vec<u8>]) -> Vec<Vec<u8>> {
+/// A TLS connection to the broker's gRPC listener, the server verified by rustls against
+/// `roots` for the name `localhost`.
+pub async fn tls_handshake(
+    b: &TestBroker,
+    roots: &[Vec<u8>],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store
@@ -220,14 +223,18 @@ pub async fn serving_chain(b: &TestBroker, roots: &[Vec<u8>]) -> Vec<Vec<u8>> {
         .trim_start_matches("https://")
         .to_owned();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
-            tcp,
-        )
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
         .await
-        .expect("the serving certificate verifies against the bundle");
-    tls.get_ref()
+        .expect("the TLS handshake completes and the serving certificate verifies")
+}
+
+/// The certificate chain (DER, leaf first) the broker's TLS listener serves on a fresh
+/// handshake, verified against `roots`.
+pub async fn serving_chain(b: &TestBroker, roots: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    tls_handshake(b, roots)
+        .await
+        .get_ref()
         .1
         .peer_certificates()
         .unwrap()
@@ -402,6 +409,51 @@ pub fn key_id(cert: &[u8]) -> String {
         &ring::digest::SHA256,
         canonical.as_bytes(),
     ))
+}
+
+/// The default SVID's chain (DER, leaf first) and the trust domain's authorities (DER) of an
+/// X.509 context the `spiffe` crate received.
+pub fn context_chain_and_roots(c: &spiffe::X509Context) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let chain = c
+        .default_svid()
+        .unwrap()
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let roots = c
+        .bundle_set()
+        .get(&spiffe::TrustDomain::new(TD).unwrap())
+        .unwrap()
+        .authorities()
+        .iter()
+        .map(|a| a.as_bytes().to_vec())
+        .collect();
+    (chain, roots)
+}
+
+/// Waits (at most 5 s) for a Workload API stream to deliver an SVID signed by another
+/// intermediate than `intermediate` (a key id); its chain and the bundle it came with.
+pub async fn replacement_not_under<S, E>(
+    contexts: &mut S,
+    intermediate: &str,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>)
+where
+    S: tokio_stream::Stream<Item = Result<spiffe::X509Context, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    use tokio_stream::StreamExt;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let c = contexts.next().await.unwrap().unwrap();
+            let (chain, roots) = context_chain_and_roots(&c);
+            if key_id(&chain[1]) != intermediate {
+                return (chain, roots);
+            }
+        }
+    })
+    .await
+    .expect("a replacement from another intermediate within 5s")
 }
 
 /// RFC 7662 introspection over HTTP.
