@@ -330,6 +330,63 @@ async fn revoking_a_key_revokes_what_it_signed_and_replaces_it_on_live_streams()
     b.running.shutdown().await.unwrap();
 }
 
+/// A root made by the broker (`ca rotate --root`) reaches a live Workload API stream and
+/// `/bundle` before anything chains to it; the SVIDs keep verifying under the old root.
+#[tokio::test]
+async fn a_new_root_is_pushed_to_live_streams_before_it_is_used() {
+    let b = start(&format!("{}\n[ca]\nroot_key = \"online\"\n", uid_rule())).await;
+    let socket = b.running.endpoints.workload_socket.clone().unwrap();
+    let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+    let mut contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let (chain, roots) = context_chain_and_roots(&contexts.next().await.unwrap().unwrap());
+    assert_eq!(roots.len(), 1);
+    let (_, bundle) = b.http_get("/bundle").await;
+    let sequence = serde_json::from_str::<serde_json::Value>(&bundle).unwrap()["spiffe_sequence"]
+        .as_u64()
+        .unwrap();
+
+    let mut api = AdminClient::new(b.tls_channel().await);
+    let root = api
+        .rotate_signing_key(admin(
+            &b,
+            RotateSigningKeyRequest {
+                kind: "x509-root".into(),
+                immediately: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (root.kind.as_str(), root.state.as_str()),
+        ("x509-root", "prepared")
+    );
+    let pushed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let c = contexts.next().await.unwrap().unwrap();
+            let (chain, roots) = context_chain_and_roots(&c);
+            if roots.len() == 2 {
+                break (chain, roots);
+            }
+        }
+    })
+    .await
+    .expect("the new root on the live stream within 5s");
+    assert_eq!(
+        key_id(&pushed.0[1]),
+        key_id(&chain[1]),
+        "nothing chains to the new root yet"
+    );
+    verify_chain(&pushed.0, &pushed.1, b.clock.now());
+    let (_, bundle) = b.http_get("/bundle").await;
+    let bundle: serde_json::Value = serde_json::from_str(&bundle).unwrap();
+    assert_eq!(bundle_roots(&bundle).len(), 2);
+    assert!(bundle["spiffe_sequence"].as_u64().unwrap() > sequence);
+    b.running.shutdown().await.unwrap();
+}
+
 /// Keys of one minute on real time: a Workload API client (the `spiffe` crate) streams
 /// X.509-SVIDs, an SDS client (Envoy's protos) streams and ACKs its certificate and validation
 /// context, JWT-SVIDs are minted every half second, and a relying party caches `/keys` for as

@@ -301,6 +301,7 @@ impl secret_discovery_service_server::SecretDiscoveryService for SdsService {
         let update = X509Update {
             svids: Arc::new(svids),
             crl: self.streams.crl(),
+            roots: self.broker.ca().keys().roots.clone(),
         };
         Ok(Response::new(response(
             1,

@@ -102,6 +102,7 @@ fn stream<T: Send + 'static>(
 }
 
 fn x509_response(update: X509Update) -> X509svidResponse {
+    let bundle = concat(&update.roots);
     X509svidResponse {
         svids: update
             .svids
@@ -115,7 +116,7 @@ fn x509_response(update: X509Update) -> X509svidResponse {
                     .as_ref()
                     .map(|k| k.expose().clone())
                     .unwrap_or_default(),
-                bundle: concat(&m.bundle),
+                bundle: bundle.clone(),
                 hint: hint(&m.spiffe_id),
             })
             .collect(),

@@ -62,6 +62,9 @@ pub struct X509Update {
     pub svids: Arc<Vec<MintedX509>>,
     /// The CRL (empty when there is none or it is left out).
     pub crl: Vec<Bytes>,
+    /// The trust anchors (DER) in force when the update is sent: a root published since the
+    /// SVIDs were minted is in it.
+    pub roots: Vec<Vec<u8>>,
 }
 
 impl Broker {
@@ -307,6 +310,7 @@ impl WorkloadStreams {
             interval: self.settings.crl_push_interval,
             last: None,
             due: None,
+            roots: Vec::new(),
         }
     }
 
@@ -348,6 +352,7 @@ impl WorkloadStreams {
             Ok(X509Update {
                 svids: svids.clone(),
                 crl,
+                roots: broker.ca().keys().roots.clone(),
             })
         };
         loop {
@@ -357,8 +362,11 @@ impl WorkloadStreams {
                         renew =
                             tokio::time::Instant::now() + renew_after(&fresh, broker.clock().now());
                         svids = Arc::new(fresh);
-                        pacer.sent();
-                        if tx.send(update(&svids, self.crl())).await.is_err() {
+                        let sent = update(&svids, self.crl());
+                        if let Ok(u) = &sent {
+                            pacer.sent(&u.roots);
+                        }
+                        if tx.send(sent).await.is_err() {
                             break;
                         }
                     }
@@ -385,8 +393,9 @@ impl WorkloadStreams {
                 }
                 () = pacer.due() => {
                     let crl = self.crl();
-                    if pacer.take(&crl) {
-                        pacer.sent();
+                    let roots = broker.ca().keys().roots.clone();
+                    if pacer.take(&crl, &roots) {
+                        pacer.sent(&roots);
                         if tx.send(update(&svids, crl)).await.is_err() {
                             break;
                         }
@@ -435,7 +444,7 @@ impl WorkloadStreams {
             let broker = this.broker.clone();
             let mut crl_updates = broker.crl().updates();
             let mut pacer = this.pacer();
-            pacer.sent();
+            pacer.sent(&broker.ca().keys().roots);
             if tx.send(this.crl()).await.is_err() {
                 return;
             }
@@ -449,8 +458,9 @@ impl WorkloadStreams {
                     },
                     () = pacer.due() => {
                         let crl = this.crl();
-                        if pacer.take(&crl) {
-                            pacer.sent();
+                        let roots = broker.ca().keys().roots.clone();
+                        if pacer.take(&crl, &roots) {
+                            pacer.sent(&roots);
                             if tx.send(crl).await.is_err() {
                                 return;
                             }
@@ -474,21 +484,27 @@ fn renew_after(svids: &[MintedX509], now: SystemTime) -> Duration {
 }
 
 /// Paces one stream's CRL-only updates: a new CRL is sent no sooner than `interval` after the
-/// last response, and not at all while it is left out. A client then keeps the last CRL it was
-/// given (signed, and valid until its `nextUpdate`) rather than being told of an empty one.
+/// last response, and not at all while it is left out (unless the roots changed). A client
+/// then keeps the last CRL it was given (signed, and valid until its `nextUpdate`) rather than
+/// being told of an empty one. A key change (a new root) rebuilds the CRL, so it arrives here.
 struct CrlPacer {
     interval: Duration,
     /// When the last response was sent.
     last: Option<tokio::time::Instant>,
     /// When the pending CRL update is due.
     due: Option<tokio::time::Instant>,
+    /// The trust anchors the last response carried.
+    roots: Vec<Vec<u8>>,
 }
 
 impl CrlPacer {
-    /// A response was sent.
-    fn sent(&mut self) {
+    /// A response carrying `roots` was sent.
+    fn sent(&mut self, roots: &[Vec<u8>]) {
         self.last = Some(tokio::time::Instant::now());
         self.due = None;
+        if self.roots != roots {
+            self.roots = roots.to_vec();
+        }
     }
 
     /// The broker's CRL changed: schedule an update.
@@ -506,10 +522,11 @@ impl CrlPacer {
         }
     }
 
-    /// The update is due with `crl`: whether to send it (only with a CRL to carry).
-    fn take(&mut self, crl: &[Bytes]) -> bool {
+    /// The update is due with `crl` and `roots`: whether to send it (with a CRL to carry, or
+    /// roots the client does not have).
+    fn take(&mut self, crl: &[Bytes], roots: &[Vec<u8>]) -> bool {
         self.due = None;
-        !crl.is_empty()
+        !crl.is_empty() || self.roots != roots
     }
 }
 
@@ -518,18 +535,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn crl_updates_are_paced_and_never_sent_without_a_crl() {
+    fn crl_updates_are_paced_and_never_sent_without_a_crl_or_new_roots() {
         let interval = Duration::from_secs(1);
         let mut pacer = CrlPacer {
             interval,
             last: None,
             due: None,
+            roots: Vec::new(),
         };
         let before = tokio::time::Instant::now();
         // Before any response, a change is due at once.
         pacer.changed();
         assert!(pacer.due.is_some_and(|d| d <= tokio::time::Instant::now()));
-        pacer.sent();
+        let roots = vec![b"root".to_vec()];
+        pacer.sent(&roots);
         let sent = pacer.last.unwrap();
         assert!(sent >= before);
         assert_eq!(pacer.due, None);
@@ -538,11 +557,14 @@ mod tests {
         pacer.changed();
         assert!(pacer.due.is_some_and(|d| d >= sent + interval));
         let crl = vec![Bytes::from_static(b"crl")];
-        assert!(pacer.take(&crl));
+        assert!(pacer.take(&crl, &roots));
         assert_eq!(pacer.due, None, "taken");
         // A CRL left out (too large) is not sent as an update: the client keeps its last one.
         pacer.changed();
-        assert!(!pacer.take(&[]));
+        assert!(!pacer.take(&[], &roots));
+        // Unless the roots changed: they are sent without a CRL.
+        let more = vec![b"root".to_vec(), b"new root".to_vec()];
+        assert!(pacer.take(&[], &more));
         // Long after the last response, a change is due at once.
         pacer.last = Some(tokio::time::Instant::now() - 2 * interval);
         pacer.changed();
